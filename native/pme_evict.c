@@ -1,0 +1,44 @@
+/* Apply the policy's victims: merge positions into ranges and remove them with llama_memory_seq_rm. */
+#include "pme_internal.h"
+#include "llama.h"
+#include <stdlib.h>
+
+static int cmp_i32(const void * a, const void * b) {
+    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
+    return (x > y) - (x < y);
+}
+
+static int contains(const int32_t * sorted, int32_t n, int32_t v) {
+    int32_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < v) lo = mid + 1; else hi = mid;
+    }
+    return lo < n && sorted[lo] == v;
+}
+
+int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
+    if (st->failed) return -1;
+    if (!llama_memory) { pme_set_error(st, "pme_evict: llama_memory is NULL"); return -1; }
+    int32_t * v = st->victim_pos;
+    const int32_t n = pme_policy_select(st, next_pos, v, st->cfg.n_cells);
+    if (n <= 0) return n;
+    qsort(v, (size_t) n, sizeof(int32_t), cmp_i32);
+
+    int32_t i = 0;
+    while (i < n) {
+        int32_t j = i + 1;
+        while (j < n && v[j] == v[j - 1] + 1) ++j;
+        if (!llama_memory_seq_rm((llama_memory_t) llama_memory, seq_id, v[i], v[j - 1] + 1)) {
+            pme_set_error(st, "llama_memory_seq_rm(seq %d, [%d, %d)) failed", seq_id, v[i], v[j - 1] + 1);
+            return -1;
+        }
+        st->evict_calls++;
+        i = j;
+    }
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        if (st->cell_pos[c] >= 0 && contains(v, n, st->cell_pos[c])) pme_cell_free(st, c);
+    }
+    st->evicted += n;
+    return n;
+}
