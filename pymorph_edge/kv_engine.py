@@ -1,0 +1,231 @@
+"""The decode loop under a KV budget: llama.cpp context + native scorer + eviction after every ubatch."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import llama_cpp.llama_cpp as C
+
+from ._native import native
+from .llama_log import KVSizeCapture
+from .model_file import LoadedModel
+from .policies import FullCache, KVPolicy
+from .stats import KVStats
+
+logger = logging.getLogger(__name__)
+
+SEQ = 0  # one sequence per context
+
+
+@dataclass
+class EngineConfig:
+    """Rarely changed settings of the llama.cpp context."""
+
+    n_ubatch: int = 512           # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
+    n_ctx: int | None = None      # full cache only: context size (default 4096); bounded runs derive it
+    n_threads: int | None = None  # default: all cores
+    flash_attn: bool = False      # full cache only: scoring policies need the softmax node
+    n_gpu_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be a positive int, got {self.n_ubatch!r}")
+        if self.n_ctx is not None and (not isinstance(self.n_ctx, int) or self.n_ctx < 1):
+            raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+
+
+def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
+    """Raise ValueError, naming the values, when the budget cannot hold what the policy must keep."""
+    if kv_budget is None:
+        return
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 1:
+        raise ValueError(f"kv_budget must be a positive int or None, got {kv_budget!r}")
+    recent = policy.protected_recent
+    if kv_budget <= recent:
+        raise ValueError(f"kv_budget={kv_budget} must be larger than the policy's recent window ({recent})")
+    if n_swa > 0 and kv_budget < n_swa + recent:
+        raise ValueError(
+            f"kv_budget={kv_budget} is too small for this sliding-window model: tokens inside its {n_swa}-token "
+            f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}")
+
+
+class KVEngine:
+    """One llama.cpp context whose KV cache never holds more than kv_budget + n_ubatch cells."""
+
+    def __init__(self, model: LoadedModel, kv_budget: int | None, policy: KVPolicy, config: EngineConfig) -> None:
+        if kv_budget is not None and not policy.evicts:
+            raise ValueError(f"policy {policy.name!r} does not evict; use kv_budget=None with it")
+        if kv_budget is None:
+            policy = FullCache()
+        validate_budget(kv_budget, policy, model.info.n_swa)
+        self.model, self.kv_budget, self.policy, self.config = model, kv_budget, policy, config
+        bounded = kv_budget is not None
+
+        cp = C.llama_context_default_params()
+        cp.n_ctx = (kv_budget + config.n_ubatch) if bounded else (config.n_ctx or 4096)
+        # one ubatch per llama_decode, so the callback knows each token's position
+        cp.n_batch = config.n_ubatch if bounded else max(config.n_ubatch, 512)
+        cp.n_ubatch = config.n_ubatch
+        cp.n_seq_max = 1
+        threads = config.n_threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = threads
+        if bounded:
+            cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED  # kq_soft_max exists only without it
+            cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx
+            ffi, lib = native()
+            self._ffi, self._lib = ffi, lib
+            self._cb = ctypes.cast(ctypes.c_void_p(int(ffi.cast("uintptr_t", lib.pme_eval_callback_ptr()))),
+                                   C.ggml_backend_sched_eval_callback)
+        else:
+            # like llama_cpp.Llama, so a full-cache run compares like for like
+            cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.swa_full = True
+        self._state = None
+        if bounded:
+            # the state pointer must exist before the context so it can be the callback's user data;
+            # n_cells is fixed up below once llama.cpp reports the padded size
+            self._cfg_fields = dict(policy.native_fields())
+        with KVSizeCapture() as cap:
+            if bounded:
+                self._state = self._create_state(n_cells=self._padded(cp.n_ctx))
+                cp.cb_eval = self._cb
+                cp.cb_eval_user_data = ctypes.c_void_p(int(self._ffi.cast("uintptr_t", self._state)))
+            self.ctx = C.llama_init_from_model(model.ptr, cp)
+        if not self.ctx:
+            self._free_state()
+            raise RuntimeError(f"llama.cpp could not create a context with n_ctx={cp.n_ctx} for {str(model.path)!r}")
+        self.kv_bytes = cap.total_bytes(model.info.n_embd_k_gqa, model.info.n_embd_v_gqa)
+        self.n_ctx = C.llama_n_ctx(self.ctx)
+        if bounded and self.n_ctx != self._padded(cp.n_ctx):
+            self.close()
+            raise RuntimeError(f"llama.cpp allocated {self.n_ctx} cells, expected {self._padded(cp.n_ctx)}")
+        self.mem = C.llama_get_memory(self.ctx)
+        self.batch = C.llama_batch_init(cp.n_batch, 0, 1)
+        self.n_batch = cp.n_batch
+        self._pos_buf = ffi.new("int32_t[]", config.n_ubatch) if bounded else None
+        self.next_pos = 0
+        self.tokens_decoded = 0
+        self._full_peak = 0
+        logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
+
+    @staticmethod
+    def _padded(n: int) -> int:
+        return (n + 255) // 256 * 256  # llama.cpp pads n_ctx to 256 cells
+
+    def _create_state(self, n_cells: int):
+        ffi, lib = self._ffi, self._lib
+        info = self.model.info
+        cfg = ffi.new("pme_config *")
+        for k, v in self._cfg_fields.items():
+            setattr(cfg, k, v)
+        cfg.budget = self.kv_budget
+        cfg.protect_recent = max(self.policy.protected_recent, info.n_swa)
+        cfg.n_cells = n_cells
+        cfg.n_head, cfg.n_head_kv, cfg.n_layer = info.n_head, info.n_head_kv, info.n_layer
+        cfg.max_ubatch = self.config.n_ubatch
+        err = ffi.new("char[256]")
+        st = lib.pme_create(cfg, err, 256)
+        if st == ffi.NULL:
+            raise ValueError(ffi.string(err).decode())
+        return st
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc < 0:
+            raise RuntimeError(f"{what}: {self._ffi.string(self._lib.pme_last_error(self._state)).decode()}")
+
+    @property
+    def bounded(self) -> bool:
+        return self._state is not None
+
+    def reset(self) -> None:
+        """Forget every token: a new sequence starts at position 0."""
+        C.llama_memory_clear(self.mem, True)
+        if self.bounded:
+            self._lib.pme_reset(self._state)
+        self.next_pos = 0
+        self.tokens_decoded = 0
+        self._full_peak = 0
+
+    def decode(self, tokens: Sequence[int], logits_last: bool = True) -> None:
+        """Run tokens through the model in ubatch chunks, evicting down to the budget after each."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("decode needs at least one token")
+        n_vocab = self.model.info.n_vocab
+        bad = [t for t in tokens if not 0 <= int(t) < n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {n_vocab})")
+        if not self.bounded and self.next_pos + n > self.n_ctx:
+            raise ValueError(f"{self.next_pos + n} tokens exceed the full cache's n_ctx={self.n_ctx}; "
+                             "pass a larger n_ctx or set kv_budget to bound the cache")
+        b = self.batch
+        for start in range(0, n, self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            m = len(chunk)
+            last_chunk = start + m == n
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.next_pos + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = SEQ
+                b.logits[i] = 1 if (logits_last and last_chunk and i == m - 1) else 0
+            b.n_tokens = m
+            if self.bounded:
+                self._begin(m)
+            rc = C.llama_decode(self.ctx, b)
+            if rc != 0:
+                if self.bounded:
+                    self._lib.pme_reset(self._state)
+                raise RuntimeError(f"llama_decode returned {rc} at position {self.next_pos} "
+                                   f"({m} tokens, n_ctx={self.n_ctx}); the cache state was reset")
+            self.next_pos += m
+            self.tokens_decoded += m
+            if self.bounded:
+                self._check(self._lib.pme_end_ubatch(self._state), "scoring")
+                self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
+            else:
+                self._full_peak = self.next_pos
+
+    def _begin(self, m: int) -> None:
+        for i in range(m):
+            self._pos_buf[i] = self.next_pos + i
+        self._check(self._lib.pme_begin_ubatch(self._state, self._pos_buf, m, 1 if m > 1 else 0), "begin ubatch")
+
+    def cell_positions(self) -> list[int]:
+        """Position held by each cell of the scored cache (-1 when free), as the native map knows it."""
+        if not self.bounded:
+            raise RuntimeError("the full cache keeps no cell map")
+        out = self._ffi.new("int32_t[]", self.n_ctx)
+        n = self._lib.pme_cell_positions(self._state, out, self.n_ctx)
+        return list(out[0:n])
+
+    @property
+    def stats(self) -> KVStats:
+        if self.bounded:
+            s = self._ffi.new("pme_stats *")
+            self._lib.pme_get_stats(self._state, s)
+            used, peak, evicted = int(s.cells_in_use), int(s.peak_cells), int(s.tokens_evicted)
+        else:
+            used, peak, evicted = self.next_pos, self._full_peak, 0
+        return KVStats(budget=self.kv_budget, n_ctx=self.n_ctx, cells_in_use=used, peak_cells=peak,
+                       tokens_evicted=evicted, kv_bytes=self.kv_bytes, tokens_decoded=self.tokens_decoded,
+                       next_pos=self.next_pos)
+
+    def _free_state(self) -> None:
+        if self._state is not None:
+            self._lib.pme_free(self._state)
+            self._state = None
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            C.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            C.llama_free(self.ctx)
+            self.ctx = None
+        self._free_state()

@@ -1,0 +1,311 @@
+"""`Llama`: the public face. A llama.cpp model whose KV cache stays under `kv_budget` cells.
+
+Generation is layered as in mlx-lm: `generate` yields token ids, `_stream` turns them into
+text chunks with stop handling, and `create_completion` / `create_chat_completion` collect them.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import llama_cpp.llama_cpp as C
+
+from .chat_format import ChatFormatter, validate_messages
+from .kv_engine import EngineConfig, KVEngine
+from .model_file import LoadedModel
+from .policies import KVPolicy, make_policy
+from .sampling import Sampler, SamplingParams
+from .stats import KVStats
+from .text_output import TextAssembler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    """Throughput of the last completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is None:
+        return
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int or None (no limit), got {max_tokens!r}")
+
+
+def _check_stop(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return [s for s in stops if s]
+
+
+class Llama:
+    """A GGUF model run by llama.cpp with a bounded KV cache.
+
+    kv_budget: cells the cache keeps after every eviction (None: full cache, no eviction).
+    policy: "morphkv" (default) or a KVPolicy instance; window and fusion configure MorphKV.
+    """
+
+    def __init__(self, model_path: str | Path, kv_budget: int | None = 1024, policy: str | KVPolicy = "morphkv", *,
+                 window: int = 32, fusion: str = "sum", aggregate: str = "mean",
+                 config: EngineConfig | None = None, n_ctx: int | None = None, n_threads: int | None = None,
+                 flash_attn: bool = False, chat_template: str | None = None) -> None:
+        self._engine: KVEngine | None = None
+        self._model: LoadedModel | None = None
+        if isinstance(policy, str):
+            policy = make_policy(policy, **({"window": window, "fusion": fusion, "aggregate": aggregate} if policy == "morphkv" else {}))
+        elif not isinstance(policy, KVPolicy):
+            raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
+        if config is None:
+            config = EngineConfig(n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn)
+        if kv_budget is not None and config.flash_attn:
+            raise ValueError("flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises")
+        self._model = LoadedModel(model_path, n_gpu_layers=config.n_gpu_layers)
+        try:
+            self._engine = KVEngine(self._model, kv_budget, policy, config)
+        except BaseException:
+            self._model.close()
+            raise
+        self.model_path = str(self._model.path)
+        self.policy = self._engine.policy
+        self.kv_budget = kv_budget
+        self.last_timings = Timings()
+        self._chat_template = chat_template or self._model.meta("tokenizer.chat_template")
+        self._chat: ChatFormatter | None = None
+
+    # -- tokens ---------------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._model.info.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self._engine.n_ctx
+
+    def token_eos(self) -> int:
+        return int(C.llama_vocab_eos(self._model.vocab))
+
+    def token_bos(self) -> int:
+        return int(C.llama_vocab_bos(self._model.vocab))
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        add_bos = add_bos and bool(C.llama_vocab_get_add_bos(self._model.vocab))
+        cap = len(data) + 8
+        buf = (C.llama_token * cap)()
+        n = C.llama_tokenize(self._model.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (C.llama_token * cap)()
+            n = C.llama_tokenize(self._model.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize failed ({n}) on {len(data)} bytes")
+        return list(buf[:n])
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self._model.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self._model.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
+        return b"".join(self._piece(int(t), special) for t in tokens)
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self._model.vocab, token))
+
+    # -- generation layers -----------------------------------------------------------------
+    def generate(self, tokens: Sequence[int], *, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 repeat_penalty: float = 1.0, seed: int | None = None, logit_bias: Mapping[int | str, float] | None = None,
+                 reset: bool = True) -> Iterator[int]:
+        """Yield sampled token ids forever (end-of-generation tokens included), like llama_cpp.Llama.generate."""
+        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                seed=seed, logit_bias=logit_bias or {})
+        yield from self._generate(list(tokens), params, reset)
+
+    def _generate(self, tokens: list[int], params: SamplingParams, reset: bool) -> Iterator[int]:
+        sampler = Sampler(params, self.n_vocab)  # validates before any decoding
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        engine = self._engine
+        t0 = time.perf_counter()
+        if reset:
+            engine.reset()
+        engine.decode(tokens)
+        self.last_timings = Timings(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
+        try:
+            while True:
+                t1 = time.perf_counter()
+                tok = sampler.sample(engine.ctx)
+                self.last_timings.completion_tokens += 1
+                yield tok
+                if not engine.bounded and engine.next_pos >= engine.n_ctx:
+                    return  # full cache is full: the caller sees the stream end
+                engine.decode([tok])
+                self.last_timings.decode_s += time.perf_counter() - t1
+        finally:
+            sampler.close()
+
+    def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_bos=True, special=True) if prompt else [self.token_bos()]
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not prompt:
+                raise ValueError("prompt token list is empty")
+            return list(prompt)
+        raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _stream(self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int | None,
+                stop: list[str], reset: bool = True) -> Iterator[tuple[str, str | None, list[int]]]:
+        """Yield (text piece, finish_reason or None, tokens so far)."""
+        if not self._engine.bounded and max_tokens is None:
+            max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
+        text = TextAssembler(stop)
+        out: list[int] = []
+        for tok in self._generate(prompt_tokens, params, reset):
+            if self._is_eog(tok):
+                yield text.finish(), "stop", out
+                return
+            out.append(tok)
+            piece = text.feed(self._piece(tok))
+            if text.stopped:
+                yield piece, "stop", out
+                return
+            if max_tokens is not None and len(out) >= max_tokens:
+                yield piece + text.finish(), "length", out
+                return
+            if piece:
+                yield piece, None, out
+        yield text.finish(), "length", out  # the full cache ran out of room
+
+    # -- OpenAI-shaped API ---------------------------------------------------------------------
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, stop: str | Sequence[str] | None = None,
+                          seed: int | None = None, logit_bias: Mapping[int | str, float] | None = None,
+                          repeat_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                          stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Complete `prompt`. max_tokens=None generates until an end-of-generation token or a stop string."""
+        _check_max_tokens(max_tokens)
+        stops = _check_stop(stop)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                                logit_bias=logit_bias or {}, repeat_penalty=repeat_penalty,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+        params.validate(self.n_vocab)
+        tokens = self._prompt_tokens(prompt)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
+        chunks = self._stream(tokens, params, max_tokens, stops)
+        if stream:
+            return self._completion_chunks(meta, chunks)
+        text, finish, out = "", None, []
+        for piece, finish, out in chunks:
+            text += piece
+        return {**meta, "object": "text_completion",
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "usage": self._usage(len(tokens), len(out))}
+
+    def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
+        for piece, finish, _ in chunks:
+            yield {**meta, "object": "text_completion",
+                   "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _formatter(self) -> ChatFormatter:
+        if self._chat is None:
+            vocab = self._model.vocab
+            text = lambda t: (C.llama_vocab_get_text(vocab, t) or b"").decode("utf-8", "replace") if t >= 0 else ""  # noqa: E731
+            self._chat = ChatFormatter.for_model(self._chat_template, self._model.meta("general.architecture") or "",
+                                                 text(self.token_bos()), text(self.token_eos()))
+        return self._chat
+
+    def create_chat_completion(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
+                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               stop: str | Sequence[str] | None = None, seed: int | None = None,
+                               logit_bias: Mapping[int | str, float] | None = None, repeat_penalty: float = 1.0,
+                               stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Answer a conversation, formatted with the model's own chat template."""
+        msgs = validate_messages(messages)
+        _check_max_tokens(max_tokens)
+        stops = _check_stop(stop)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                                logit_bias=logit_bias or {}, repeat_penalty=repeat_penalty)
+        params.validate(self.n_vocab)
+        prompt, template_stops, has_bos = self._formatter().prompt(msgs)
+        tokens = self.tokenize(prompt, add_bos=not has_bos, special=True)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
+        chunks = self._stream(tokens, params, max_tokens, stops + template_stops)
+        if stream:
+            return self._chat_chunks(meta, chunks)
+        text, finish, out = "", None, []
+        for piece, finish, out in chunks:
+            text += piece
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": self._usage(len(tokens), len(out))}
+
+    def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
+        yield {**meta, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+        for piece, finish, _ in chunks:
+            yield {**meta, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {"content": piece} if piece else {}, "logprobs": None,
+                                "finish_reason": finish}]}
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def stats(self) -> KVStats:
+        return self._engine.stats
+
+    @property
+    def engine(self) -> KVEngine:
+        """The decode engine (cell maps, raw decode); for tests and tools."""
+        return self._engine
+
+    def reset(self) -> None:
+        self._engine.reset()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown may have torn down llama_cpp already
+            pass

@@ -1,0 +1,78 @@
+"""Routes llama.cpp's log lines into Python logging and records the KV buffer sizes it reports.
+
+llama.cpp has one process-wide log callback, so this module installs it once. The KV cache
+allocation is only reported through these lines, which is why they are parsed here.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import threading
+
+import llama_cpp.llama_cpp as C
+
+logger = logging.getLogger("pymorph_edge.llama_cpp")
+
+# e.g. "llama_kv_cache: size =    4.50 MiB (  1536 cells,   3 layers,  1/1 seqs), K (f16): 2.25 MiB, V (f16): 2.25 MiB"
+_KV_SIZE = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +(\d+) layers.*K \((\w+)\).*V \((\w+)\)")
+_lock = threading.Lock()
+_capture: list[tuple[float, int, int, str, str]] | None = None
+_pending = ""
+
+
+@C.llama_log_callback
+def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    global _pending
+    msg = text.decode("utf-8", errors="replace")
+    # llama.cpp sends partial lines (continuations); assemble them before logging
+    _pending += msg
+    if not _pending.endswith("\n"):
+        return
+    line, _pending = _pending.rstrip("\n"), ""
+    if _capture is not None:
+        m = _KV_SIZE.search(line)
+        if m:
+            mib, cells, layers, k_type, v_type = m.groups()
+            _capture.append((float(mib), int(cells), int(layers), k_type, v_type))
+    # llama.cpp level 4 is ERROR; everything else is diagnostic chatter
+    logger.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", line)
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if not _installed:
+        C.llama_log_set(_on_log, ctypes.c_void_p(0))
+        _installed = True
+
+
+class KVSizeCapture:
+    """Context manager collecting each KV cache llama.cpp allocates inside it: (MiB, cells, layers, K type, V type)."""
+
+    def __enter__(self) -> "KVSizeCapture":
+        global _capture
+        _lock.acquire()
+        self.sizes: list[tuple[float, int, int, str, str]] = []
+        _capture = self.sizes
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _capture
+        _capture = None
+        _lock.release()
+
+    def total_bytes(self, k_bytes_per_cell_layer: int, v_bytes_per_cell_layer: int) -> int:
+        """Exact bytes from cells x layers, given the per-cell, per-layer K and V sizes at 1 byte per element.
+
+        The MiB figure in the log is rounded to 0.01 MiB, so it is used only for cache types with blocks."""
+        width = {"f32": 4, "f16": 2, "bf16": 2}
+        total = 0
+        for mib, cells, layers, kt, vt in self.sizes:
+            if kt in width and vt in width:
+                total += cells * layers * (k_bytes_per_cell_layer * width[kt] + v_bytes_per_cell_layer * width[vt])
+            else:
+                total += int(round(mib * 1024 * 1024))
+        return total

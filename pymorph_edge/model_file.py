@@ -1,0 +1,83 @@
+"""Loading a GGUF model with clear errors, and the facts about it the engine needs."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as C
+
+from . import llama_log
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_swa: int          # sliding-window size; > 0 on iSWA models such as Gemma 3
+    n_vocab: int
+    n_ctx_train: int
+    n_embd_k_gqa: int   # K elements per cell per layer
+    n_embd_v_gqa: int   # V elements per cell per layer
+
+    @property
+    def has_sliding_window(self) -> bool:
+        return self.n_swa > 0
+
+
+def check_gguf_path(model_path: str | Path) -> Path:
+    """Raise FileNotFoundError or ValueError (naming the path) unless it is a readable GGUF file."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {str(path)!r}")
+    if not path.is_file():
+        raise ValueError(f"model path is not a file: {str(path)!r}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {str(path)!r}")
+    return path
+
+
+class LoadedModel:
+    """Owns a llama_model; freed by close()."""
+
+    def __init__(self, model_path: str | Path, n_gpu_layers: int = 0) -> None:
+        self.path = check_gguf_path(model_path)
+        llama_log.install()
+        C.llama_backend_init()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
+                             "(enable logging at DEBUG for llama.cpp's reason)")
+        self.vocab = C.llama_model_get_vocab(self.ptr)
+        n_head, n_head_kv = C.llama_model_n_head(self.ptr), C.llama_model_n_head_kv(self.ptr)
+        arch = self.meta("general.architecture") or ""
+        head_dim = C.llama_model_n_embd(self.ptr) // max(n_head, 1)
+        k_len = int(self.meta(f"{arch}.attention.key_length") or head_dim)
+        v_len = int(self.meta(f"{arch}.attention.value_length") or head_dim)
+        self.info = ModelInfo(
+            n_layer=C.llama_model_n_layer(self.ptr),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_swa=C.llama_model_n_swa(self.ptr),
+            n_vocab=C.llama_vocab_n_tokens(self.vocab),
+            n_ctx_train=C.llama_model_n_ctx_train(self.ptr),
+            n_embd_k_gqa=k_len * n_head_kv,
+            n_embd_v_gqa=v_len * n_head_kv,
+        )
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
