@@ -1,0 +1,1 @@
+"""Offline evaluation tasks shared by the tests and the benchmark harness."""

@@ -1,0 +1,25 @@
+import pytest
+
+from pymorph_edge.synthetic_gguf import write_synthetic_llama
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def mha_model(synthetic_dir):
+    return str(write_synthetic_llama(synthetic_dir / "mha.gguf", n_head=4, n_head_kv=4))
+
+
+@pytest.fixture(scope="session")
+def gqa_model(synthetic_dir):
+    return str(write_synthetic_llama(synthetic_dir / "gqa.gguf", n_head=8, n_head_kv=2))
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    from pymorph_edge.default_model import default_model_path
+
+    return str(default_model_path())

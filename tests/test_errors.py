@@ -1,0 +1,121 @@
+"""Bad input raises a clear error naming the bad value, and leaves the object usable."""
+import pytest
+
+from pymorph_edge import EngineConfig, Llama, MorphKV
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        Llama(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "model.gguf"
+    p.write_text("this is not a model")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        Llama(p)
+
+
+def test_corrupt_gguf(tmp_path, mha_model):
+    p = tmp_path / "truncated.gguf"
+    p.write_bytes(open(mha_model, "rb").read()[:5000])
+    with pytest.raises(ValueError, match="corrupt"):
+        Llama(p, kv_budget=64)
+
+
+def test_directory_is_not_a_model(tmp_path):
+    with pytest.raises(ValueError, match="not a file"):
+        Llama(tmp_path)
+
+
+@pytest.mark.parametrize("budget, match", [
+    (16, "kv_budget=16 must be larger than the policy's recent window \\(32\\)"),
+    (32, "kv_budget=32 must be larger"),
+    (0, "kv_budget must be a positive int"),
+    (-5, "kv_budget must be a positive int"),
+    (1.5, "kv_budget must be a positive int"),
+])
+def test_impossible_budget(mha_model, budget, match):
+    with pytest.raises(ValueError, match=match):
+        Llama(mha_model, kv_budget=budget)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"window": 0}, "window must be a positive int"),
+    ({"fusion": "mean"}, "fusion must be one of"),
+    ({"aggregate": "sum"}, "aggregate must be one of"),
+    ({"policy": "h3o"}, "unknown policy 'h3o'"),
+    ({"flash_attn": True}, "flash_attn=True needs kv_budget=None"),
+])
+def test_bad_parameters(mha_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Llama(mha_model, kv_budget=256, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_ubatch": 0}, "n_ubatch must be a positive int, got 0"),
+    ({"n_ctx": -1}, "n_ctx must be"),
+    ({"n_threads": 0}, "n_threads must be"),
+])
+def test_bad_engine_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**kwargs)
+
+
+def test_bad_policy_parameters():
+    with pytest.raises(ValueError, match="prefill_decay"):
+        MorphKV(prefill_decay=2.0)
+
+
+@pytest.fixture(scope="module")
+def llm(mha_model):
+    with Llama(mha_model, kv_budget=128) as m:
+        yield m
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_tokens": -1}, "max_tokens must be a positive int"),
+    ({"max_tokens": 0}, "max_tokens must be a positive int"),
+    ({"max_tokens": "10"}, "max_tokens must be a positive int"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 1.5}, "top_p must be in"),
+    ({"top_k": -1}, "top_k must be an int"),
+    ({"seed": -3}, "seed must be"),
+    ({"logit_bias": {"abc": 1.0}}, "logit_bias key 'abc'"),
+    ({"logit_bias": {999999: 1.0}}, "logit_bias token id 999999 outside"),
+    ({"stop": 5}, "stop must be a string"),
+])
+def test_bad_completion_arguments(llm, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        llm.create_completion("hello", **kwargs)
+    # nothing was lost: the model still answers
+    assert llm.create_completion("hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"),
+    ("hi", "non-empty list"),
+    ([{"role": "wizard", "content": "x"}], "role must be one of"),
+    ([{"role": "user", "content": 5}], "content must be a string"),
+    ([["user", "hi"]], "must be a dict"),
+])
+def test_bad_messages(llm, messages, match):
+    with pytest.raises(ValueError, match=match):
+        llm.create_chat_completion(messages)
+
+
+def test_bad_prompt_tokens(llm):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.create_completion([1, 2, 10**6], max_tokens=2)
+    with pytest.raises(ValueError, match="prompt must be a string or a list of token ids"):
+        llm.create_completion(3.5, max_tokens=2)
+
+
+def test_full_cache_overflow_is_a_clear_error(mha_model):
+    with Llama(mha_model, kv_budget=None, n_ctx=256) as m:
+        with pytest.raises(ValueError, match="exceed the full cache's n_ctx=256"):
+            m.create_completion([5] * 300, max_tokens=2)
+        # a full cache stops at n_ctx with finish_reason "length" instead of failing mid-answer
+        out = m.create_completion([5] * 200, max_tokens=None, temperature=0, logit_bias={m.token_eos(): -1e9})
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert m.stats.next_pos == 255  # the last sampled token is returned but never needs decoding

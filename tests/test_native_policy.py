@@ -1,0 +1,147 @@
+"""MorphKV selection rules in C, on synthetic attention rows."""
+import numpy as np
+import pytest
+
+from native_helpers import NativeState
+
+
+def row(n_kv, values, n_head=1):
+    """One decode step's attention: (n_head, 1, n_kv) with values {cell: weight} on every head."""
+    a = np.zeros((n_head, 1, n_kv), dtype=np.float32)
+    for c, v in values.items():
+        a[:, 0, c] = v
+    return a
+
+
+def fill(st, n):
+    st.set_cells(list(range(n)) + [-1] * (st.n_cells - n))
+
+
+def test_window_is_never_evicted():
+    # 12 live cells, budget 4, window 4: all 8 excess must come from positions < next_pos - 4
+    st = NativeState(n_cells=16, budget=4, window=4)
+    fill(st, 12)
+    # the recent window gets no attention at all, so it would go first if not protected
+    st.step(row(16, {c: 1.0 for c in range(8)}), [11], prefill=False)
+    victims = st.select(next_pos=12)
+    assert len(victims) == 8
+    assert all(p < 8 for p in victims)
+    st.close()
+
+
+def test_lowest_fused_scores_go_first():
+    st = NativeState(n_cells=16, budget=9, window=4)
+    fill(st, 12)
+    scores = {0: 0.5, 1: 0.01, 2: 0.3, 3: 0.02, 4: 0.9, 5: 0.03, 6: 0.4, 7: 0.6}
+    for p in range(8, 12):
+        st.step(row(16, scores), [p], prefill=False)
+    assert sorted(st.select(next_pos=12)) == [1, 3, 5]
+    st.close()
+
+
+def test_sum_and_max_fusion_differ():
+    # cell 0: steady 0.3 over 4 rows (sum 1.2, max 0.3); cell 1: one spike 0.9 (sum 0.9, max 0.9)
+    rows = [{0: 0.3, 1: 0.9, 2: 2.0, 3: 2.0}] + [{0: 0.3, 2: 2.0, 3: 2.0}] * 3
+    picked = {}
+    for fusion, name in ((0, "sum"), (1, "max")):
+        st = NativeState(n_cells=16, budget=7, window=4, fusion=fusion)
+        fill(st, 8)
+        for i, r in enumerate(rows):
+            st.step(row(16, r), [4 + i], prefill=False)
+        picked[name] = st.select(next_pos=8)
+        st.close()
+    assert picked["sum"] == [1]
+    assert picked["max"] == [0]
+
+
+def test_window_rows_older_than_w_are_forgotten():
+    # a spike on cell 1 in the first step falls out of a 2-row window after two more steps
+    st = NativeState(n_cells=16, budget=7, window=2)
+    fill(st, 8)
+    st.step(row(16, {0: 0.1, 1: 5.0, 2: 1, 3: 1, 4: 1, 5: 1}), [5], prefill=False)
+    st.step(row(16, {0: 0.1, 2: 1, 3: 1, 4: 1, 5: 1}), [6], prefill=False)
+    st.step(row(16, {0: 0.1, 2: 1, 3: 1, 4: 1, 5: 1}), [7], prefill=False)
+    assert st.select(next_pos=8) == [1]
+    st.close()
+
+
+def test_gqa_query_heads_are_summed_within_their_group():
+    # 4 query heads, 2 KV heads: heads {0,1} share KV head 0, heads {2,3} share KV head 1.
+    # cell 0 is attended by heads 0 and 1 (group sum 1.0); cell 1 by heads 1 and 2 (0.5 per group).
+    # Under max-over-KV-heads aggregation only correct grouping ranks cell 0 above cell 1.
+    st = NativeState(n_cells=16, budget=7, window=1, n_head=4, n_head_kv=2, aggregate=1)
+    fill(st, 8)
+    a = np.zeros((4, 1, 16), dtype=np.float32)
+    a[0, 0, 0] = a[1, 0, 0] = 0.5
+    a[1, 0, 1] = a[2, 0, 1] = 0.5
+    a[:, 0, 2:7] = 1.0
+    st.step(a, [7], prefill=False)
+    assert st.select(next_pos=8) == [1]
+    st.close()
+
+
+def test_layers_combine_by_mean_or_max():
+    # cell 0: 0.6 in one layer, 0 in the other (mean 0.3, max 0.6); cell 1: 0.4 in both (mean 0.4, max 0.4)
+    l0 = row(16, {0: 0.6, 1: 0.4, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1})
+    l1 = row(16, {1: 0.4, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1})
+    out = {}
+    for agg in (0, 1):
+        st = NativeState(n_cells=16, budget=7, window=1, aggregate=agg)
+        fill(st, 8)
+        st.step([l0, l1], [7], prefill=False)
+        out[agg] = st.select(next_pos=8)
+        st.close()
+    assert out[0] == [0] and out[1] == [1]
+
+
+@pytest.mark.parametrize("decay", [0.95, 0.0])
+def test_prefill_score_persists_across_chunks(decay):
+    # chunk 1 attends cell 0 strongly once; chunk 2 never looks at it. With a persistent score
+    # (decay > 0) cell 0 outlives the cells nobody attended; with decay 0 it is forgotten.
+    st = NativeState(n_cells=32, budget=10, window=2, protect=2, decay=decay)
+    fill(st, 12)
+    a = np.zeros((1, 4, 32), dtype=np.float32)
+    a[0, 0, 0] = 0.9
+    a[0, 1:, 1:4] = 0.1
+    st.step(a, [8, 9, 10, 11], prefill=True)
+    b = np.zeros((1, 4, 32), dtype=np.float32)
+    b[0, :, 5:12] = 0.1
+    st.step(b, [12, 13, 14, 15], prefill=True)
+    victims = sorted(st.select(next_pos=12))
+    if decay > 0:
+        assert victims == [1, 4]  # 4 was never attended; 1..3 tie at 0.095 and the oldest goes
+    else:
+        assert victims == [0, 1]
+    st.close()
+
+
+def test_invalid_config_is_rejected():
+    from pymorph_edge._native import native
+
+    ffi, lib = native()
+    cfg = ffi.new("pme_config *")
+    cfg.n_cells, cfg.budget, cfg.window, cfg.n_head, cfg.n_head_kv, cfg.n_layer, cfg.max_ubatch = 16, 8, 4, 3, 2, 1, 8
+    err = ffi.new("char[256]")
+    assert lib.pme_create(cfg, err, 256) == ffi.NULL
+    assert "n_head=3" in ffi.string(err).decode()
+
+
+def test_ubatch_larger_than_configured_is_an_error():
+    st = NativeState()
+    pos = st.ffi.new("int32_t[]", 65)
+    assert st.lib.pme_begin_ubatch(st.st, pos, 65, 1) != 0
+    assert "65" in st.error
+    st.close()
+
+
+@pytest.mark.parametrize("fusion", [0, 1])
+def test_eviction_count_brings_cache_to_budget(fusion):
+    rng = np.random.default_rng(0)
+    st = NativeState(n_cells=64, budget=20, window=4, fusion=fusion)
+    fill(st, 50)
+    for p in range(46, 50):
+        st.step(rng.random((1, 1, 64)).astype(np.float32), [p], prefill=False)
+    victims = st.select(next_pos=50)
+    assert len(victims) == 30 and len(set(victims)) == 30
+    assert max(victims) < 46
+    st.close()
