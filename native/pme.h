@@ -28,6 +28,7 @@ typedef struct pme_config {
     int32_t n_head_kv;       /* KV heads (GQA groups) */
     int32_t n_layer;         /* model layers, bounds the layer table */
     int32_t max_ubatch;      /* largest ubatch the engine will submit */
+    int32_t pool_radius;     /* a token's score is the max over positions within this radius (0: off) */
 } pme_config;
 
 typedef struct pme_stats {

@@ -58,6 +58,24 @@ static int by_score_then_age(const void * a, const void * b) {
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
+static int by_pos(const void * a, const void * b) {
+    const pme_candidate * x = a, * y = b;
+    return (x->pos > y->pos) - (x->pos < y->pos);
+}
+
+/* Max-pool scores over neighbouring positions (SnapKV's clustering): a multi-token fact such as a
+ * number split into digit tokens survives whole when any of its tokens scores high. */
+static void pool_scores(pme_candidate * cand, int32_t n, int32_t radius, float * scratch) {
+    qsort(cand, (size_t) n, sizeof(pme_candidate), by_pos);
+    for (int32_t i = 0; i < n; ++i) {
+        float best = cand[i].score;
+        for (int32_t j = i - 1; j >= 0 && cand[i].pos - cand[j].pos <= radius; --j) if (cand[j].score > best) best = cand[j].score;
+        for (int32_t j = i + 1; j < n && cand[j].pos - cand[i].pos <= radius; ++j) if (cand[j].score > best) best = cand[j].score;
+        scratch[i] = best;
+    }
+    for (int32_t i = 0; i < n; ++i) cand[i].score = scratch[i];
+}
+
 /* Writes the positions to evict (lowest score first) and returns how many. */
 int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap) {
     const int64_t excess = st->n_live - st->cfg.budget;
@@ -75,6 +93,7 @@ int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32
         const int32_t p = st->cell_pos[c];
         if (p >= 0 && p < protect_from) st->cand[n_cand++] = (pme_candidate) { st->score[c], p };
     }
+    if (st->cfg.pool_radius > 0) pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->tmp);
     qsort(st->cand, (size_t) n_cand, sizeof(pme_candidate), by_score_then_age);
 
     int32_t n = (int32_t) (excess < n_cand ? excess : n_cand);

@@ -22,7 +22,7 @@ static void write_err(char * err, size_t len, const char * msg) {
 pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     if (!cfg) { write_err(err, err_len, "pme_create: cfg is NULL"); return NULL; }
     if (cfg->n_cells <= 0 || cfg->budget <= 0 || cfg->window <= 0 || cfg->n_head <= 0 ||
-        cfg->n_head_kv <= 0 || cfg->n_head % cfg->n_head_kv != 0 || cfg->n_layer <= 0 || cfg->max_ubatch <= 0) {
+        cfg->n_head_kv <= 0 || cfg->n_head % cfg->n_head_kv != 0 || cfg->n_layer <= 0 || cfg->max_ubatch <= 0 || cfg->pool_radius < 0) {
         char buf[PME_ERR_LEN];
         snprintf(buf, sizeof buf, "pme_create: invalid config (n_cells=%d budget=%d window=%d n_head=%d n_head_kv=%d n_layer=%d max_ubatch=%d)",
                  cfg->n_cells, cfg->budget, cfg->window, cfg->n_head, cfg->n_head_kv, cfg->n_layer, cfg->max_ubatch);

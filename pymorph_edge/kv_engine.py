@@ -5,7 +5,7 @@ import ctypes
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import llama_cpp.llama_cpp as C
 
@@ -86,12 +86,9 @@ class KVEngine:
             cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
             cp.swa_full = True
         self._state = None
-        if bounded:
-            # the state pointer must exist before the context so it can be the callback's user data;
-            # n_cells is fixed up below once llama.cpp reports the padded size
-            self._cfg_fields = dict(policy.native_fields())
         with KVSizeCapture() as cap:
             if bounded:
+                # the native state must exist first: its pointer is the callback's user data
                 self._state = self._create_state(n_cells=self._padded(cp.n_ctx))
                 cp.cb_eval = self._cb
                 cp.cb_eval_user_data = ctypes.c_void_p(int(self._ffi.cast("uintptr_t", self._state)))
@@ -121,7 +118,7 @@ class KVEngine:
         ffi, lib = self._ffi, self._lib
         info = self.model.info
         cfg = ffi.new("pme_config *")
-        for k, v in self._cfg_fields.items():
+        for k, v in self.policy.native_fields().items():
             setattr(cfg, k, v)
         cfg.budget = self.kv_budget
         cfg.protect_recent = max(self.policy.protected_recent, info.n_swa)
@@ -151,8 +148,11 @@ class KVEngine:
         self.tokens_decoded = 0
         self._full_peak = 0
 
-    def decode(self, tokens: Sequence[int], logits_last: bool = True) -> None:
-        """Run tokens through the model in ubatch chunks, evicting down to the budget after each."""
+    def decode(self, tokens: Sequence[int], logits_last: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> None:
+        """Run tokens through the model in ubatch chunks, evicting down to the budget after each.
+
+        progress(done, total) is called after each chunk (used for prefill progress bars)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("decode needs at least one token")
@@ -190,6 +190,8 @@ class KVEngine:
                 self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
             else:
                 self._full_peak = self.next_pos
+            if progress is not None:
+                progress(start + m, n)
 
     def _begin(self, m: int) -> None:
         for i in range(m):

@@ -11,7 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import llama_cpp.llama_cpp as C
 
@@ -93,6 +93,8 @@ class Llama:
         self.last_timings = Timings()
         self._chat_template = chat_template or self._model.meta("tokenizer.chat_template")
         self._chat: ChatFormatter | None = None
+        # called as prefill_progress(done, total) while a prompt is decoded; the CLI shows a tqdm bar
+        self.prefill_progress: Callable[[int, int], None] | None = None
 
     # -- tokens ---------------------------------------------------------------------------
     @property
@@ -154,7 +156,7 @@ class Llama:
         t0 = time.perf_counter()
         if reset:
             engine.reset()
-        engine.decode(tokens)
+        engine.decode(tokens, progress=self.prefill_progress)
         self.last_timings = Timings(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
         try:
             while True:

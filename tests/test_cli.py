@@ -1,0 +1,39 @@
+"""`pymorph-edge generate` end to end, through a subprocess like a user would run it."""
+import re
+import subprocess
+import sys
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pymorph_edge.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_streams_and_prints_stats(gqa_model, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello " * 100)
+    r = run("generate", "-m", gqa_model, "--kv-budget", "128", "-f", str(prompt), "-n", "300", "--ignore-eos",
+            "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("[stats]")][-1]
+    stats = dict(re.findall(r"(\w+)=([\w.]+)", line))
+    assert stats["tokens"] == "300" and stats["budget"] == "128"
+    assert int(stats["peak_kv_cells"]) <= 128 + 512 and int(stats["evictions"]) > 0
+    assert len(r.stdout) > 0
+
+
+def test_bad_arguments_give_one_clear_line():
+    r = run("generate", "--kv-budget", "-3")
+    assert r.returncode == 2
+    assert "expected a positive integer, got '-3'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    r = run("generate", "-m", str(tmp_path / "missing.gguf"), "-p", "hi")
+    assert r.returncode == 2
+    assert "model file not found" in r.stderr and "missing.gguf" in r.stderr
+
+
+def test_budget_too_small_is_a_clear_error(gqa_model):
+    r = run("generate", "-m", gqa_model, "--kv-budget", "8", "-p", "hi")
+    assert r.returncode == 2 and "kv_budget=8 must be larger" in r.stderr

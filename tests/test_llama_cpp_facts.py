@@ -1,0 +1,155 @@
+"""Pins down the facts in shared/LLAMA_CPP_FACTS.md that the engine relies on.
+
+If the pinned llama-cpp-python changes, these are the tests that say which assumption broke.
+A slow Python eval callback is fine here: it only inspects a few decodes of a tiny model.
+"""
+import ctypes
+import importlib.metadata
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_cpp as C
+import pytest
+
+from pymorph_edge.model_file import LoadedModel
+
+
+def test_pinned_version_and_installed_files():
+    assert importlib.metadata.version("llama-cpp-python") == "0.3.36"
+    pkg = Path(llama_cpp.__file__).parent
+    for lib in ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so"):
+        assert (pkg / "lib" / lib).exists(), lib
+    for h in ("llama.h", "ggml.h", "ggml-backend.h", "ggml-cpu.h"):
+        assert (pkg.parent / "include" / h).exists(), h
+
+
+def test_context_defaults():
+    p = C.llama_context_default_params()
+    assert (p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max) == (512, 2048, 512, 1)
+    assert p.flash_attn_type == -1 and p.swa_full is True
+
+
+class Tensor(ctypes.Structure):
+    pass
+
+
+Tensor._fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                   ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                   ("flags", ctypes.c_int32), ("src", ctypes.POINTER(Tensor) * 10), ("view_src", ctypes.c_void_p),
+                   ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                   ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+class GraphSpy:
+    """Records what the scheduler shows an eval callback during a decode."""
+
+    def __init__(self):
+        self.asked = 0
+        self.softmax = {}   # layer -> (ne, min over evicted cells)
+        self.k_idxs = []    # (layer, name of src[1], type, values)
+        self.evicted_cells: list[int] = []
+        self.cb = C.ggml_backend_sched_eval_callback(self._cb)
+
+    def _cb(self, t, ask, _ud):
+        tt = ctypes.cast(t, ctypes.POINTER(Tensor)).contents
+        name = tt.name.decode()
+        if ask:
+            self.asked += 1
+            if name.startswith("cache_k_l") and tt.src[1]:
+                s1 = tt.src[1].contents
+                vals = list(ctypes.cast(s1.data, ctypes.POINTER(ctypes.c_int64))[: s1.ne[0]])
+                self.k_idxs.append((name, s1.name.decode(), s1.type, vals, tuple(tt.ne)))
+            return name.startswith("kq_soft_max-")
+        ne = tuple(tt.ne)
+        vals = ctypes.cast(tt.data, ctypes.POINTER(ctypes.c_float))
+        evicted = [vals[c] for c in self.evicted_cells]  # first token row, first head
+        self.softmax[int(name.split("-")[1])] = (ne, evicted)
+        return True
+
+
+def _context(model, spy, flash):
+    cp = C.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch = 256, 64, 64
+    cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.cb_eval = spy.cb
+    return C.llama_init_from_model(model.ptr, cp)
+
+
+def _decode(ctx, tokens, pos0):
+    b = C.llama_batch_init(len(tokens), 0, 1)
+    for i, t in enumerate(tokens):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + i, 1, 1 if i == len(tokens) - 1 else 0
+        b.seq_id[i][0] = 0
+    b.n_tokens = len(tokens)
+    rc = C.llama_decode(ctx, b)
+    C.llama_batch_free(b)
+    return rc
+
+
+def test_softmax_nodes_index_maps_and_eviction(gqa_model):
+    model = LoadedModel(gqa_model)
+    spy = GraphSpy()
+    ctx = _context(model, spy, flash=False)
+    mem = C.llama_get_memory(ctx)
+    assert _decode(ctx, list(range(3, 43)), 0) == 0  # 40 tokens into cells 0..39
+    # k_idxs: one I64 "attn_inp_k_idxs" per layer, holding each token's destination cell in ubatch order
+    assert [k[0] for k in spy.k_idxs] == ["cache_k_l0 (view)", "cache_k_l1 (view)"]
+    assert all(k[1] == "attn_inp_k_idxs" and k[2] == 27 for k in spy.k_idxs)  # 27 = GGML_TYPE_I64
+    assert spy.k_idxs[0][3] == list(range(40))
+    assert spy.k_idxs[0][4][1] == 256  # the SET_ROWS node is a view of the whole cache: ne[1] = cells
+    # softmax: ne = [n_kv padded to 256, n_tokens, n_head, 1]
+    assert spy.softmax[0][0] == (256, 40, 8, 1)
+    # evict positions [10, 20); the next token fills a hole, and the other evicted cells show exactly 0
+    assert C.llama_memory_seq_rm(mem, 0, 10, 20)
+    spy.k_idxs.clear()
+    spy.evicted_cells = list(range(10, 20))
+    assert _decode(ctx, [50], 40) == 0
+    assert spy.softmax[1][0] == (256, 1, 8, 1)
+    (new_cell,) = spy.k_idxs[0][3]
+    assert 10 <= new_cell < 20  # allocation is not append-only: it reused an evicted cell
+    weights = dict(zip(spy.evicted_cells, spy.softmax[1][1]))
+    assert weights.pop(new_cell) > 0
+    assert set(weights.values()) == {0.0}
+    C.llama_free(ctx)
+    model.close()
+
+
+def test_flash_attention_has_no_softmax_node(gqa_model):
+    model = LoadedModel(gqa_model)
+    spy = GraphSpy()
+    ctx = _context(model, spy, flash=True)
+    assert _decode(ctx, list(range(3, 20)), 0) == 0
+    assert spy.softmax == {} and spy.asked > 0
+    C.llama_free(ctx)
+    model.close()
+
+
+def test_decode_fails_only_when_no_cell_is_free(gqa_model):
+    model = LoadedModel(gqa_model)
+    spy = GraphSpy()
+    ctx = _context(model, spy, flash=False)
+    mem = C.llama_get_memory(ctx)
+    assert _decode(ctx, [5] * 64, 0) == 0
+    for i in range(3):
+        assert _decode(ctx, [5] * 64, 64 * (i + 1)) == 0  # 256 cells full
+    assert _decode(ctx, [5], 256) == 1  # "failed to find a memory slot"
+    assert C.llama_memory_seq_rm(mem, 0, 0, 100)
+    for i in range(100):  # positions may exceed n_ctx once cells are free
+        assert _decode(ctx, [5], 256 + i) == 0
+    assert C.llama_memory_seq_pos_max(mem, 0) == 355
+    C.llama_free(ctx)
+    model.close()
+
+
+@pytest.mark.slow
+def test_gemma3_shape_and_iswa(gemma_path):
+    model = LoadedModel(gemma_path)
+    i = model.info
+    assert (i.n_layer, i.n_head, i.n_head_kv, i.n_swa) == (18, 4, 1, 512)
+    assert i.n_embd_k_gqa == 256
+    cp = C.llama_context_default_params()
+    cp.n_ctx, cp.swa_full = 1536, False
+    ctx = C.llama_init_from_model(model.ptr, cp)
+    assert not C.llama_memory_can_shift(C.llama_get_memory(ctx))  # no context shift on iSWA caches
+    C.llama_free(ctx)
+    model.close()
