@@ -55,6 +55,8 @@ const char * pme_last_error(const pme_state * st);
 int  pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t is_prefill);
 int  pme_end_ubatch(pme_state * st);
 int  pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
+int  pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos);  /* drop positions >= from_pos */
+int32_t pme_min_live_tail(const pme_state * st, int32_t next_pos);  /* smallest p with every position in [p, next_pos) live */
 void pme_get_stats(const pme_state * st, pme_stats * out);
 int  pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);
 

@@ -42,3 +42,33 @@ int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_
     st->evicted += n;
     return n;
 }
+
+/* Roll the sequence back to from_pos (a chat turn that diverged from the cached history). */
+int pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos) {
+    if (st->failed) return -1;
+    if (!llama_memory_seq_rm((llama_memory_t) llama_memory, seq_id, from_pos, -1)) {
+        pme_set_error(st, "llama_memory_seq_rm(seq %d, [%d, end)) failed", seq_id, from_pos);
+        return -1;
+    }
+    int32_t n = 0;
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        if (st->cell_pos[c] >= from_pos) { pme_cell_free(st, c); ++n; }
+    }
+    /* the ring rows came from the dropped tokens; the next decodes refill it */
+    return n;
+}
+
+int32_t pme_min_live_tail(const pme_state * st, int32_t next_pos) {
+    /* mark which of the last positions are live, walking down from next_pos - 1 */
+    int32_t p = next_pos;
+    int32_t span = st->cfg.n_cells < next_pos ? st->cfg.n_cells : next_pos;
+    uint8_t * live = calloc((size_t) span + 1, 1);
+    if (!live) return next_pos;
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        const int32_t q = st->cell_pos[c];
+        if (q >= next_pos - span && q < next_pos) live[q - (next_pos - span)] = 1;
+    }
+    while (p > next_pos - span && live[p - 1 - (next_pos - span)]) --p;
+    free(live);
+    return p;
+}

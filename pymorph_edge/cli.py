@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat; each turn continues on the compressed cache")
+    _add_model_args(c)
+    c.add_argument("-n", "--max-tokens", type=_positive, default=512, help="most tokens per answer (default 512)")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--system", default=None, help="system message")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    s.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (default 8)")
+    s.add_argument("--max-tokens-limit", type=_positive, default=65536, help="largest max_tokens a request may ask for")
     return parser
 
 
@@ -109,12 +124,75 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    with _open_model(args) as llm:
+        messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+        if interactive:
+            sys.stderr.write("Chat with the model; /exit or Ctrl-D quits, Ctrl-C stops an answer.\n")
+        turn = 0
+        while True:
+            try:
+                line = input("> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                sys.stderr.write("\n")
+                break
+            if not line.strip():
+                continue
+            if line.strip() in ("/exit", "/quit"):
+                break
+            turn += 1
+            messages.append({"role": "user", "content": line})
+            reply = ""
+            stream = llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                seed=args.seed, stream=True)
+            try:
+                for chunk in stream:
+                    piece = chunk["choices"][0]["delta"].get("content", "")
+                    reply += piece
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # stop this answer, keep the session
+                stream.close()
+                sys.stderr.write(" [stopped]")
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": reply})
+            t, s = llm.last_timings, llm.stats
+            sys.stderr.write(f"[turn {turn}] prompt={t.prompt_tokens} cached={t.cached_tokens} tokens={t.completion_tokens} "
+                             f"decode={t.decode_tok_s:.1f} tok/s kv_cells={s.cells_in_use} peak_kv_cells={s.peak_cells} "
+                             f"evictions={s.tokens_evicted} budget={s.budget}\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        raise ValueError(f"binding to {args.host!r} exposes the model beyond this machine; pass --api-key too")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    import uvicorn
+
+    from .server_app import create_app
+
+    with _open_model(args) as llm:
+        app = create_app(llm, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
+        sys.stderr.write(f"serving {llm.model_path} on http://{args.host}:{args.port}/v1 (kv_budget={llm.kv_budget})\n")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
+        if args.command == "serve":
+            return _serve(args)
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"pymorph-edge: error: {exc}\n")
         return 2

@@ -108,6 +108,8 @@ class KVEngine:
         self.next_pos = 0
         self.tokens_decoded = 0
         self._full_peak = 0
+        self.history: list[int] = []  # history[p] is the token at position p (evicted ones included)
+        self.consistent = True        # False if a decode was interrupted: the cache must be reset
         logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
 
     @staticmethod
@@ -147,6 +149,25 @@ class KVEngine:
         self.next_pos = 0
         self.tokens_decoded = 0
         self._full_peak = 0
+        self.history.clear()
+        self.consistent = True
+
+    def truncate(self, from_pos: int) -> None:
+        """Drop positions >= from_pos, so the sequence continues from there (a diverging chat turn)."""
+        if not 0 < from_pos <= self.next_pos:
+            raise ValueError(f"cannot truncate to position {from_pos} (next_pos {self.next_pos})")
+        if self.bounded:
+            self._check(self._lib.pme_truncate(self._state, self._ffi.cast("void *", self.mem), SEQ, from_pos), "truncate")
+        elif not C.llama_memory_seq_rm(self.mem, SEQ, from_pos, -1):
+            raise RuntimeError(f"llama_memory_seq_rm failed truncating to position {from_pos}")
+        del self.history[from_pos:]
+        self.next_pos = from_pos
+
+    def live_from(self) -> int:
+        """Smallest p such that every position in [p, next_pos) is still in the cache."""
+        if not self.bounded:
+            return 0
+        return int(self._lib.pme_min_live_tail(self._state, self.next_pos))
 
     def decode(self, tokens: Sequence[int], logits_last: bool = True,
                progress: Callable[[int, int], None] | None = None) -> None:
@@ -164,6 +185,7 @@ class KVEngine:
             raise ValueError(f"{self.next_pos + n} tokens exceed the full cache's n_ctx={self.n_ctx}; "
                              "pass a larger n_ctx or set kv_budget to bound the cache")
         b = self.batch
+        self.consistent = False  # set back once every chunk is decoded and accounted for
         for start in range(0, n, self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             m = len(chunk)
@@ -185,6 +207,7 @@ class KVEngine:
                                    f"({m} tokens, n_ctx={self.n_ctx}); the cache state was reset")
             self.next_pos += m
             self.tokens_decoded += m
+            self.history.extend(int(t) for t in chunk)
             if self.bounded:
                 self._check(self._lib.pme_end_ubatch(self._state), "scoring")
                 self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
@@ -192,6 +215,7 @@ class KVEngine:
                 self._full_peak = self.next_pos
             if progress is not None:
                 progress(start + m, n)
+        self.consistent = True
 
     def _begin(self, m: int) -> None:
         for i in range(m):

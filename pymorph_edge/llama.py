@@ -19,6 +19,7 @@ from .chat_format import ChatFormatter, validate_messages
 from .kv_engine import EngineConfig, KVEngine
 from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
+from .prefix_reuse import reusable_prefix
 from .sampling import Sampler, SamplingParams
 from .stats import KVStats
 from .text_output import TextAssembler
@@ -32,6 +33,7 @@ class Timings:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0      # prompt tokens reused from the cache instead of being decoded
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -149,15 +151,27 @@ class Llama:
         yield from self._generate(list(tokens), params, reset)
 
     def _generate(self, tokens: list[int], params: SamplingParams, reset: bool) -> Iterator[int]:
+        """reset=True: reuse the cached prefix the prompt shares with the history (llama_cpp.Llama does the
+        same); reset=False: append the tokens to whatever the cache holds."""
         sampler = Sampler(params, self.n_vocab)  # validates before any decoding
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
         engine = self._engine
         t0 = time.perf_counter()
-        if reset:
+        keep = len(engine.history) if not reset else 0
+        if not engine.consistent:
             engine.reset()
-        engine.decode(tokens, progress=self.prefill_progress)
-        self.last_timings = Timings(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0)
+            keep = 0
+        elif reset:
+            keep = reusable_prefix(engine.history, tokens, engine.live_from())
+            if keep == 0:
+                engine.reset()
+            elif keep < len(engine.history):
+                engine.truncate(keep)
+        new = tokens[keep:] if reset else tokens
+        engine.decode(new, progress=self.prefill_progress)
+        self.last_timings = Timings(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0,
+                                    cached_tokens=len(tokens) - len(new))
         try:
             while True:
                 t1 = time.perf_counter()
@@ -233,9 +247,13 @@ class Llama:
             yield {**meta, "object": "text_completion",
                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """OpenAI's usage object; cached prompt tokens go where OpenAI reports them, KV figures as extra keys."""
+        s = self.stats
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.last_timings.cached_tokens},
+                "kv_cells_used": s.cells_in_use, "kv_peak_cells": s.peak_cells, "kv_tokens_evicted": s.tokens_evicted}
 
     def _formatter(self) -> ChatFormatter:
         if self._chat is None:

@@ -1,0 +1,190 @@
+"""OpenAI-compatible HTTP API (FastAPI) over one bounded-KV model.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .llama import Llama
+from .server_schemas import ChatRequest, CompletionRequest
+from .server_worker import ModelWorker, QueueFull
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   err_type: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": err_type, "param": param, "code": code}})
+
+
+class BodyLimit:
+    """Refuse request bodies over max_bytes with 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit",
+                                        code="body_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await error_response(413, f"request body exceeds the {self.max_bytes}-byte limit", code="body_too_large")(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int = 65536,
+               max_body_bytes: int = 1 << 20) -> FastAPI:
+    app = FastAPI(title="pymorph_edge", version="0.1.0")
+    worker = ModelWorker(max_queue)
+    model_id = Path(llm.model_path).name
+    app.state.worker = worker
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):  # every request, /health included
+        if api_key is not None:
+            auth = request.headers.get("authorization", "")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
+                return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                      err_type="authentication_error", code="invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return error_response(400, f"malformed JSON body: {err.get('msg')}", code="invalid_json")
+        param = ".".join(loc) or None
+        return error_response(400, f"{param or 'body'}: {err.get('msg')} (got {err.get('input')!r:.100})", param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), err_type="invalid_request_error" if exc.status_code < 500 else "server_error")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_id, "busy": worker.busy, "kv": llm.stats.as_dict()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "pymorph_edge"}]}
+
+    def check_limits(max_tokens: int | None) -> JSONResponse | None:
+        if max_tokens is not None and max_tokens > max_tokens_limit:
+            return error_response(400, f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}", param="max_tokens")
+        return None
+
+    async def respond(make: Any, stream: bool, headers_of: Any) -> Any:
+        try:
+            worker.admit()
+        except QueueFull as exc:
+            return error_response(429, f"server busy: {exc}; retry later", err_type="rate_limit_error", code="queue_full")
+        if not stream:
+            try:
+                result = await worker.run(lambda: make(False))
+            except ValueError as exc:
+                return error_response(400, str(exc))
+            return JSONResponse(result, headers=headers_of())
+
+        # pull the first chunk before answering, so bad parameters still get a 400 rather than a broken stream
+        chunks = worker.stream(lambda: make(True))
+        try:
+            first = await chunks.__anext__()
+        except ValueError as exc:
+            await chunks.aclose()
+            return error_response(400, str(exc))
+        except StopAsyncIteration:
+            first = None
+
+        async def events() -> Any:
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                    async for chunk in chunks:
+                        yield f"data: {json.dumps(chunk)}\n\n"
+            except Exception as exc:  # the stream has started, so an error event is the only way to report it
+                logger.exception("generation failed")
+                err = {"message": str(exc), "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+            finally:
+                await chunks.aclose()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers_of()})
+
+    def kv_headers() -> dict[str, str]:
+        s = llm.stats
+        return {"X-KV-Cells": str(s.cells_in_use), "X-KV-Evicted": str(s.tokens_evicted), "X-KV-Budget": str(s.budget)}
+
+    def with_usage(chunks: Iterator[dict[str, Any]], include: bool, n_prompt: Any) -> Iterator[dict[str, Any]]:
+        last = None
+        for c in chunks:
+            last = c
+            yield c
+        if include and last is not None:
+            yield {**last, "choices": [], "usage": llm._usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        if (bad := check_limits(req.max_tokens)) is not None:
+            return bad
+        kw = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                  stop=req.stop, seed=req.seed, logit_bias=req.logit_bias)
+        include = bool((req.stream_options or {}).get("include_usage"))
+
+        def make(stream: bool) -> Any:
+            out = llm.create_completion(req.prompt, stream=stream, **kw)
+            return with_usage(out, include, None) if stream else out
+
+        return await respond(make, req.stream, kv_headers)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> Any:
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if (bad := check_limits(max_tokens)) is not None:
+            return bad
+        msgs = [m.model_dump() for m in req.messages]
+        kw = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                  stop=req.stop, seed=req.seed, logit_bias=req.logit_bias)
+        include = bool((req.stream_options or {}).get("include_usage"))
+
+        def make(stream: bool) -> Any:
+            out = llm.create_chat_completion(msgs, stream=stream, **kw)
+            return with_usage(out, include, None) if stream else out
+
+        return await respond(make, req.stream, kv_headers)
+
+    app.add_event_handler("shutdown", worker.shutdown)
+    return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
