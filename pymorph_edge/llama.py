@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import llama_cpp.llama_cpp as C
 
+from .chat_continuation import ChatTurn, continuation_tokens
 from .chat_format import ChatFormatter, validate_messages
 from .kv_engine import EngineConfig, KVEngine
 from .model_file import LoadedModel
@@ -95,6 +96,8 @@ class Llama:
         self.last_timings = Timings()
         self._chat_template = chat_template or self._model.meta("tokenizer.chat_template")
         self._chat: ChatFormatter | None = None
+        self._last_turn: ChatTurn | None = None
+        self._stopped_by_string = False
         # called as prefill_progress(done, total) while a prompt is decoded; the CLI shows a tqdm bar
         self.prefill_progress: Callable[[int, int], None] | None = None
 
@@ -201,6 +204,7 @@ class Llama:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []
+        self._stopped_by_string = False
         for tok in self._generate(prompt_tokens, params, reset):
             if self._is_eog(tok):
                 yield text.finish(), "stop", out
@@ -208,6 +212,7 @@ class Llama:
             out.append(tok)
             piece = text.feed(self._piece(tok))
             if text.stopped:
+                self._stopped_by_string = True
                 yield piece, "stop", out
                 return
             if max_tokens is not None and len(out) >= max_tokens:
@@ -276,9 +281,13 @@ class Llama:
                                 logit_bias=logit_bias or {}, repeat_penalty=repeat_penalty)
         params.validate(self.n_vocab)
         prompt, template_stops, has_bos = self._formatter().prompt(msgs)
-        tokens = self.tokenize(prompt, add_bos=not has_bos, special=True)
+        tokens = continuation_tokens(self._last_turn if self._engine.consistent else None, msgs, prompt,
+                                     lambda t: self.tokenize(t, add_bos=False, special=True))
+        if tokens is None:
+            tokens = self.tokenize(prompt, add_bos=not has_bos, special=True)
+        self._last_turn = None
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
-        chunks = self._stream(tokens, params, max_tokens, stops + template_stops)
+        chunks = self._remember_turn(self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens)
         if stream:
             return self._chat_chunks(meta, chunks)
         text, finish, out = "", None, []
@@ -288,6 +297,17 @@ class Llama:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish}],
                 "usage": self._usage(len(tokens), len(out))}
+
+    def _remember_turn(self, chunks: Iterator[tuple[str, str | None, list[int]]], msgs: list[dict[str, Any]],
+                       prompt: str, tokens: list[int]) -> Iterator[tuple[str, str | None, list[int]]]:
+        """Pass chunks through; once the answer is complete, remember the turn for the next request.
+        An answer cut by a stop string is not remembered: its text no longer matches its tokens."""
+        text = ""
+        for piece, finish, out in chunks:
+            text += piece
+            if finish is not None and not self._stopped_by_string:
+                self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out)
+            yield piece, finish, out
 
     def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
         yield {**meta, "object": "chat.completion.chunk",

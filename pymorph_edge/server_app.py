@@ -5,12 +5,13 @@ Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -66,8 +67,14 @@ class _TooLarge(Exception):
 
 def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int = 65536,
                max_body_bytes: int = 1 << 20) -> FastAPI:
-    app = FastAPI(title="pymorph_edge", version="0.1.0")
     worker = ModelWorker(max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="pymorph_edge", version="0.1.0", lifespan=lifespan)
     model_id = Path(llm.model_path).name
     app.state.worker = worker
 
@@ -186,5 +193,4 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
 
         return await respond(make, req.stream, kv_headers)
 
-    app.add_event_handler("shutdown", worker.shutdown)
     return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]

@@ -37,3 +37,25 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_budget_too_small_is_a_clear_error(gqa_model):
     r = run("generate", "-m", gqa_model, "--kv-budget", "8", "-p", "hi")
     assert r.returncode == 2 and "kv_budget=8 must be larger" in r.stderr
+
+
+def test_chat_through_a_pipe_keeps_the_ceiling_and_reuses_the_cache(gqa_model):
+    turns = "\n".join(["hello there"] * 4) + "\n"
+    r = subprocess.run([sys.executable, "-m", "pymorph_edge.cli", "chat", "-m", gqa_model, "--kv-budget", "128",
+                        "-n", "80", "--temperature", "0"], input=turns, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("[turn")]
+    assert len(lines) == 4
+    stats = [dict(re.findall(r"(\w+)=([\w.]+)", x)) for x in lines]
+    assert all(int(s["kv_cells"]) <= 128 for s in stats)
+    assert stats[0]["cached"] == "0"
+    # later turns continue on the compressed cache unless an answer hit the end-of-turn early
+    assert sum(int(s["cached"]) > 0 for s in stats[1:]) >= 2
+    assert int(stats[-1]["evictions"]) > 0
+
+
+def test_serve_help_lists_every_option():
+    r = run("serve", "--help")
+    assert r.returncode == 0
+    for opt in ("--host", "--port", "--api-key", "--kv-budget", "--max-queue", "-m"):
+        assert opt in r.stdout
