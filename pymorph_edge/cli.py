@@ -146,16 +146,14 @@ def _chat(args: argparse.Namespace) -> int:
             turn += 1
             messages.append({"role": "user", "content": line})
             reply = ""
-            stream = llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                                seed=args.seed, stream=True)
             try:
-                for chunk in stream:
+                for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                        seed=args.seed, stream=True):
                     piece = chunk["choices"][0]["delta"].get("content", "")
                     reply += piece
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except KeyboardInterrupt:  # stop this answer, keep the session
-                stream.close()
                 sys.stderr.write(" [stopped]")
             sys.stdout.write("\n")
             sys.stdout.flush()

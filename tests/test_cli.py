@@ -59,3 +59,24 @@ def test_serve_help_lists_every_option():
     assert r.returncode == 0
     for opt in ("--host", "--port", "--api-key", "--kv-budget", "--max-queue", "-m"):
         assert opt in r.stdout
+
+
+def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
+    pexpect = __import__("pytest").importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "pymorph_edge.cli", "chat", "-m", gqa_model, "--kv-budget", "128",
+                                           "-n", "100000", "--temperature", "0.8", "--seed", "1"],
+                          encoding="utf-8", timeout=60)
+    child.expect("> ")
+    child.sendline("tell me everything")
+    child.expect("tell me everything\r\n")  # the echo of our own line
+    child.expect(".{20}")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(r"\[turn 1\]")
+    child.expect("> ")
+    child.sendline("and now?")
+    child.expect(r"\[turn 2\]")  # the session survived and answered again
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
