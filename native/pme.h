@@ -11,7 +11,9 @@
 extern "C" {
 #endif
 /* CFFI-BEGIN */
-enum pme_policy_kind { PME_POLICY_MORPHKV = 0 };
+enum pme_policy_kind { PME_POLICY_MORPHKV = 0, PME_POLICY_H2O = 1, PME_POLICY_TOVA = 2, PME_POLICY_SNAPKV = 3,
+                       PME_POLICY_STREAMING = 4 };
+enum pme_ubatch_flags { PME_UB_PREFILL = 1, PME_UB_LAST = 2 };  /* multi-token chunk; last chunk of a prompt */
 enum pme_fusion      { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };
 enum pme_aggregate   { PME_AGG_MEAN = 0, PME_AGG_MAX = 1 };
 
@@ -29,6 +31,7 @@ typedef struct pme_config {
     int32_t n_layer;         /* model layers, bounds the layer table */
     int32_t max_ubatch;      /* largest ubatch the engine will submit */
     int32_t pool_radius;     /* a token's score is the max over positions within this radius (0: off) */
+    int32_t n_sink;          /* first positions never evicted (StreamingLLM's attention sinks) */
 } pme_config;
 
 typedef struct pme_stats {
@@ -52,7 +55,7 @@ void         pme_free(pme_state * st);
 void         pme_reset(pme_state * st);
 const char * pme_last_error(const pme_state * st);
 
-int  pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t is_prefill);
+int  pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t flags);  /* flags: pme_ubatch_flags */
 int  pme_end_ubatch(pme_state * st);
 int  pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
 int  pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos);  /* drop positions >= from_pos */

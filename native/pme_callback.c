@@ -75,7 +75,7 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
 
 static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
     const int il = parse_layer(t->name, "kq_soft_max-");
-    if (il < 0 || il >= st->cfg.n_layer || st->main_group < 0) return false;
+    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) return false;
     return st->layer_group[il] == st->main_group;
 }
 

@@ -31,18 +31,21 @@ struct pme_state {
     /* current ubatch */
     int32_t * ub_pos;          /* (max_ubatch) positions in ubatch order */
     int32_t   ub_n;
-    int32_t   ub_prefill;
+    int32_t   ub_flags;        /* pme_ubatch_flags of the last ubatch */
     int32_t   ub_layers;       /* softmax nodes folded in */
     int32_t   ub_rows;         /* rows kept = min(W, ub_n) */
     float *   ub_row_acc;      /* (W, n_cells) layer/head-aggregated attention of the last rows */
     float *   ub_chunk_acc;    /* (n_cells) per-cell max over all rows of the ubatch, aggregated */
+    float *   ub_sum_acc;      /* (n_cells) per-cell sum over all rows of the ubatch, aggregated */
     float *   tmp;             /* (n_cells) one (layer, kv head) reduction */
+    float *   row_sum;         /* (n_cells) per-cell row sum of one (layer, kv head) */
 
-    /* MorphKV policy state */
-    float *   ring;            /* (W, n_cells) attention rows of the last W decoded tokens */
+    /* policy state */
+    const struct pme_policy_ops * ops;
+    float *   ring;            /* (W, n_cells) attention rows of the last W decoded tokens (MorphKV) */
     int32_t   ring_head;       /* next row to overwrite */
     int32_t   ring_count;
-    float *   pscore;          /* (n_cells) prefill score persisting across chunks */
+    float *   pscore;          /* (n_cells) score persisting across ubatches (MorphKV prefill, H2O cumulative) */
     float *   score;           /* (n_cells) selection score of the last eviction pass */
 
     /* victims of one pass */
@@ -67,7 +70,18 @@ int  pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t 
 void pme_ubatch_reset_acc(pme_state * st);
 void pme_ubatch_finish_acc(pme_state * st);
 
-/* policy */
+/* policy: each pme_policy_<name>.c defines one of these */
+typedef struct pme_policy_ops {
+    int  needs_attention;                  /* 0: no softmax node is read at all */
+    void (*observe)(pme_state * st);       /* fold the ubatch accumulators into the policy's state */
+    void (*score)(pme_state * st);         /* fill st->score for every cell (higher = keep) */
+    int  (*evicts_now)(const pme_state * st);
+} pme_policy_ops;
+
+extern const pme_policy_ops pme_morphkv_ops, pme_h2o_ops, pme_tova_ops, pme_snapkv_ops, pme_streaming_ops;
+
+const pme_policy_ops * pme_policy_lookup(int32_t kind);
+int  pme_policy_always(const pme_state * st);
 void pme_policy_observe(pme_state * st);
 int  pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
 void pme_policy_forget_cell(pme_state * st, int32_t cell);

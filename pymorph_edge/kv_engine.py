@@ -62,14 +62,28 @@ class KVEngine:
             raise ValueError(f"policy {policy.name!r} does not evict; use kv_budget=None with it")
         if kv_budget is None:
             policy = FullCache()
+        if policy.shifts and model.info.n_swa > 0:
+            raise ValueError(f"policy 'context_shift' needs a KV cache that can shift positions; this model has a "
+                             f"{model.info.n_swa}-token sliding window (iSWA), whose cache llama.cpp cannot shift")
         validate_budget(kv_budget, policy, model.info.n_swa)
+        if policy.shifts and kv_budget is not None and kv_budget <= policy.protected_recent + config.n_ubatch:
+            raise ValueError(f"kv_budget={kv_budget} must exceed n_keep + n_ubatch = {policy.protected_recent + config.n_ubatch} "
+                             "for context_shift, so that a prompt chunk fits after a shift")
+        if policy.grows and kv_budget is not None and policy.n_ctx < kv_budget + config.n_ubatch:  # type: ignore[attr-defined]
+            raise ValueError(f"snapkv n_ctx={policy.n_ctx} must be at least kv_budget + n_ubatch = {kv_budget + config.n_ubatch}")  # type: ignore[attr-defined]
         self.model, self.kv_budget, self.policy, self.config = model, kv_budget, policy, config
-        bounded = kv_budget is not None
+        self.shifting = policy.shifts and kv_budget is not None
+        bounded = kv_budget is not None and not self.shifting  # bounded by the native scorer
 
         cp = C.llama_context_default_params()
-        cp.n_ctx = (kv_budget + config.n_ubatch) if bounded else (config.n_ctx or 4096)
+        if self.shifting:
+            cp.n_ctx = kv_budget
+        elif bounded:
+            cp.n_ctx = policy.n_ctx if policy.grows else kv_budget + config.n_ubatch  # type: ignore[attr-defined]
+        else:
+            cp.n_ctx = config.n_ctx or 4096
         # one ubatch per llama_decode, so the callback knows each token's position
-        cp.n_batch = config.n_ubatch if bounded else max(config.n_ubatch, 512)
+        cp.n_batch = config.n_ubatch if (bounded or self.shifting) else max(config.n_ubatch, 512)
         cp.n_ubatch = config.n_ubatch
         cp.n_seq_max = 1
         threads = config.n_threads or os.cpu_count() or 1
@@ -84,7 +98,7 @@ class KVEngine:
         else:
             # like llama_cpp.Llama, so a full-cache run compares like for like
             cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            cp.swa_full = True
+            cp.swa_full = not self.shifting
         self._state = None
         with KVSizeCapture() as cap:
             if bounded:
@@ -102,12 +116,16 @@ class KVEngine:
             self.close()
             raise RuntimeError(f"llama.cpp allocated {self.n_ctx} cells, expected {self._padded(cp.n_ctx)}")
         self.mem = C.llama_get_memory(self.ctx)
+        if self.shifting and not C.llama_memory_can_shift(self.mem):
+            self.close()
+            raise ValueError(f"policy 'context_shift': llama.cpp cannot shift this model's KV cache ({str(model.path)!r})")
         self.batch = C.llama_batch_init(cp.n_batch, 0, 1)
         self.n_batch = cp.n_batch
         self._pos_buf = ffi.new("int32_t[]", config.n_ubatch) if bounded else None
         self.next_pos = 0
         self.tokens_decoded = 0
         self._full_peak = 0
+        self._shift_evicted = 0
         self.history: list[int] = []  # history[p] is the token at position p (evicted ones included)
         self.consistent = True        # False if a decode was interrupted: the cache must be reset
         logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
@@ -149,6 +167,7 @@ class KVEngine:
         self.next_pos = 0
         self.tokens_decoded = 0
         self._full_peak = 0
+        self._shift_evicted = 0
         self.history.clear()
         self.consistent = True
 
@@ -181,9 +200,12 @@ class KVEngine:
         bad = [t for t in tokens if not 0 <= int(t) < n_vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {n_vocab})")
-        if not self.bounded and self.next_pos + n > self.n_ctx:
+        if not self.bounded and not self.shifting and self.next_pos + n > self.n_ctx:
             raise ValueError(f"{self.next_pos + n} tokens exceed the full cache's n_ctx={self.n_ctx}; "
                              "pass a larger n_ctx or set kv_budget to bound the cache")
+        if self.bounded and self.policy.grows and self.stats.cells_in_use + n > self.n_ctx:
+            raise ValueError(f"{self.stats.cells_in_use + n} cells needed but {self.policy.name} has n_ctx={self.n_ctx}: "
+                             "it compresses only the prompt and must hold the whole prompt first; raise its n_ctx")
         b = self.batch
         self.consistent = False  # set back once every chunk is decoded and accounted for
         for start in range(0, n, self.n_batch):
@@ -197,8 +219,12 @@ class KVEngine:
                 b.seq_id[i][0] = SEQ
                 b.logits[i] = 1 if (logits_last and last_chunk and i == m - 1) else 0
             b.n_tokens = m
+            if self.shifting:
+                self._shift_for(m)
+                for i in range(m):
+                    b.pos[i] = self.next_pos + i
             if self.bounded:
-                self._begin(m)
+                self._begin(m, last_chunk)
             rc = C.llama_decode(self.ctx, b)
             if rc != 0:
                 if self.bounded:
@@ -212,15 +238,29 @@ class KVEngine:
                 self._check(self._lib.pme_end_ubatch(self._state), "scoring")
                 self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
             else:
-                self._full_peak = self.next_pos
+                self._full_peak = max(self._full_peak, self.next_pos)
             if progress is not None:
                 progress(start + m, n)
         self.consistent = True
 
-    def _begin(self, m: int) -> None:
+    def _begin(self, m: int, last_chunk: bool) -> None:
         for i in range(m):
             self._pos_buf[i] = self.next_pos + i
-        self._check(self._lib.pme_begin_ubatch(self._state, self._pos_buf, m, 1 if m > 1 else 0), "begin ubatch")
+        flags = (1 if m > 1 else 0) | (2 if last_chunk else 0)  # PME_UB_PREFILL | PME_UB_LAST
+        self._check(self._lib.pme_begin_ubatch(self._state, self._pos_buf, m, flags), "begin ubatch")
+
+    def _shift_for(self, m: int) -> None:
+        """llama.cpp's context shift: keep n_keep, drop the older half of the rest, slide positions down."""
+        n_keep = self.policy.protected_recent
+        while self.next_pos + m > self.n_ctx:
+            n_discard = (self.next_pos - n_keep) // 2
+            if n_discard <= 0:
+                raise RuntimeError(f"context shift cannot make room for {m} tokens (n_ctx {self.n_ctx}, n_keep {n_keep})")
+            C.llama_memory_seq_rm(self.mem, SEQ, n_keep, n_keep + n_discard)
+            C.llama_memory_seq_add(self.mem, SEQ, n_keep + n_discard, self.next_pos, -n_discard)
+            del self.history[n_keep:n_keep + n_discard]
+            self.next_pos -= n_discard
+            self._shift_evicted += n_discard
 
     def cell_positions(self) -> list[int]:
         """Position held by each cell of the scored cache (-1 when free), as the native map knows it."""
@@ -237,7 +277,7 @@ class KVEngine:
             self._lib.pme_get_stats(self._state, s)
             used, peak, evicted = int(s.cells_in_use), int(s.peak_cells), int(s.tokens_evicted)
         else:
-            used, peak, evicted = self.next_pos, self._full_peak, 0
+            used, peak, evicted = self.next_pos, self._full_peak, self._shift_evicted
         return KVStats(budget=self.kv_budget, n_ctx=self.n_ctx, cells_in_use=used, peak_cells=peak,
                        tokens_evicted=evicted, kv_bytes=self.kv_bytes, tokens_decoded=self.tokens_decoded,
                        next_pos=self.next_pos)

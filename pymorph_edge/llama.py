@@ -67,17 +67,22 @@ class Llama:
     """A GGUF model run by llama.cpp with a bounded KV cache.
 
     kv_budget: cells the cache keeps after every eviction (None: full cache, no eviction).
-    policy: "morphkv" (default) or a KVPolicy instance; window and fusion configure MorphKV.
+    policy: a name ("morphkv" default, "h2o", "tova", "snapkv", "streaming", "context_shift", "full") or a
+    KVPolicy instance. window: the policy's recent window (default: its own, 32 for MorphKV);
+    fusion and aggregate configure MorphKV.
     """
 
     def __init__(self, model_path: str | Path, kv_budget: int | None = 1024, policy: str | KVPolicy = "morphkv", *,
-                 window: int = 32, fusion: str = "sum", aggregate: str = "mean",
+                 window: int | None = None, fusion: str = "sum", aggregate: str = "mean",
                  config: EngineConfig | None = None, n_ctx: int | None = None, n_threads: int | None = None,
                  flash_attn: bool = False, chat_template: str | None = None) -> None:
         self._engine: KVEngine | None = None
         self._model: LoadedModel | None = None
         if isinstance(policy, str):
-            policy = make_policy(policy, **({"window": window, "fusion": fusion, "aggregate": aggregate} if policy == "morphkv" else {}))
+            params: dict[str, Any] = {"fusion": fusion, "aggregate": aggregate} if policy == "morphkv" else {}
+            if window is not None and policy in ("morphkv", "h2o", "tova", "snapkv", "streaming"):
+                params["window"] = window
+            policy = make_policy(policy, **params)
         elif not isinstance(policy, KVPolicy):
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
         if config is None:
@@ -181,7 +186,7 @@ class Llama:
                 tok = sampler.sample(engine.ctx)
                 self.last_timings.completion_tokens += 1
                 yield tok
-                if not engine.bounded and engine.next_pos >= engine.n_ctx:
+                if not engine.bounded and not engine.shifting and engine.next_pos >= engine.n_ctx:
                     return  # full cache is full: the caller sees the stream end
                 engine.decode([tok])
                 self.last_timings.decode_s += time.perf_counter() - t1
@@ -200,7 +205,7 @@ class Llama:
     def _stream(self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int | None,
                 stop: list[str], reset: bool = True) -> Iterator[tuple[str, str | None, list[int]]]:
         """Yield (text piece, finish_reason or None, tokens so far)."""
-        if not self._engine.bounded and max_tokens is None:
+        if not self._engine.bounded and not self._engine.shifting and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []

@@ -6,10 +6,11 @@ from pymorph_edge._native import native
 
 class NativeState:
     def __init__(self, n_cells=16, budget=8, window=4, fusion=0, aggregate=0, n_head=1, n_head_kv=1,
-                 protect=None, decay=0.95):
+                 protect=None, decay=0.95, policy=0, n_sink=0, pool=0):
         self.ffi, self.lib = native()
         cfg = self.ffi.new("pme_config *")
-        cfg.policy, cfg.budget, cfg.window, cfg.fusion, cfg.aggregate = 0, budget, window, fusion, aggregate
+        cfg.policy, cfg.budget, cfg.window, cfg.fusion, cfg.aggregate = policy, budget, window, fusion, aggregate
+        cfg.n_sink, cfg.pool_radius = n_sink, pool
         cfg.prefill_decay = decay
         cfg.protect_recent = window if protect is None else protect
         cfg.n_cells, cfg.n_head, cfg.n_head_kv, cfg.n_layer, cfg.max_ubatch = n_cells, n_head, n_head_kv, 4, 64

@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 from .base import KVPolicy
+from .context_shift import ContextShift
 from .full import FullCache
+from .h2o import H2O
 from .morphkv import MorphKV
+from .snapkv import SnapKV
+from .streaming import StreamingLLM
+from .tova import TOVA
 
-POLICIES: dict[str, type[KVPolicy]] = {"morphkv": MorphKV, "full": FullCache}
+POLICIES: dict[str, type[KVPolicy]] = {"morphkv": MorphKV, "full": FullCache, "h2o": H2O, "tova": TOVA,
+                                        "snapkv": SnapKV, "streaming": StreamingLLM, "context_shift": ContextShift}
 
 
 def make_policy(name: str, **params: object) -> KVPolicy:
@@ -20,4 +26,5 @@ def make_policy(name: str, **params: object) -> KVPolicy:
         raise ValueError(f"bad parameters for policy {name!r}: {exc}") from None
 
 
-__all__ = ["KVPolicy", "FullCache", "MorphKV", "POLICIES", "make_policy"]
+__all__ = ["KVPolicy", "FullCache", "MorphKV", "H2O", "TOVA", "SnapKV", "StreamingLLM", "ContextShift", "POLICIES",
+           "make_policy"]

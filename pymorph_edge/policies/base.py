@@ -10,6 +10,8 @@ class KVPolicy:
 
     name = "base"
     evicts = True
+    grows = False    # compresses the prompt only, then lets the cache grow (SnapKV)
+    shifts = False   # handled by llama.cpp's context shift instead of the native scorer
 
     @property
     def protected_recent(self) -> int:
@@ -19,3 +21,8 @@ class KVPolicy:
     def native_fields(self) -> dict[str, int | float]:
         """Fields of the native pme_config this policy sets."""
         raise NotImplementedError
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

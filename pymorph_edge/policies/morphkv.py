@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy
+from .base import KVPolicy, check_positive_int
 
 FUSIONS = {"sum": 0, "max": 1}
 AGGREGATES = {"mean": 0, "max": 1}
@@ -33,8 +33,7 @@ class MorphKV(KVPolicy):
     name = "morphkv"
 
     def __post_init__(self) -> None:
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int, got {self.window!r}")
+        check_positive_int("window", self.window)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
         if self.aggregate not in AGGREGATES:

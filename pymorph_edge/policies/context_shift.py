@@ -1,0 +1,30 @@
+"""llama.cpp's context shift, what llama.cpp users get today.
+
+Keeps the first `n_keep` tokens; when the cache is full, drops the older half of the rest and
+shifts the remaining positions down with llama_memory_seq_add (K is re-rotated). No attention is
+read and no native state is used. Needs a cache that can shift: iSWA models (Gemma 3) cannot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import KVPolicy
+
+
+@dataclass
+class ContextShift(KVPolicy):
+    n_keep: int = 4
+
+    name = "context_shift"
+    shifts = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int) or self.n_keep < 0:
+            raise ValueError(f"n_keep must be an int >= 0, got {self.n_keep!r}")
+
+    @property
+    def protected_recent(self) -> int:
+        return self.n_keep
+
+    def native_fields(self) -> dict[str, int | float]:
+        return {}

@@ -1,0 +1,40 @@
+"""SnapKV: Li et al., NeurIPS 2024, https://arxiv.org/abs/2404.14469.
+
+Compresses the prompt once, after its last chunk, to `kv_budget` tokens: the `window` last prompt
+tokens (the observation window) plus the tokens they attend to most, max-pooled over
+`pool_radius` neighbouring positions (kernel 7). It never evicts during generation, as in the
+MorphKV paper's comparison, so the cache grows again with the answer: the context holds `n_ctx`
+cells (the whole prompt must fit before it is compressed), and its peak memory is reported as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import KVPolicy, check_positive_int
+from .morphkv import AGGREGATES
+
+
+@dataclass
+class SnapKV(KVPolicy):
+    window: int = 32
+    pool_radius: int = 3
+    aggregate: str = "mean"
+    n_ctx: int = 8192
+
+    name = "snapkv"
+    grows = True
+
+    def __post_init__(self) -> None:
+        check_positive_int("window", self.window)
+        check_positive_int("n_ctx", self.n_ctx)
+        if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
+            raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+
+    @property
+    def protected_recent(self) -> int:
+        return self.window
+
+    def native_fields(self) -> dict[str, int | float]:
+        return {"policy": 3, "window": self.window, "pool_radius": self.pool_radius, "aggregate": AGGREGATES[self.aggregate]}

@@ -1,0 +1,29 @@
+"""StreamingLLM: Xiao et al., ICLR 2024, https://arxiv.org/abs/2309.17453.
+
+Keeps the first `n_sink` tokens (attention sinks) and the most recent ones; reads no attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import KVPolicy, check_positive_int
+
+
+@dataclass
+class StreamingLLM(KVPolicy):
+    n_sink: int = 4
+    window: int = 32
+
+    name = "streaming"
+
+    def __post_init__(self) -> None:
+        check_positive_int("window", self.window)
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise ValueError(f"n_sink must be an int >= 0, got {self.n_sink!r}")
+
+    @property
+    def protected_recent(self) -> int:
+        return self.window + self.n_sink
+
+    def native_fields(self) -> dict[str, int | float]:
+        return {"policy": 4, "window": self.window, "n_sink": self.n_sink}
