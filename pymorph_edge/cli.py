@@ -72,7 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (default 8)")
     s.add_argument("--max-tokens-limit", type=_positive, default=65536, help="largest max_tokens a request may ask for")
+
+    b = sub.add_parser("bench", help="MorphKV vs baselines: passkey, perplexity, fidelity, memory, speed")
+    b.add_argument("--config", type=Path, default=None, help="JSON config (default: benchmarks/configs/smoke.json settings)")
+    b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
+    b.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    b.add_argument("-v", "--verbose", action="store_true")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.config import BenchConfig
+    from .bench.runner import run
+
+    cfg = BenchConfig.load(args.config) if args.config else BenchConfig(model="synthetic", budget=128, n_ubatch=64,
+                                                                        passkey_multipliers=[1, 2], passkey_depths=[0.5],
+                                                                        ppl_tokens=256, fidelity_tokens=128, fidelity_segment=64,
+                                                                        memory_lengths=[256, 1024], speed_decode_tokens=16)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    results = run(cfg, args.out, "pymorph-edge " + " ".join(sys.argv[1:]))
+    sys.stdout.write((args.out / "results.md").read_text())
+    sys.stderr.write(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'bench.png'}\n")
+    return 0 if results["tasks"] else 1
 
 
 def _open_model(args: argparse.Namespace):
@@ -192,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return _chat(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
     except (ValueError, FileNotFoundError) as exc:
         sys.stderr.write(f"pymorph-edge: error: {exc}\n")
         return 2

@@ -252,10 +252,10 @@ class KVEngine:
     def _shift_for(self, m: int) -> None:
         """llama.cpp's context shift: keep n_keep, drop the older half of the rest, slide positions down."""
         n_keep = self.policy.protected_recent
-        while self.next_pos + m > self.n_ctx:
+        while self.next_pos + m > self.kv_budget:  # the budget, not n_ctx: llama.cpp pads n_ctx up to 256 cells
             n_discard = (self.next_pos - n_keep) // 2
             if n_discard <= 0:
-                raise RuntimeError(f"context shift cannot make room for {m} tokens (n_ctx {self.n_ctx}, n_keep {n_keep})")
+                raise RuntimeError(f"context shift cannot make room for {m} tokens (kv_budget {self.kv_budget}, n_keep {n_keep})")
             C.llama_memory_seq_rm(self.mem, SEQ, n_keep, n_keep + n_discard)
             C.llama_memory_seq_add(self.mem, SEQ, n_keep + n_discard, self.next_pos, -n_discard)
             del self.history[n_keep:n_keep + n_discard]

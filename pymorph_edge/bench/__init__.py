@@ -1,0 +1,1 @@
+"""`pymorph-edge bench`: MorphKV against the baseline policies on passkey, perplexity, fidelity, memory and speed."""

@@ -1,0 +1,45 @@
+"""Shared pieces of the benchmark tasks: opening a model under a policy, log-probabilities, texts."""
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import llama_cpp.llama_cpp as C
+
+from ..kv_engine import EngineConfig
+from ..llama import Llama
+from ..policies import make_policy
+
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx_needed: int) -> Llama:
+    """A Llama for one policy spec. The full cache and SnapKV get n_ctx_needed cells; raises ValueError
+    (the reason is reported in the results) when the policy cannot run on this model."""
+    params = {k: v for k, v in spec.items() if k not in ("name", "label")}
+    name = spec["name"]
+    if name == "snapkv":
+        params.setdefault("n_ctx", max(n_ctx_needed, budget + n_ubatch))
+    policy = make_policy(name, **params)
+    if name == "full":
+        return Llama(model, kv_budget=None, policy=policy, config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch))
+    return Llama(model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch))
+
+
+def last_logprobs(llm: Llama) -> np.ndarray:
+    """Log-softmax of the last decoded token's logits, float64 (n_vocab,)."""
+    ptr = C.llama_get_logits_ith(llm.engine.ctx, -1)
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab,)).astype(np.float64)
+    m = logits.max()
+    return logits - (m + np.log(np.exp(logits - m).sum()))
+
+
+def default_texts() -> list[Path]:
+    """Long real texts that exist offline: Python standard-library sources and the licence texts."""
+    std = Path(sysconfig.get_paths()["stdlib"])
+    picks = [std / "argparse.py", LICENSES / "GPL-3"]
+    return [p for p in picks if p.is_file()] or [Path(os.__file__)]

@@ -1,0 +1,132 @@
+"""Turn benchmark results into a Markdown report and PNG plots."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _by_policy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["policy"]: r for r in rows}
+
+
+def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per policy: the figures of every task at the same budget."""
+    t = results["tasks"]
+    names = [r["policy"] for r in next(iter(t.values()))] if t else []
+    pk, pp, fi = (_by_policy(t.get(k, [])) for k in ("passkey", "ppl", "fidelity"))
+    me, sp = _by_policy(t.get("memory", [])), _by_policy(t.get("speed", []))
+    full_ppl = pp.get("full", {}).get("ppl")
+    full_speed = sp.get("full", {}).get("decode_tok_s")
+    rows = []
+    for n in names:
+        row: dict[str, Any] = {"policy": n}
+        reasons = [r.get("unsupported") for r in (pk.get(n, {}), pp.get(n, {}), fi.get(n, {}), sp.get(n, {})) if r.get("unsupported")]
+        if reasons:
+            row["unsupported"] = reasons[0]
+        if "accuracy" in pk.get(n, {}):
+            row["passkey"] = pk[n]["accuracy"]
+        if "ppl" in pp.get(n, {}):
+            row["ppl"] = pp[n]["ppl"]
+            row["ppl_ratio"] = pp[n]["ppl"] / full_ppl if full_ppl else None
+        if "top1_agreement" in fi.get(n, {}):
+            row["top1"] = fi[n]["top1_agreement"]
+            row["kl"] = fi[n]["mean_kl"]
+            row["peak_cells"] = fi[n]["stats"]["peak_cells"]
+        lengths = [x for x in me.get(n, {}).get("lengths", []) if "kv_bytes" in x]
+        if lengths:
+            row["kv_mib_at_max_length"] = lengths[-1]["kv_bytes"] / 2**20
+            row["max_length"] = lengths[-1]["length"]
+        if "decode_tok_s" in sp.get(n, {}):
+            row["decode_tok_s"] = sp[n]["decode_tok_s"]
+            row["decode_ratio"] = sp[n]["decode_tok_s"] / full_speed if full_speed else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    out = [f"# pymorph-edge bench: {results['model']}", "",
+           f"`{results['command']}`", "", f"Machine: {results['machine']}. Budget {cfg['budget']} cells, seed {cfg['seed']}.", "",
+           "| policy | passkey acc | ppl | ppl / full | top-1 agreement | mean KL (top-256) | peak cells | KV MiB for longest output | decode tok/s | decode / full |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in headline(results):
+        if "unsupported" in r and "passkey" not in r:
+            out.append(f"| {r['policy']} | unsupported: {r['unsupported']} |  |  |  |  |  |  |  |  |")
+            continue
+        out.append(f"| {r['policy']} | {_fmt(r.get('passkey'), '.0%')} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
+                   f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.3f')} | {_fmt(r.get('peak_cells'), 'd')} | "
+                   f"{_fmt(r.get('kv_mib_at_max_length'), '.2f')} | {_fmt(r.get('decode_tok_s'), '.1f')} | {_fmt(r.get('decode_ratio'), '.2f')} |")
+    t = results["tasks"]
+    if "passkey" in t:
+        out += ["", "## Passkey accuracy by prompt length (multiples of the budget)", ""]
+        mults = cfg["passkey_multipliers"]
+        out += ["| policy | " + " | ".join(f"{m}x" for m in mults) + " |", "| --- |" + " --- |" * len(mults)]
+        for r in t["passkey"]:
+            if "trials" not in r:
+                continue
+            accs = [sum(x["correct"] for x in r["trials"] if x["multiplier"] == m) / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m)) for m in mults]
+            out.append(f"| {r['policy']} | " + " | ".join(f"{a:.0%}" for a in accs) + " |")
+    if "fidelity" in t:
+        out += ["", "## Fidelity to the full cache by output segment (top-1 agreement / mean KL)", ""]
+        rows = [r for r in t["fidelity"] if "segments" in r]
+        if rows:
+            segs = rows[0]["segments"]
+            out += ["| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " |", "| --- |" + " --- |" * len(segs)]
+            for r in rows:
+                out.append(f"| {r['policy']} | " + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.2f}" for s in r["segments"]) + " |")
+    if "memory" in t:
+        out += ["", "## KV memory needed to reach an output length (MiB allocated; peak RSS MiB)", ""]
+        lens = cfg["memory_lengths"]
+        out += ["| policy | " + " | ".join(str(x) for x in lens) + " |", "| --- |" + " --- |" * len(lens)]
+        for r in t["memory"]:
+            cells = [f"{x['kv_bytes'] / 2**20:.2f}; {x['peak_rss_mb']:.0f}" if "kv_bytes" in x else "n/a" for x in r.get("lengths", [])]
+            out.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
+    if "speed" in t:
+        out += ["", "## Speed (prompt of `budget` tokens, then decode)", "", "| policy | prefill tok/s | decode tok/s |", "| --- | --- | --- |"]
+        for r in t["speed"]:
+            if "decode_tok_s" in r:
+                out.append(f"| {r['policy']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+    unsupported = sorted({f"{r['policy']}: {r['unsupported']}" for rows in t.values() for r in rows if "unsupported" in r})
+    if unsupported:
+        out += ["", "Not run:", ""] + [f"- {u}" for u in unsupported]
+    return "\n".join(out) + "\n"
+
+
+def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, cfg, made = results["tasks"], results["config"], []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if "passkey" in t:
+        mults = cfg["passkey_multipliers"]
+        for r in t["passkey"]:
+            if "trials" in r:
+                accs = [sum(x["correct"] for x in r["trials"] if x["multiplier"] == m) / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m)) for m in mults]
+                axes[0].plot(mults, accs, marker="o", label=r["policy"])
+        axes[0].set(xlabel="prompt length / budget", ylabel="passkey accuracy", title=f"Passkey (budget {cfg['budget']})", ylim=(-0.05, 1.05))
+    if "fidelity" in t:
+        for r in t["fidelity"]:
+            if "segments" in r:
+                axes[1].plot([s["end"] for s in r["segments"]], [s["top1_agreement"] for s in r["segments"]], marker=".", label=r["policy"])
+        axes[1].set(xlabel="output tokens", ylabel="top-1 agreement with full cache", title="Degradation over length")
+    if "memory" in t:
+        for r in t["memory"]:
+            xs = [x["length"] for x in r.get("lengths", []) if "kv_bytes" in x]
+            axes[2].plot(xs, [x["kv_bytes"] / 2**20 for x in r["lengths"] if "kv_bytes" in x], marker="o", label=r["policy"])
+        axes[2].set(xlabel="output length (tokens)", ylabel="KV MiB allocated", title="KV memory", xscale="log")
+    for a in axes:
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "bench.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path)
+    return made

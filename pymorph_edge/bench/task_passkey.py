@@ -1,0 +1,27 @@
+"""Passkey accuracy per policy, prompt length (multiples of the budget) and key depth."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..tasks.passkey import answer, filler_repeats_for, make_case
+from .common import open_llm
+from .config import BenchConfig, policy_label
+
+
+def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[], None]) -> dict[str, Any]:
+    trials = []
+    longest = int(max(cfg.passkey_multipliers) * cfg.budget) + 256
+    llm = open_llm(model, spec, cfg.budget, cfg.n_ubatch, longest)
+    try:
+        for mult in cfg.passkey_multipliers:
+            n_filler = filler_repeats_for(llm, int(mult * cfg.budget))
+            for j, depth in enumerate(cfg.passkey_depths):
+                case = make_case(n_filler, depth, cfg.seed * 1000 + int(mult * 10) + j)
+                hit, text = answer(llm, case)
+                trials.append({"multiplier": mult, "depth": depth, "prompt_tokens": llm.last_timings.prompt_tokens,
+                               "key": case.key, "answer": text, "correct": hit, "peak_cells": llm.stats.peak_cells})
+                tick()
+    finally:
+        llm.close()
+    acc = sum(t["correct"] for t in trials) / len(trials)
+    return {"policy": policy_label(spec), "accuracy": acc, "trials": trials}
