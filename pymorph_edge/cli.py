@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", type=Path, default=None, help="JSON config (default: benchmarks/configs/smoke.json settings)")
     b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    b.add_argument("--tasks", default=None, help="comma-separated subset of tasks to (re)run; other results in --out are kept")
     b.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -91,7 +92,9 @@ def _bench(args: argparse.Namespace) -> int:
                                                                         memory_lengths=[256, 1024], speed_decode_tokens=16)
     if args.seed is not None:
         cfg.seed = args.seed
-    results = run(cfg, args.out, "pymorph-edge " + " ".join(sys.argv[1:]))
+    if args.tasks:
+        cfg = BenchConfig(**{**cfg.__dict__, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]})
+    results = run(cfg, args.out, "pymorph-edge " + " ".join(sys.argv[1:]), merge=bool(args.tasks))
     sys.stdout.write((args.out / "results.md").read_text())
     sys.stderr.write(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'bench.png'}\n")
     return 0 if results["tasks"] else 1

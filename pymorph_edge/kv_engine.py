@@ -29,6 +29,7 @@ class EngineConfig:
     n_threads: int | None = None  # default: all cores
     flash_attn: bool = False      # full cache only: scoring policies need the softmax node
     n_gpu_layers: int = 0
+    swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
@@ -98,7 +99,7 @@ class KVEngine:
         else:
             # like llama_cpp.Llama, so a full-cache run compares like for like
             cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            cp.swa_full = not self.shifting
+            cp.swa_full = (not self.shifting) if config.swa_full is None else config.swa_full
         self._state = None
         with KVSizeCapture() as cap:
             if bounded:

@@ -12,7 +12,9 @@ def _by_policy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per policy: the figures of every task at the same budget."""
     t = results["tasks"]
-    names = [r["policy"] for r in next(iter(t.values()))] if t else []
+    from .config import policy_label
+
+    names = [policy_label(p) for p in results["config"]["policies"]]
     pk, pp, fi = (_by_policy(t.get(k, [])) for k in ("passkey", "ppl", "fidelity"))
     me, sp = _by_policy(t.get("memory", [])), _by_policy(t.get("speed", []))
     full_ppl = pp.get("full", {}).get("ppl")
@@ -58,7 +60,7 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| {r['policy']} | unsupported: {r['unsupported']} |  |  |  |  |  |  |  |  |")
             continue
         out.append(f"| {r['policy']} | {_fmt(r.get('passkey'), '.0%')} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
-                   f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.3f')} | {_fmt(r.get('peak_cells'), 'd')} | "
+                   f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.1e')} | {_fmt(r.get('peak_cells'), 'd')} | "
                    f"{_fmt(r.get('kv_mib_at_max_length'), '.2f')} | {_fmt(r.get('decode_tok_s'), '.1f')} | {_fmt(r.get('decode_ratio'), '.2f')} |")
     t = results["tasks"]
     if "passkey" in t:
@@ -77,7 +79,7 @@ def markdown(results: dict[str, Any]) -> str:
             segs = rows[0]["segments"]
             out += ["| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " |", "| --- |" + " --- |" * len(segs)]
             for r in rows:
-                out.append(f"| {r['policy']} | " + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.2f}" for s in r["segments"]) + " |")
+                out.append(f"| {r['policy']} | " + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.0e}" for s in r["segments"]) + " |")
     if "memory" in t:
         out += ["", "## KV memory needed to reach an output length (MiB allocated; peak RSS MiB)", ""]
         lens = cfg["memory_lengths"]
@@ -113,8 +115,11 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     if "fidelity" in t:
         for r in t["fidelity"]:
             if "segments" in r:
-                axes[1].plot([s["end"] for s in r["segments"]], [s["top1_agreement"] for s in r["segments"]], marker=".", label=r["policy"])
-        axes[1].set(xlabel="output tokens", ylabel="top-1 agreement with full cache", title="Degradation over length")
+                if r["policy"] != "full":  # the reference's own KL is ~0 and has no place on a log scale
+                    axes[1].plot([s["end"] for s in r["segments"]], [max(s["mean_kl"], 1e-9) for s in r["segments"]],
+                                 marker=".", label=f"{r['policy']} (top-1 {r['top1_agreement']:.0%})")
+        axes[1].set(xlabel="output tokens", ylabel="mean KL from the full cache (top-256)", title="Degradation over length",
+                    yscale="log")
     if "memory" in t:
         for r in t["memory"]:
             xs = [x["length"] for x in r.get("lengths", []) if "kv_bytes" in x]
@@ -130,3 +135,13 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
     made.append(path)
     return made
+
+
+if __name__ == "__main__":  # regenerate results.md and bench.png from a results.json
+    import json
+    import sys
+
+    src = Path(sys.argv[1])
+    res = json.loads(src.read_text())
+    (src.parent / "results.md").write_text(markdown(res))
+    plots(res, src.parent)

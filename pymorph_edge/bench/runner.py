@@ -35,11 +35,19 @@ def _machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def run(cfg: BenchConfig, out_dir: Path, command: str) -> dict[str, Any]:
+def run(cfg: BenchConfig, out_dir: Path, command: str, merge: bool = False) -> dict[str, Any]:
+    """merge=True keeps the other tasks' results already in out_dir/results.json (re-running some tasks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg, out_dir)
     results: dict[str, Any] = {"command": command, "machine": _machine(), "model": Path(model).name,
                                "config": asdict(cfg), "tasks": {}}
+    previous = out_dir / "results.json"
+    if merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        results["tasks"] = {k: v for k, v in old["tasks"].items() if k not in cfg.tasks}
+        results["config"] = {**old["config"], **{k: v for k, v in asdict(cfg).items() if k != "tasks"},
+                             "tasks": list(dict.fromkeys(old["config"]["tasks"] + cfg.tasks))}
+        results["command"] = f"{old['command']}; then {command}"
     ref = None
     for task in cfg.tasks:
         rows = []

@@ -1,8 +1,11 @@
-"""Fidelity to the full cache over a long greedy answer.
+"""Fidelity to the full cache over a long answer.
 
 The full cache generates N tokens (end of sequence banned) once and keeps, per step, its top-256
 log-probabilities. Each policy is then teacher-forced through the same tokens; per segment we
 report top-1 agreement and the KL divergence from the full cache restricted to its top-256 tokens.
+The reference samples (temperature 0.7, the config's seed) rather than decoding greedily: greedy
+output of a small base model falls into a loop within a few hundred tokens, and a loop is predicted
+perfectly from the recent tokens alone, which made every policy score 100% (measured, first run).
 """
 from __future__ import annotations
 
@@ -11,26 +14,29 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..tasks.passkey import FILLER
 from .common import last_logprobs, open_llm
 from .config import BenchConfig, policy_label
 
 TOP = 256
-PROMPT = "Write a very long story about a lighthouse keeper and the sea.\n\n"
+PROMPT = ("The lighthouse keeper's journal, kept through the winter of 1887.\n\n"
+          "November 3. The supply boat came at dawn with coal, flour and a letter from my sister.")
+TEMPERATURE = 0.7
 
 
 def reference(cfg: BenchConfig, model: str, tick: Callable[[int], None]) -> dict[str, Any]:
     llm = open_llm(model, {"name": "full"}, cfg.budget, cfg.n_ubatch, cfg.fidelity_tokens + 512)
     try:
-        prompt = llm.tokenize(PROMPT + FILLER * 2)
+        prompt = llm.tokenize(PROMPT)
         llm.engine.decode(prompt)
         eos = llm.token_eos()
+        rng = np.random.default_rng(cfg.seed)
         tokens, top_ids, top_lp = [], [], []
         for _ in range(cfg.fidelity_tokens):
             lp = last_logprobs(llm)
             lp[eos] = -np.inf
             ids = np.argpartition(-lp, TOP)[:TOP]
-            tokens.append(int(np.argmax(lp)))
+            p = np.exp((lp[ids] - lp[ids].max()) / TEMPERATURE)
+            tokens.append(int(rng.choice(ids, p=p / p.sum())))
             top_ids.append(ids.astype(np.int32))
             top_lp.append(lp[ids].astype(np.float32))
             llm.engine.decode([tokens[-1]])
@@ -49,7 +55,7 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], ref: dict[str, Any],
         for step, tok in enumerate(ref["tokens"]):
             lp = last_logprobs(llm)
             lp[eos] = -np.inf
-            agree.append(int(np.argmax(lp)) == tok)
+            agree.append(int(np.argmax(lp)) == int(ref["top_ids"][step][np.argmax(ref["top_lp"][step])]))
             ids, p_lp = ref["top_ids"][step], ref["top_lp"][step].astype(np.float64)
             p = np.exp(p_lp)
             kl.append(float(np.sum(p * (p_lp - lp[ids]))))

@@ -3,7 +3,8 @@
 Memory: llama.cpp allocates the whole KV cache when a context is created, so the KV bytes a policy
 needs to reach an output length L are those of the context it must create for L (the full cache
 and SnapKV need L cells; bounded policies a fixed number). Peak process RSS is measured in a fresh
-subprocess that creates that context and generates 32 tokens.
+subprocess that creates that context, fills it with L tokens (as a prompt, which is much faster
+than generating them and touches the same KV pages) and generates 32 more.
 Speed: prefill a `budget`-token prompt, then decode `speed_decode_tokens` tokens.
 """
 from __future__ import annotations
@@ -20,9 +21,10 @@ from .config import BenchConfig, policy_label
 _PROBE = r"""
 import json, resource, sys
 from pymorph_edge.bench.common import open_llm
-model, spec, budget, ubatch, n_ctx = json.loads(sys.argv[1])
-llm = open_llm(model, spec, budget, ubatch, n_ctx)
-out = llm.create_completion("Once upon a time", max_tokens=32, temperature=0, logit_bias={llm.token_eos(): -1e9})
+model, spec, budget, ubatch, length = json.loads(sys.argv[1])
+llm = open_llm(model, spec, budget, ubatch, length + 64)
+tokens = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab for i in range(length - 1)]
+out = llm.create_completion(tokens, max_tokens=32, temperature=0, logit_bias={llm.token_eos(): -1e9})
 print(json.dumps({"kv_bytes": llm.stats.kv_bytes, "n_ctx": llm.stats.n_ctx,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -31,7 +33,7 @@ print(json.dumps({"kv_bytes": llm.stats.kv_bytes, "n_ctx": llm.stats.n_ctx,
 def memory(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[int], None]) -> dict[str, Any]:
     rows = []
     for length in cfg.memory_lengths:
-        arg = json.dumps([model, spec, cfg.budget, cfg.n_ubatch, length + 64])
+        arg = json.dumps([model, spec, cfg.budget, cfg.n_ubatch, length])
         r = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             rows.append({"length": length, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"})
