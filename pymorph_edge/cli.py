@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.7)
     c.add_argument("--seed", type=int, default=None)
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)")
     _add_model_args(s)
@@ -156,6 +158,7 @@ def _chat(args: argparse.Namespace) -> int:
         messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
         if interactive:
             sys.stderr.write("Chat with the model; /exit or Ctrl-D quits, Ctrl-C stops an answer.\n")
+        ban = {t: -1e9 for t in range(llm.n_vocab) if llm.is_end_of_generation(t)} if args.ignore_eos else None
         turn = 0
         while True:
             try:
@@ -172,15 +175,24 @@ def _chat(args: argparse.Namespace) -> int:
             turn += 1
             messages.append({"role": "user", "content": line})
             reply = ""
+            stream = llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                                                seed=args.seed, logit_bias=ban, stream=True)
+            # Ctrl-C during an answer only raises a flag: the answer stops between two tokens, so the
+            # cache stays consistent and the next turn continues on it
+            interrupted = []
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
             try:
-                for chunk in llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                                        seed=args.seed, stream=True):
+                for chunk in stream:
                     piece = chunk["choices"][0]["delta"].get("content", "")
                     reply += piece
                     sys.stdout.write(piece)
                     sys.stdout.flush()
-            except KeyboardInterrupt:  # stop this answer, keep the session
-                sys.stderr.write(" [stopped]")
+                    if interrupted:
+                        stream.close()
+                        sys.stderr.write(" [stopped]")
+                        break
+            finally:
+                signal.signal(signal.SIGINT, previous)
             sys.stdout.write("\n")
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": reply})

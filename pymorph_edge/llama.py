@@ -146,7 +146,8 @@ class Llama:
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return b"".join(self._piece(int(t), special) for t in tokens)
 
-    def _is_eog(self, token: int) -> bool:
+    def is_end_of_generation(self, token: int) -> bool:
+        """True for tokens that end an answer (EOS, end-of-turn, ...)."""
         return bool(C.llama_vocab_is_eog(self._model.vocab, token))
 
     # -- generation layers -----------------------------------------------------------------
@@ -211,7 +212,7 @@ class Llama:
         out: list[int] = []
         self._stopped_by_string = False
         for tok in self._generate(prompt_tokens, params, reset):
-            if self._is_eog(tok):
+            if self.is_end_of_generation(tok):
                 yield text.finish(), "stop", out
                 return
             out.append(tok)
@@ -250,14 +251,14 @@ class Llama:
             text += piece
         return {**meta, "object": "text_completion",
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-                "usage": self._usage(len(tokens), len(out))}
+                "usage": self.usage(len(tokens), len(out))}
 
     def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
         for piece, finish, _ in chunks:
             yield {**meta, "object": "text_completion",
                    "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """OpenAI's usage object; cached prompt tokens go where OpenAI reports them, KV figures as extra keys."""
         s = self.stats
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -301,18 +302,23 @@ class Llama:
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish}],
-                "usage": self._usage(len(tokens), len(out))}
+                "usage": self.usage(len(tokens), len(out))}
 
     def _remember_turn(self, chunks: Iterator[tuple[str, str | None, list[int]]], msgs: list[dict[str, Any]],
                        prompt: str, tokens: list[int]) -> Iterator[tuple[str, str | None, list[int]]]:
         """Pass chunks through; once the answer is complete, remember the turn for the next request.
         An answer cut by a stop string is not remembered: its text no longer matches its tokens."""
-        text = ""
-        for piece, finish, out in chunks:
-            text += piece
-            if finish is not None and not self._stopped_by_string:
-                self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out)
-            yield piece, finish, out
+        text, out = "", []
+        try:
+            for piece, finish, out in chunks:
+                text += piece
+                if finish is not None and not self._stopped_by_string:
+                    self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out)
+                yield piece, finish, out
+        except GeneratorExit:  # the caller stopped the answer early: the next turn can still continue on it
+            if self._engine.consistent and not self._stopped_by_string:
+                self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out))
+            raise
 
     def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
         yield {**meta, "object": "chat.completion.chunk",

@@ -155,13 +155,13 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
         s = llm.stats
         return {"X-KV-Cells": str(s.cells_in_use), "X-KV-Evicted": str(s.tokens_evicted), "X-KV-Budget": str(s.budget)}
 
-    def with_usage(chunks: Iterator[dict[str, Any]], include: bool, n_prompt: Any) -> Iterator[dict[str, Any]]:
+    def with_usage(chunks: Iterator[dict[str, Any]], include: bool) -> Iterator[dict[str, Any]]:
         last = None
         for c in chunks:
             last = c
             yield c
         if include and last is not None:
-            yield {**last, "choices": [], "usage": llm._usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens)}
+            yield {**last, "choices": [], "usage": llm.usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
@@ -173,7 +173,7 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
 
         def make(stream: bool) -> Any:
             out = llm.create_completion(req.prompt, stream=stream, **kw)
-            return with_usage(out, include, None) if stream else out
+            return with_usage(out, include) if stream else out
 
         return await respond(make, req.stream, kv_headers)
 
@@ -189,7 +189,7 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
 
         def make(stream: bool) -> Any:
             out = llm.create_chat_completion(msgs, stream=stream, **kw)
-            return with_usage(out, include, None) if stream else out
+            return with_usage(out, include) if stream else out
 
         return await respond(make, req.stream, kv_headers)
 

@@ -64,7 +64,7 @@ def test_serve_help_lists_every_option():
 def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
     pexpect = __import__("pytest").importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "pymorph_edge.cli", "chat", "-m", gqa_model, "--kv-budget", "128",
-                                           "-n", "100000", "--temperature", "0.8", "--seed", "1"],
+                                           "-n", "100000", "--temperature", "0.8", "--seed", "1", "--ignore-eos"],
                           encoding="utf-8", timeout=60)
     child.expect("> ")
     child.sendline("tell me everything")
@@ -75,7 +75,11 @@ def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
     child.expect(r"\[turn 1\]")
     child.expect("> ")
     child.sendline("and now?")
-    child.expect(r"\[turn 2\]")  # the session survived and answered again
+    child.expect("and now\\?\r\n")
+    child.expect(".{20}")  # the session survived and answers again
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(r"\[turn 2\] prompt=\d+ cached=[1-9]")  # and the second turn reused the cache
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()

@@ -26,3 +26,12 @@ class KVPolicy:
 def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+AGGREGATES = {"mean": 0, "max": 1}  # how KV heads and layers combine into one score per cell
+
+
+def check_aggregate(value: object) -> int:
+    if value not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {value!r}")
+    return AGGREGATES[value]  # type: ignore[index]

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy, check_positive_int
-from .morphkv import AGGREGATES
+from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
 
 @dataclass
@@ -20,8 +19,7 @@ class H2O(KVPolicy):
 
     def __post_init__(self) -> None:
         check_positive_int("window", self.window)
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+        check_aggregate(self.aggregate)
 
     @property
     def protected_recent(self) -> int:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy, check_positive_int
+from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
 FUSIONS = {"sum": 0, "max": 1}
-AGGREGATES = {"mean": 0, "max": 1}
 
 
 @dataclass
@@ -36,8 +35,7 @@ class MorphKV(KVPolicy):
         check_positive_int("window", self.window)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+        check_aggregate(self.aggregate)
         if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
             raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
         if not (0.0 <= float(self.prefill_decay) <= 1.0):

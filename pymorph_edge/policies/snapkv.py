@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy, check_positive_int
-from .morphkv import AGGREGATES
+from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
 
 @dataclass
@@ -29,8 +28,7 @@ class SnapKV(KVPolicy):
         check_positive_int("n_ctx", self.n_ctx)
         if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
             raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {self.aggregate!r}")
+        check_aggregate(self.aggregate)
 
     @property
     def protected_recent(self) -> int:
