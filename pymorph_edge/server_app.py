@@ -123,6 +123,9 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
                 result = await worker.run(lambda: make(False))
             except ValueError as exc:
                 return error_response(400, str(exc))
+            except Exception as exc:  # a failure inside llama.cpp: report it in OpenAI's shape, keep serving
+                logger.exception("generation failed")
+                return error_response(500, f"generation failed: {exc}", err_type="server_error")
             return JSONResponse(result, headers=headers_of())
 
         # pull the first chunk before answering, so bad parameters still get a 400 rather than a broken stream
@@ -134,6 +137,10 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
             return error_response(400, str(exc))
         except StopAsyncIteration:
             first = None
+        except Exception as exc:  # a failure inside llama.cpp before the first token
+            logger.exception("generation failed")
+            await chunks.aclose()
+            return error_response(500, f"generation failed: {exc}", err_type="server_error")
 
         async def events() -> Any:
             try:
