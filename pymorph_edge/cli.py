@@ -41,6 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", default="sum", choices=["sum", "max"], help="MorphKV fusion of the window's rows")
     p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ubatch", type=_positive, default=512,
+                   help="prompt chunk size (default 512); smaller chunks shrink llama.cpp's compute buffer and the "
+                        "kv_budget + n_ubatch ceiling on small devices")
     p.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
 
 
@@ -53,24 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-p", "--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
     g.add_argument("-n", "--max-tokens", type=_positive, default=256, help="tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 disables (default 40)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
 
     c = sub.add_parser("chat", help="interactive multi-turn chat; each turn continues on the compressed cache")
     _add_model_args(c)
     c.add_argument("-n", "--max-tokens", type=_positive, default=512, help="most tokens per answer (default 512)")
-    c.add_argument("--temperature", type=float, default=0.7)
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
+    c.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)")
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --api-key)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (default 8)")
     s.add_argument("--max-tokens-limit", type=_positive, default=65536, help="largest max_tokens a request may ask for")
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
     b.add_argument("--tasks", default=None, help="comma-separated subset of tasks to (re)run; other results in --out are kept")
-    b.add_argument("-v", "--verbose", action="store_true")
+    b.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
     return parser
 
 
@@ -104,12 +107,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _open_model(args: argparse.Namespace):
     from .default_model import default_model_path
+    from .kv_engine import EngineConfig
     from .llama import Llama
 
     path = args.model or default_model_path()
     policy = "full" if args.kv_budget is None else args.policy
-    return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion,
-                 n_ctx=args.n_ctx, n_threads=args.threads)
+    config = EngineConfig(n_ubatch=args.n_ubatch, n_ctx=args.n_ctx, n_threads=args.threads)
+    return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion, config=config)
 
 
 def _generate(args: argparse.Namespace) -> int:
