@@ -246,12 +246,18 @@ class Llama:
         chunks = self._stream(tokens, params, max_tokens, stops)
         if stream:
             return self._completion_chunks(meta, chunks)
+        text, finish, n_out = self._collect(chunks)
+        return {**meta, "object": "text_completion",
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "usage": self.usage(len(tokens), n_out)}
+
+    @staticmethod
+    def _collect(chunks: Iterator[tuple[str, str | None, list[int]]]) -> tuple[str, str | None, int]:
+        """Drain a non-streaming answer: (text, finish_reason, tokens generated)."""
         text, finish, out = "", None, []
         for piece, finish, out in chunks:
             text += piece
-        return {**meta, "object": "text_completion",
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-                "usage": self.usage(len(tokens), len(out))}
+        return text, finish, len(out)
 
     def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
         for piece, finish, _ in chunks:
@@ -296,13 +302,11 @@ class Llama:
         chunks = self._remember_turn(self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens)
         if stream:
             return self._chat_chunks(meta, chunks)
-        text, finish, out = "", None, []
-        for piece, finish, out in chunks:
-            text += piece
+        text, finish, n_out = self._collect(chunks)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish}],
-                "usage": self.usage(len(tokens), len(out))}
+                "usage": self.usage(len(tokens), n_out)}
 
     def _remember_turn(self, chunks: Iterator[tuple[str, str | None, list[int]]], msgs: list[dict[str, Any]],
                        prompt: str, tokens: list[int]) -> Iterator[tuple[str, str | None, list[int]]]:

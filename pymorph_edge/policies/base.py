@@ -35,3 +35,24 @@ def check_aggregate(value: object) -> int:
     if value not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {value!r}")
     return AGGREGATES[value]  # type: ignore[index]
+
+
+@dataclass
+class AttentionWindowPolicy(KVPolicy):
+    """A scoring policy with a protected recent `window` and a head/layer `aggregate` (H2O, TOVA, SnapKV)."""
+
+    window: int = 32
+    aggregate: str = "mean"
+
+    native_kind = -1  # the native pme_policy_kind
+
+    def __post_init__(self) -> None:
+        check_positive_int("window", self.window)
+        check_aggregate(self.aggregate)
+
+    @property
+    def protected_recent(self) -> int:
+        return self.window
+
+    def native_fields(self) -> dict[str, int | float]:
+        return {"policy": self.native_kind, "window": self.window, "aggregate": AGGREGATES[self.aggregate]}

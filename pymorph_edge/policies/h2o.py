@@ -7,23 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
+from .base import AttentionWindowPolicy
 
 
 @dataclass
-class H2O(KVPolicy):
-    window: int = 32
-    aggregate: str = "mean"
-
+class H2O(AttentionWindowPolicy):
     name = "h2o"
-
-    def __post_init__(self) -> None:
-        check_positive_int("window", self.window)
-        check_aggregate(self.aggregate)
-
-    @property
-    def protected_recent(self) -> int:
-        return self.window
-
-    def native_fields(self) -> dict[str, int | float]:
-        return {"policy": 1, "window": self.window, "aggregate": AGGREGATES[self.aggregate]}
+    native_kind = 1

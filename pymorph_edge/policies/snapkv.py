@@ -10,29 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
+from .base import AttentionWindowPolicy, check_positive_int
 
 
 @dataclass
-class SnapKV(KVPolicy):
-    window: int = 32
+class SnapKV(AttentionWindowPolicy):
     pool_radius: int = 3
-    aggregate: str = "mean"
     n_ctx: int = 8192
 
     name = "snapkv"
+    native_kind = 3
     grows = True
 
     def __post_init__(self) -> None:
-        check_positive_int("window", self.window)
+        super().__post_init__()
         check_positive_int("n_ctx", self.n_ctx)
         if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
             raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
-        check_aggregate(self.aggregate)
-
-    @property
-    def protected_recent(self) -> int:
-        return self.window
 
     def native_fields(self) -> dict[str, int | float]:
-        return {"policy": 3, "window": self.window, "pool_radius": self.pool_radius, "aggregate": AGGREGATES[self.aggregate]}
+        return {**super().native_fields(), "pool_radius": self.pool_radius}
