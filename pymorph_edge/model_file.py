@@ -42,6 +42,15 @@ def check_gguf_path(model_path: str | Path) -> Path:
     return path
 
 
+def cpu_has_amx_kernels() -> bool:
+    """True when this llama.cpp build repacks weights for Intel AMX (built natively on an AMX CPU).
+
+    Its AMX matmul segfaults on Q4_K weights (llama.cpp issue #20824, seen here on Gemma 3 Q4_K_M), so
+    such builds load models without extra buffer types; other CPUs keep llama.cpp's defaults."""
+    info = C.llama_print_system_info() or b""
+    return b"AMX_INT8 = 1" in info
+
+
 class LoadedModel:
     """Owns a llama_model; freed by close()."""
 
@@ -51,6 +60,8 @@ class LoadedModel:
         C.llama_backend_init()
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if cpu_has_amx_kernels():
+            params.use_extra_bufts = False  # see cpu_has_amx_kernels
         self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise ValueError(f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
