@@ -41,6 +41,7 @@ typedef struct pme_stats {
     int64_t evict_calls;      /* llama_memory_seq_rm calls (ranges) */
     int64_t ubatches;         /* decodes observed */
     int64_t layers_scored;    /* kq_soft_max nodes read during the last ubatch */
+    int64_t compactions;      /* pme_compact calls that renumbered positions */
 } pme_stats;
 
 typedef struct pme_state pme_state;
@@ -59,6 +60,9 @@ int  pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int
 int  pme_end_ubatch(pme_state * st);
 int  pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
 int  pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos);  /* drop positions >= from_pos */
+/* renumber live positions to 0..n_live-1 in order (llama_memory_seq_add); returns next_pos - n_live, the
+ * amount every position moved down by at the newest end, or -1 */
+int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
 int32_t pme_min_live_tail(const pme_state * st, int32_t next_pos);  /* smallest p with every position in [p, next_pos) live */
 void pme_get_stats(const pme_state * st, pme_stats * out);
 int  pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);

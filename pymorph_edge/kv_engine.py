@@ -14,6 +14,7 @@ from .llama_log import KVSizeCapture
 from .model_file import LoadedModel
 from .policies import FullCache, KVPolicy
 from .stats import KVStats
+from .token_history import TokenHistory
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class EngineConfig:
     flash_attn: bool = False      # full cache only: scoring policies need the softmax node
     n_gpu_layers: int = 0
     swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
+    max_span: int | None = None   # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
@@ -38,6 +40,18 @@ class EngineConfig:
             raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+        if self.max_span is not None and (isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1):
+            raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
+
+
+def default_max_span(n_ctx_train: int, n_cells: int) -> int:
+    """Position span at which a bounded cache is renumbered: half the trained context.
+
+    Chosen by measurement (benchmarks/results/longrun/): on SmolLM2 (n_ctx_train 8192) quality holds at
+    every span tried up to n_ctx_train, and breaks past ~1.5x of it. Half leaves a margin, and a
+    renumbering costs about one decode step, so doing it every few thousand tokens is free. Never
+    below two caches' worth of cells, so that each renumbering buys at least n_cells tokens."""
+    return max(n_ctx_train // 2, 2 * n_cells)
 
 
 def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
@@ -120,14 +134,21 @@ class KVEngine:
         if self.shifting and not C.llama_memory_can_shift(self.mem):
             self.close()
             raise ValueError(f"policy 'context_shift': llama.cpp cannot shift this model's KV cache ({str(model.path)!r})")
+        self.max_span = config.max_span or default_max_span(model.info.n_ctx_train, self.n_ctx)
+        if bounded and self.max_span <= self.n_ctx + config.n_ubatch:
+            self.close()
+            raise ValueError(f"max_span={self.max_span} must exceed the cache's {self.n_ctx} cells + n_ubatch {config.n_ubatch}, "
+                             "or a renumbering could not make room for the next chunk")
         self.batch = C.llama_batch_init(cp.n_batch, 0, 1)
         self.n_batch = cp.n_batch
         self._pos_buf = ffi.new("int32_t[]", config.n_ubatch) if bounded else None
-        self.next_pos = 0
+        self.next_pos = 0             # llama.cpp position of the next token; compaction and context shift lower it
+        self.n_past = 0               # tokens in the sequence since the reset; never renumbered
         self.tokens_decoded = 0
         self._full_peak = 0
         self._shift_evicted = 0
-        self.history: list[int] = []  # history[p] is the token at position p (evicted ones included)
+        # history[i] is token i of the sequence; only a cache's worth of tail is stored (see TokenHistory)
+        self.history = TokenHistory(keep=self.n_ctx + config.n_ubatch)
         self.consistent = True        # False if a decode was interrupted: the cache must be reset
         logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
 
@@ -166,28 +187,39 @@ class KVEngine:
         if self.bounded:
             self._lib.pme_reset(self._state)
         self.next_pos = 0
+        self.n_past = 0
         self.tokens_decoded = 0
         self._full_peak = 0
         self._shift_evicted = 0
         self.history.clear()
         self.consistent = True
 
-    def truncate(self, from_pos: int) -> None:
-        """Drop positions >= from_pos, so the sequence continues from there (a diverging chat turn)."""
-        if not 0 < from_pos <= self.next_pos:
-            raise ValueError(f"cannot truncate to position {from_pos} (next_pos {self.next_pos})")
+    @property
+    def _pos_shift(self) -> int:
+        """Sequence index minus cache position, for every token of the live tail."""
+        return self.n_past - self.next_pos
+
+    def truncate(self, from_index: int) -> None:
+        """Drop tokens >= from_index of the sequence, so it continues from there (a diverging chat turn)."""
+        if not 0 < from_index <= self.n_past or from_index < self.live_from():
+            raise ValueError(f"cannot truncate to token {from_index}: the cache holds tokens [{self.live_from()}, "
+                             f"{self.n_past}) whole")
+        from_pos = from_index - self._pos_shift
         if self.bounded:
             self._check(self._lib.pme_truncate(self._state, self._ffi.cast("void *", self.mem), SEQ, from_pos), "truncate")
         elif not C.llama_memory_seq_rm(self.mem, SEQ, from_pos, -1):
             raise RuntimeError(f"llama_memory_seq_rm failed truncating to position {from_pos}")
-        del self.history[from_pos:]
+        self.history.truncate(from_index)
+        self.n_past = from_index
         self.next_pos = from_pos
 
     def live_from(self) -> int:
-        """Smallest p such that every position in [p, next_pos) is still in the cache."""
-        if not self.bounded:
-            return 0
-        return int(self._lib.pme_min_live_tail(self._state, self.next_pos))
+        """Smallest sequence index i such that every token in [i, n_past) is still in the cache."""
+        if self.bounded:
+            return int(self._lib.pme_min_live_tail(self._state, self.next_pos)) + self._pos_shift
+        if self.shifting and self._pos_shift > 0:
+            return self.policy.protected_recent + self._pos_shift  # context shift dropped what followed n_keep
+        return 0
 
     def decode(self, tokens: Sequence[int], logits_last: bool = True,
                progress: Callable[[int, int], None] | None = None) -> None:
@@ -213,6 +245,8 @@ class KVEngine:
             chunk = tokens[start:start + self.n_batch]
             m = len(chunk)
             last_chunk = start + m == n
+            if self.bounded and self.next_pos + m > self.max_span:
+                self.compact()
             for i, tok in enumerate(chunk):
                 b.token[i] = tok
                 b.pos[i] = self.next_pos + i
@@ -233,8 +267,9 @@ class KVEngine:
                 raise RuntimeError(f"llama_decode returned {rc} at position {self.next_pos} "
                                    f"({m} tokens, n_ctx={self.n_ctx}); the cache state was reset")
             self.next_pos += m
+            self.n_past += m
             self.tokens_decoded += m
-            self.history.extend(int(t) for t in chunk)
+            self.history.extend(chunk)
             if self.bounded:
                 self._check(self._lib.pme_end_ubatch(self._state), "scoring")
                 self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
@@ -250,6 +285,13 @@ class KVEngine:
         flags = (1 if m > 1 else 0) | (2 if last_chunk else 0)  # PME_UB_PREFILL | PME_UB_LAST
         self._check(self._lib.pme_begin_ubatch(self._state, self._pos_buf, m, flags), "begin ubatch")
 
+    def compact(self) -> None:
+        """Renumber the live positions 0..n_live-1 (see native/pme_compact.c); the sequence indices stay."""
+        shift = self._lib.pme_compact(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos)
+        self._check(shift, "compaction")
+        logger.debug("compacted positions: next_pos %d -> %d", self.next_pos, self.next_pos - shift)
+        self.next_pos -= shift
+
     def _shift_for(self, m: int) -> None:
         """llama.cpp's context shift: keep n_keep, drop the older half of the rest, slide positions down."""
         n_keep = self.policy.protected_recent
@@ -259,7 +301,6 @@ class KVEngine:
                 raise RuntimeError(f"context shift cannot make room for {m} tokens (kv_budget {self.kv_budget}, n_keep {n_keep})")
             C.llama_memory_seq_rm(self.mem, SEQ, n_keep, n_keep + n_discard)
             C.llama_memory_seq_add(self.mem, SEQ, n_keep + n_discard, self.next_pos, -n_discard)
-            del self.history[n_keep:n_keep + n_discard]
             self.next_pos -= n_discard
             self._shift_evicted += n_discard
 
@@ -277,11 +318,12 @@ class KVEngine:
             s = self._ffi.new("pme_stats *")
             self._lib.pme_get_stats(self._state, s)
             used, peak, evicted = int(s.cells_in_use), int(s.peak_cells), int(s.tokens_evicted)
+            compactions = int(s.compactions)
         else:
-            used, peak, evicted = self.next_pos, self._full_peak, self._shift_evicted
+            used, peak, evicted, compactions = self.next_pos, self._full_peak, self._shift_evicted, 0
         return KVStats(budget=self.kv_budget, n_ctx=self.n_ctx, cells_in_use=used, peak_cells=peak,
                        tokens_evicted=evicted, kv_bytes=self.kv_bytes, tokens_decoded=self.tokens_decoded,
-                       next_pos=self.next_pos)
+                       next_pos=self.next_pos, compactions=compactions)
 
     def _free_state(self) -> None:
         if self._state is not None:

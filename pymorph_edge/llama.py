@@ -115,6 +115,11 @@ class Llama:
     def n_ctx(self) -> int:
         return self._engine.n_ctx
 
+    @property
+    def n_ctx_train(self) -> int:
+        """Context length the model was trained on (positions the cache may span before compaction matters)."""
+        return self._model.info.n_ctx_train
+
     def token_eos(self) -> int:
         return int(C.llama_vocab_eos(self._model.vocab))
 

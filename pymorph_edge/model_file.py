@@ -10,6 +10,7 @@ import llama_cpp.llama_cpp as C
 from . import llama_log
 
 GGUF_MAGIC = b"GGUF"
+_llama_model_default_params = C.llama_model_default_params  # bound once: tests substitute the module's name
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ def cpu_has_amx_kernels() -> bool:
     return b"AMX_INT8 = 1" in info
 
 
+def default_model_params() -> C.llama_model_params:
+    """llama.cpp's default model parameters, less the AMX weight repacking where it crashes."""
+    params = _llama_model_default_params()
+    if cpu_has_amx_kernels():
+        params.use_extra_bufts = False  # see cpu_has_amx_kernels
+    return params
+
+
 class LoadedModel:
     """Owns a llama_model; freed by close()."""
 
@@ -58,10 +67,8 @@ class LoadedModel:
         self.path = check_gguf_path(model_path)
         llama_log.install()
         C.llama_backend_init()
-        params = C.llama_model_default_params()
+        params = default_model_params()
         params.n_gpu_layers = n_gpu_layers
-        if cpu_has_amx_kernels():
-            params.use_extra_bufts = False  # see cpu_has_amx_kernels
         self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise ValueError(f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "

@@ -13,7 +13,8 @@ class KVStats:
     tokens_evicted: int       # tokens removed by the policy since the last reset
     kv_bytes: int             # bytes llama.cpp allocated for all KV caches (fixed for the context's life)
     tokens_decoded: int       # tokens run through the model since the last reset (prompt + generated)
-    next_pos: int             # position the next token gets; positions only grow
+    next_pos: int             # cache position the next token gets; compaction renumbers positions down
+    compactions: int = 0      # times the live positions were renumbered to keep the span trained-for
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)

@@ -5,6 +5,14 @@ import pytest
 from pymorph_edge import Llama
 
 
+@pytest.fixture(autouse=True)
+def same_model_params(monkeypatch):
+    """llama_cpp.Llama loads with the model parameters we use (no AMX repacking where it crashes)."""
+    from pymorph_edge.model_file import default_model_params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", default_model_params)
+
+
 def reference_tokens(path, prompt, n, n_ctx):
     ref = llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, verbose=False)
     toks = ref.tokenize(prompt.encode(), special=True)

@@ -44,7 +44,7 @@ def test_rollback_keeps_the_cell_map_true(gqa_model):
         assert max(eng.cell_positions()) == keep - 1
         eng.decode([7, 8, 9])
         assert [p for p in eng.cell_positions() if p >= 0] == llama_cell_positions(eng.ctx)
-        assert eng.history[-3:] == [7, 8, 9] and eng.next_pos == keep + 3
+        assert eng.history.tail(3) == [7, 8, 9] and eng.next_pos == keep + 3
 
 
 def test_full_cache_continuation_equals_fresh_prefill(gqa_model):

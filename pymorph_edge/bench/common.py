@@ -20,7 +20,7 @@ LICENSES = Path("/usr/share/common-licenses")
 def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx_needed: int) -> Llama:
     """A Llama for one policy spec. The full cache and SnapKV get n_ctx_needed cells; raises ValueError
     (the reason is reported in the results) when the policy cannot run on this model."""
-    params = {k: v for k, v in spec.items() if k not in ("name", "label", "swa_full")}
+    params = {k: v for k, v in spec.items() if k not in ("name", "label", "swa_full", "max_span")}
     name = spec["name"]
     if name == "snapkv":
         params.setdefault("n_ctx", max(n_ctx_needed, budget + n_ubatch))
@@ -28,7 +28,7 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
     if name == "full":
         return Llama(model, kv_budget=None, policy=policy,
                      config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full")))
-    return Llama(model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch))
+    return Llama(model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span")))
 
 
 def last_logprobs(llm: Llama) -> np.ndarray:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("passkey", "ppl", "fidelity", "memory", "speed")
+TASKS = ("passkey", "ppl", "fidelity", "memory", "speed", "longrun")
 
 
 @dataclass
 class BenchConfig:
-    model: str = "default"                  # a GGUF path, "default" (Gemma 3 270M) or "synthetic"
+    model: str = "default"                  # a GGUF path, "default" (Gemma 3 270M), "gemma3-270m", "smollm2-135m" or "synthetic"
     budget: int = 1024
     n_ubatch: int = 512
     seed: int = 0
@@ -25,12 +25,16 @@ class BenchConfig:
     fidelity_segment: int = 256
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
     speed_decode_tokens: int = 256
+    longrun_prefix: int = 256               # prompt before teacher-forced scoring starts
+    longrun_tokens: int = 24576             # tokens scored one by one (3x SmolLM2's n_ctx_train)
+    longrun_segment: int = 2048             # ppl is reported per segment of this many tokens
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"unknown tasks {bad}; choose from {list(TASKS)}")
-        for name in ("budget", "n_ubatch", "ppl_tokens", "fidelity_tokens", "fidelity_segment", "speed_decode_tokens"):
+        for name in ("budget", "n_ubatch", "ppl_tokens", "fidelity_tokens", "fidelity_segment", "speed_decode_tokens",
+                     "longrun_prefix", "longrun_tokens", "longrun_segment"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -92,10 +92,47 @@ def markdown(results: dict[str, Any]) -> str:
         for r in t["speed"]:
             if "decode_tok_s" in r:
                 out.append(f"| {r['policy']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+    if "longrun" in t:
+        out += _longrun_table(t["longrun"])
     unsupported = sorted({f"{r['policy']}: {r['unsupported']}" for rows in t.values() for r in rows if "unsupported" in r})
     if unsupported:
         out += ["", "Not run:", ""] + [f"- {u}" for u in unsupported]
     return "\n".join(out) + "\n"
+
+
+def _longrun_table(rows: list[dict[str, Any]]) -> list[str]:
+    """ppl per segment, and each segment's ratio to context_shift's (the reference that never over-spans)."""
+    rows = [r for r in rows if "segments" in r]
+    if not rows:
+        return []
+    segs = rows[0]["segments"]
+    ref = next((r for r in rows if r["policy"] == "context_shift"), None)
+    out = ["", f"## Long run: teacher-forced ppl per segment (n_ctx_train {rows[0]['n_ctx_train']})", "",
+           "| policy | max position | compactions | " + " | ".join(f"{s['end'] // 1000}K" for s in segs) + " | worst / context_shift |",
+           "| --- | --- | --- |" + " --- |" * len(segs) + " --- |"]
+    for r in rows:
+        worst = max(s["ppl"] / q["ppl"] for s, q in zip(r["segments"], ref["segments"])) if ref else None
+        out.append(f"| {r['policy']} | {r['max_next_pos']} | {r['compactions']} | " +
+                   " | ".join(f"{s['ppl']:.1f}" for s in r["segments"]) + f" | {_fmt(worst, '.3f')} |")
+    return out
+
+
+def _longrun_plot(rows: list[dict[str, Any]], out_dir: Path, plt: Any) -> Path | None:
+    rows = [r for r in rows if "segments" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        ax.plot([s["end"] for s in r["segments"]], [s["ppl"] for s in r["segments"]], marker=".", label=r["policy"])
+    ax.axvline(rows[0]["n_ctx_train"], color="grey", linestyle="--", label="n_ctx_train")
+    ax.set(xlabel="tokens", ylabel="ppl of the segment", yscale="log", title="Teacher-forced ppl far past the trained context")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "longrun.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -134,6 +171,9 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append(path)
+    if "longrun" in t:
+        longrun = _longrun_plot(t["longrun"], out_dir, plt)
+        made += [longrun] if longrun else []
     return made
 
 

@@ -11,17 +11,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import report, task_fidelity, task_memory_speed, task_passkey, task_ppl
+from . import report, task_fidelity, task_longrun, task_memory_speed, task_passkey, task_ppl
 from .config import BenchConfig, policy_label
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: BenchConfig, out_dir: Path) -> str:
-    if cfg.model == "default":
-        from ..default_model import default_model_path
+    from ..default_model import PACKAGED_MODELS, default_model_path
 
+    if cfg.model == "default":
         return str(default_model_path())
+    if cfg.model in PACKAGED_MODELS:
+        return str(PACKAGED_MODELS[cfg.model]())
     if cfg.model == "synthetic":
         from ..synthetic_gguf import write_synthetic_llama
 
@@ -57,7 +59,8 @@ def run(cfg: BenchConfig, out_dir: Path, command: str, merge: bool = False) -> d
         for spec in cfg.policies:
             label = policy_label(spec)
             total = {"passkey": len(cfg.passkey_multipliers) * len(cfg.passkey_depths), "ppl": None,
-                     "fidelity": cfg.fidelity_tokens, "memory": len(cfg.memory_lengths), "speed": 1}[task]
+                     "fidelity": cfg.fidelity_tokens, "memory": len(cfg.memory_lengths), "speed": 1,
+                     "longrun": cfg.longrun_tokens}[task]
             with tqdm(total=total, desc=f"{task} {label}", file=sys.stderr) as bar:
                 tick = lambda k=1: bar.update(k)  # noqa: E731
                 try:
@@ -67,6 +70,8 @@ def run(cfg: BenchConfig, out_dir: Path, command: str, merge: bool = False) -> d
                         rows.append(task_ppl.run(cfg, model, spec, tick))
                     elif task == "fidelity":
                         rows.append(task_fidelity.run(cfg, model, spec, ref, tick))
+                    elif task == "longrun":
+                        rows.append(task_longrun.run(cfg, model, spec, tick))
                     elif task == "memory":
                         rows.append(task_memory_speed.memory(cfg, model, spec, tick))
                     else:

@@ -1,0 +1,105 @@
+"""Position compaction: the live positions are renumbered 0..n-1 in order, llama.cpp and the native map
+agree, K is re-rotated correctly, and everything keyed by sequence index survives it."""
+import random
+
+import numpy as np
+import pytest
+
+from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.bench.common import last_logprobs
+from pymorph_edge.kv_introspect import llama_cell_positions
+from pymorph_edge.policies import make_policy
+
+
+def native_in_cell_order(eng):
+    return [p for p in eng.cell_positions() if p >= 0]
+
+
+def test_compaction_renumbers_in_order_and_generation_continues(gqa_model):
+    rng = random.Random(1)
+    with Llama(gqa_model, kv_budget=128, window=8, config=EngineConfig(n_ubatch=32, max_span=400)) as llm:
+        eng = llm.engine
+        eng.decode([rng.randrange(3, 259) for _ in range(200)])
+        for _ in range(700):
+            eng.decode([rng.randrange(3, 259)])
+            assert eng.next_pos <= 400
+        assert llm.stats.compactions >= 2 and eng.n_past == 900
+        assert native_in_cell_order(eng) == llama_cell_positions(eng.ctx)
+        tail = eng.history.tail(8)
+        eng.compact()  # also by hand: afterwards the positions are exactly 0..n-1, in their old order
+        live = sorted(native_in_cell_order(eng))
+        assert live == list(range(128)) and eng.next_pos == 128
+        assert native_in_cell_order(eng) == llama_cell_positions(eng.ctx)
+        assert eng.live_from() <= 900 - 8  # the window is still whole
+        assert eng.history.tail(8) == tail
+        for _ in range(100):  # decoding goes on from the renumbered cache
+            eng.decode([int(np.argmax(last_logprobs(llm)))])
+        assert native_in_cell_order(eng) == llama_cell_positions(eng.ctx) and eng.next_pos == 228
+
+
+def test_uniform_shift_leaves_logits_unchanged(gqa_model):
+    """With nothing kept from the past (StreamingLLM without sinks), compaction is a pure shift of every
+    position: RoPE is relative, so the model must predict as without it, up to the rounding of the
+    re-rotated f16 K (llama.cpp's own context shift differs from a plain decode by as much)."""
+    rng = random.Random(2)
+    toks = [rng.randrange(3, 259) for _ in range(700)]
+    runs = {}
+    for span in (None, 300):
+        policy = make_policy("streaming", n_sink=0, window=16)
+        with Llama(gqa_model, kv_budget=96, policy=policy, config=EngineConfig(n_ubatch=32, max_span=span)) as llm:
+            eng = llm.engine
+            eng.decode(toks[:64])
+            rows = []
+            for t in toks[64:]:
+                eng.decode([t])
+                rows.append(last_logprobs(llm))
+            runs[span] = (np.array(rows), llm.stats.compactions)
+    assert runs[None][1] == 0 and runs[300][1] >= 2
+    a, b = np.exp(runs[None][0]), np.exp(runs[300][0])
+    diff = np.abs(a - b).max(axis=1)
+    assert diff[:200].max() == 0  # identical before the first compaction
+    assert diff.mean() < 5e-3 and diff.max() < 5e-2, (diff.mean(), diff.max())
+    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() > 0.97
+
+
+def test_prefix_reuse_and_rollback_across_a_compaction(gqa_model):
+    with Llama(gqa_model, kv_budget=128, window=8, config=EngineConfig(n_ubatch=32, max_span=400)) as llm:
+        ban = {llm.token_eos(): -1e9}
+        prompt = llm.tokenize("the cat sat on the mat " * 8)
+        gen = llm.generate(prompt, temp=0, logit_bias=ban)
+        out = [next(gen) for _ in range(600)]
+        gen.close()
+        assert llm.stats.compactions >= 1
+        hist = prompt + out[:-1]  # the last sampled token was never decoded
+        assert len(llm.engine.history) == len(hist) and llm.engine.history.tail(50) == hist[-50:]
+        # extend what was generated: everything in the cache is reused
+        cont = llm.create_completion(hist + [10, 11], max_tokens=5, temperature=0, logit_bias=ban)
+        assert cont["usage"]["prompt_tokens_details"]["cached_tokens"] == len(hist)
+        assert native_in_cell_order(llm.engine) == llama_cell_positions(llm.engine.ctx)
+        # diverge 3 tokens back: the live tail is rolled back, not re-prefilled
+        hist = hist + [10, 11]
+        again = llm.create_completion(hist[:-3] + [12, 13], max_tokens=5, temperature=0, logit_bias=ban)
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == len(hist) - 3
+        assert native_in_cell_order(llm.engine) == llama_cell_positions(llm.engine.ctx)
+        # a prompt that differs in the part only hashed cannot reuse anything
+        other = llm.create_completion([hist[0] + 1] + hist[1:], max_tokens=2, temperature=0, logit_bias=ban)
+        assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_history_memory_is_bounded(mha_model):
+    with Llama(mha_model, kv_budget=64, window=4, config=EngineConfig(n_ubatch=16, max_span=400)) as llm:
+        eng = llm.engine
+        eng.decode(list(range(3, 53)))
+        for i in range(3000):
+            eng.decode([3 + i % 250])
+        assert len(eng.history) == eng.n_past == 3050
+        assert len(eng.history.tail(10**6)) <= eng.n_ctx + 16  # only a cache's worth is stored
+        assert eng.history.common_prefix(list(range(3, 53)) + [3 + i % 250 for i in range(3000)]) == 3050
+        assert eng.history.common_prefix([4] + list(range(4, 53)) + [3 + i % 250 for i in range(3000)]) == 0
+
+
+def test_max_span_too_small_is_a_clear_error(mha_model):
+    with pytest.raises(ValueError, match="max_span=200"):
+        Llama(mha_model, kv_budget=128, config=EngineConfig(n_ubatch=32, max_span=200))
+    with pytest.raises(ValueError, match="max_span"):
+        EngineConfig(max_span=0)
