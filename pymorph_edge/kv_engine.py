@@ -44,14 +44,30 @@ class EngineConfig:
             raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
 
 
-def default_max_span(n_ctx_train: int, n_cells: int) -> int:
-    """Position span at which a bounded cache is renumbered: half the trained context.
+def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:
+    """Whether llama.cpp can renumber this cache's positions (re-rotating K).
 
-    Chosen by measurement (benchmarks/results/longrun/): on SmolLM2 (n_ctx_train 8192) quality holds at
-    every span tried up to n_ctx_train, and breaks past ~1.5x of it. Half leaves a margin, and a
-    renumbering costs about one decode step, so doing it every few thousand tokens is free. Never
-    below two caches' worth of cells, so that each renumbering buys at least n_cells tokens."""
-    return max(n_ctx_train // 2, 2 * n_cells)
+    llama_memory_can_shift also says no for every iSWA cache whose sliding-window part is smaller than
+    its base part, although each part shifts its own K; compaction keeps the recent n_swa tokens
+    contiguous, so it is safe there (tests/test_compaction.py). What neither part can shift is RoPE with
+    several positions per token (M-RoPE) and Step-3.5's per-layer RoPE."""
+    if C.llama_memory_can_shift(mem):
+        return True
+    rope = C.llama_model_rope_type(model.ptr)
+    multi_pos = rope not in (C.LLAMA_ROPE_TYPE_NONE, C.LLAMA_ROPE_TYPE_NORM, C.LLAMA_ROPE_TYPE_NEOX)
+    return model.info.n_swa > 0 and not multi_pos and model.meta("general.architecture") != "step35"
+
+
+def default_max_span(n_ctx_train: int, n_cells: int) -> int:
+    """Position span at which a bounded cache is renumbered: the trained context.
+
+    Chosen by measurement (benchmarks/results/smollm2-longrun/, SmolLM2, n_ctx_train 8192, budget 1024,
+    24.6K teacher-forced tokens): the worst segment's ppl against context_shift's was 1.073x renumbering
+    at span 3072, 1.068x at 4096 and 1.030x at 8192; never renumbering broke down past ~12K (185x).
+    Renumbering less often keeps the kept tokens' distances true for longer, and the model was trained on
+    every span up to n_ctx_train. Never below two caches' worth of cells, so that each renumbering buys
+    at least n_cells tokens."""
+    return max(n_ctx_train, 2 * n_cells)
 
 
 def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
@@ -77,9 +93,6 @@ class KVEngine:
             raise ValueError(f"policy {policy.name!r} does not evict; use kv_budget=None with it")
         if kv_budget is None:
             policy = FullCache()
-        if policy.shifts and model.info.n_swa > 0:
-            raise ValueError(f"policy 'context_shift' needs a KV cache that can shift positions; this model has a "
-                             f"{model.info.n_swa}-token sliding window (iSWA), whose cache llama.cpp cannot shift")
         validate_budget(kv_budget, policy, model.info.n_swa)
         if policy.shifts and kv_budget is not None and kv_budget <= policy.protected_recent + config.n_ubatch:
             raise ValueError(f"kv_budget={kv_budget} must exceed n_keep + n_ubatch = {policy.protected_recent + config.n_ubatch} "
@@ -113,7 +126,9 @@ class KVEngine:
         else:
             # like llama_cpp.Llama, so a full-cache run compares like for like
             cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            cp.swa_full = (not self.shifting) if config.swa_full is None else config.swa_full
+            # llama.cpp shifts an iSWA cache only when its sliding-window cache is as large as the base one
+            # (llama_kv_cache_iswa::get_can_shift); at n_ctx = kv_budget that costs little
+            cp.swa_full = True if config.swa_full is None else config.swa_full
         self._state = None
         with KVSizeCapture() as cap:
             if bounded:
@@ -135,7 +150,12 @@ class KVEngine:
             self.close()
             raise ValueError(f"policy 'context_shift': llama.cpp cannot shift this model's KV cache ({str(model.path)!r})")
         self.max_span = config.max_span or default_max_span(model.info.n_ctx_train, self.n_ctx)
-        if bounded and self.max_span <= self.n_ctx + config.n_ubatch:
+        self.compacts = bounded and can_compact(self.mem, model)
+        if bounded and not self.compacts:
+            logger.warning("llama.cpp cannot renumber this model's KV cache positions: past %d tokens the kept tokens span "
+                           "more than the model's trained context (n_ctx_train) and quality is at risk",
+                           model.info.n_ctx_train)
+        if self.compacts and self.max_span <= self.n_ctx + config.n_ubatch:
             self.close()
             raise ValueError(f"max_span={self.max_span} must exceed the cache's {self.n_ctx} cells + n_ubatch {config.n_ubatch}, "
                              "or a renumbering could not make room for the next chunk")
@@ -245,7 +265,7 @@ class KVEngine:
             chunk = tokens[start:start + self.n_batch]
             m = len(chunk)
             last_chunk = start + m == n
-            if self.bounded and self.next_pos + m > self.max_span:
+            if self.compacts and self.next_pos + m > self.max_span:
                 self.compact()
             for i, tok in enumerate(chunk):
                 b.token[i] = tok
@@ -287,6 +307,8 @@ class KVEngine:
 
     def compact(self) -> None:
         """Renumber the live positions 0..n_live-1 (see native/pme_compact.c); the sequence indices stay."""
+        if not self.compacts:
+            raise RuntimeError("this cache cannot be compacted: it has no native scorer, or llama.cpp cannot shift it")
         shift = self._lib.pme_compact(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos)
         self._check(shift, "compaction")
         logger.debug("compacted positions: next_pos %d -> %d", self.next_pos, self.next_pos - shift)

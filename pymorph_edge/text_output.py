@@ -12,7 +12,6 @@ class TextAssembler:
         self.stop = [s for s in stop if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""      # decoded text not yet emitted: it may be the start of a stop string
-        self.text = ""       # everything emitted
         self.stopped = False
 
     def feed(self, piece: bytes) -> str:
@@ -45,5 +44,4 @@ class TextAssembler:
 
     def _emit(self, out: str, keep_tail: int = 0) -> str:
         self._held = self._held[len(self._held) - keep_tail:] if keep_tail else ""
-        self.text += out
-        return out
+        return out  # nothing emitted is kept: an endless answer must not grow memory

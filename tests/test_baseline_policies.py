@@ -1,5 +1,6 @@
 """Selection rules of the baseline policies on synthetic attention, and every policy end to end."""
 import numpy as np
+import llama_cpp.llama_cpp as C
 import pytest
 
 from native_helpers import NativeState
@@ -63,10 +64,21 @@ def test_snapkv_compresses_only_at_the_end_of_the_prompt():
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_every_policy_runs_end_to_end(name, mha_model):
+    run_policy_table_row(name, mha_model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_runs_end_to_end_on_smollm2(name, smollm2_path):
+    """The same table on a standard (all layers global) GQA model: 30 layers, 9 query / 3 KV heads."""
+    run_policy_table_row(name, smollm2_path)
+
+
+def run_policy_table_row(name, model):
     budget, ubatch = 256, 64
     policy = make_policy(name, **({"n_ctx": 2048} if name == "snapkv" else {}))
     kv_budget = None if name == "full" else budget
-    with Llama(mha_model, kv_budget=kv_budget, policy=policy, n_ctx=2048, config=None if name == "full" else
+    with Llama(model, kv_budget=kv_budget, policy=policy, n_ctx=2048, config=None if name == "full" else
                EngineConfig(n_ubatch=ubatch)) as llm:
         prompt = [3 + (i * 7) % 250 for i in range(600)]
         out = llm.create_completion(prompt, max_tokens=400, temperature=0, logit_bias={llm.token_eos(): -1e9})
@@ -95,6 +107,12 @@ def test_unknown_policy_name_and_parameters_are_clear_errors():
 
 
 @pytest.mark.slow
-def test_context_shift_on_gemma_is_a_clear_error(gemma_path):
-    with pytest.raises(ValueError, match="cannot shift"):
-        Llama(gemma_path, kv_budget=1024, policy="context_shift")
+def test_context_shift_runs_on_gemma_with_a_full_size_swa_cache(gemma_path):
+    """llama.cpp shifts an iSWA cache only when both caches have the same size, so context shift asks for
+    swa_full at n_ctx = kv_budget."""
+    with Llama(gemma_path, kv_budget=1024, policy="context_shift") as llm:
+        assert C.llama_memory_can_shift(llm.engine.mem)
+        out = llm.create_completion("Once upon a time", max_tokens=1200, temperature=0, logit_bias={llm.token_eos(): -1e9})
+        s = llm.stats
+        assert out["usage"]["completion_tokens"] == 1200
+        assert s.cells_in_use <= 1024 and s.tokens_evicted > 0 and s.next_pos <= 1024

@@ -150,6 +150,10 @@ def test_gemma3_shape_and_iswa(gemma_path):
     cp = C.llama_context_default_params()
     cp.n_ctx, cp.swa_full = 1536, False
     ctx = C.llama_init_from_model(model.ptr, cp)
-    assert not C.llama_memory_can_shift(C.llama_get_memory(ctx))  # no context shift on iSWA caches
+    assert not C.llama_memory_can_shift(C.llama_get_memory(ctx))  # no context shift on iSWA caches of unequal size
+    C.llama_free(ctx)
+    cp.swa_full = True
+    ctx = C.llama_init_from_model(model.ptr, cp)
+    assert C.llama_memory_can_shift(C.llama_get_memory(ctx))  # ... but at equal size it can
     C.llama_free(ctx)
     model.close()

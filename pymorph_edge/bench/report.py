@@ -5,6 +5,9 @@ from pathlib import Path
 from typing import Any
 
 
+HEADLINE_TASKS = {"passkey", "ppl", "fidelity", "memory", "speed"}  # tasks of the one-row-per-policy table
+
+
 def _by_policy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["policy"]: r for r in rows}
 
@@ -52,17 +55,20 @@ def _fmt(v: Any, spec: str) -> str:
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
     out = [f"# pymorph-edge bench: {results['model']}", "",
-           f"`{results['command']}`", "", f"Machine: {results['machine']}. Budget {cfg['budget']} cells, seed {cfg['seed']}.", "",
-           "| policy | passkey acc | ppl | ppl / full | top-1 agreement | mean KL (top-256) | peak cells | KV MiB for longest output | decode tok/s | decode / full |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in headline(results):
+           f"`{results['command']}`", "", f"Machine: {results['machine']}. Budget {cfg['budget']} cells, seed {cfg['seed']}."]
+    if results.get("note"):
+        out += ["", results["note"]]
+    t = results["tasks"]
+    if set(t) & HEADLINE_TASKS:
+        out += ["", "| policy | passkey acc | ppl | ppl / full | top-1 agreement | mean KL (top-256) | peak cells | KV MiB for longest output | decode tok/s | decode / full |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in headline(results) if set(t) & HEADLINE_TASKS else []:
         if "unsupported" in r and "passkey" not in r:
             out.append(f"| {r['policy']} | unsupported: {r['unsupported']} |  |  |  |  |  |  |  |  |")
             continue
         out.append(f"| {r['policy']} | {_fmt(r.get('passkey'), '.0%')} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
                    f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.1e')} | {_fmt(r.get('peak_cells'), 'd')} | "
                    f"{_fmt(r.get('kv_mib_at_max_length'), '.2f')} | {_fmt(r.get('decode_tok_s'), '.1f')} | {_fmt(r.get('decode_ratio'), '.2f')} |")
-    t = results["tasks"]
     if "passkey" in t:
         out += ["", "## Passkey accuracy by prompt length (multiples of the budget)", ""]
         mults = cfg["passkey_multipliers"]
@@ -141,6 +147,11 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     t, cfg, made = results["tasks"], results["config"], []
+    if "longrun" in t:
+        longrun = _longrun_plot(t["longrun"], out_dir, plt)
+        made += [longrun] if longrun else []
+    if not set(t) & {"passkey", "fidelity", "memory"}:
+        return made
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     if "passkey" in t:
         mults = cfg["passkey_multipliers"]
@@ -171,9 +182,6 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append(path)
-    if "longrun" in t:
-        longrun = _longrun_plot(t["longrun"], out_dir, plt)
-        made += [longrun] if longrun else []
     return made
 
 
