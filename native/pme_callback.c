@@ -51,9 +51,9 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
         if (st->n_groups == PME_MAX_GROUPS) { pme_set_error(st, "more than %d KV caches in one graph", PME_MAX_GROUPS); return; }
         g = st->n_groups++;
         st->group_idx_tensor[g] = idx;
-        st->group_kv_size[g] = t->ne[1];  /* the node is a view of the whole cache: ne[1] = cells */
         st->group_mapped[g] = 0;
-        /* iSWA models have a smaller sliding-window cache; the scored one has n_cells cells */
+        /* the node is a view of the whole cache, so ne[1] = its cells; iSWA models have a smaller
+         * sliding-window cache, and the scored one has n_cells cells */
         if (t->ne[1] == st->cfg.n_cells && st->main_group < 0) st->main_group = g;
     }
     st->layer_group[il] = (int8_t) g;

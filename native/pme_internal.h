@@ -26,7 +26,6 @@ struct pme_state {
     /* layer -> cache group, learned from each graph's SET_ROWS nodes */
     int8_t *  layer_group;     /* (n_layer) group index, -1 unknown */
     const void * group_idx_tensor[PME_MAX_GROUPS];
-    int64_t   group_kv_size[PME_MAX_GROUPS];
     int32_t   n_groups;
     int32_t   main_group;      /* group whose cache has n_cells cells, -1 until seen */
     uint8_t   group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */

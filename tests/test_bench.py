@@ -26,6 +26,16 @@ def test_outputs_are_written(results):
     assert "| morphkv |" in (out / "results.md").read_text()
 
 
+def test_longrun_reports_every_segment(results):
+    res, out = results
+    rows = {r["policy"]: r for r in res["tasks"]["longrun"]}
+    assert set(rows) == {"full", "morphkv", "morphkv-max", "h2o", "tova", "snapkv", "streaming", "context_shift"}
+    for r in rows.values():
+        assert [s["end"] - s["start"] for s in r["segments"]] == [128] * 4 and all(s["ppl"] > 1 for s in r["segments"])
+    assert rows["context_shift"]["max_next_pos"] <= 128  # it never spans more than its budget
+    assert (out / "longrun.png").stat().st_size > 0 and "## Long run" in (out / "results.md").read_text()
+
+
 def test_every_policy_has_every_figure(results):
     res, _ = results
     rows = {r["policy"]: r for r in headline(res)}

@@ -119,3 +119,14 @@ def test_full_cache_overflow_is_a_clear_error(mha_model):
         out = m.create_completion([5] * 200, max_tokens=None, temperature=0, logit_bias={m.token_eos(): -1e9})
         assert out["choices"][0]["finish_reason"] == "length"
         assert m.stats.next_pos == 255  # the last sampled token is returned but never needs decoding
+
+
+def test_settings_a_policy_or_config_would_ignore_are_errors(mha_model):
+    with pytest.raises(ValueError, match="bad parameters for policy 'h2o'"):
+        Llama(mha_model, kv_budget=64, policy="h2o", fusion="max")
+    with pytest.raises(ValueError, match="bad parameters for policy 'streaming'"):
+        Llama(mha_model, kv_budget=64, policy="streaming", aggregate="max")
+    with pytest.raises(ValueError, match="contradicts config"):
+        Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ctx=512))
+    with Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ubatch=64)) as llm:
+        assert llm.n_ctx == 1024  # merged, not dropped

@@ -18,8 +18,9 @@ class KVPolicy:
         """Most recent tokens the policy never evicts."""
         return 0
 
-    def native_fields(self) -> dict[str, int | float]:
-        """Fields of the native pme_config this policy sets."""
+    def native_fields(self) -> dict[str, int | float | str]:
+        """Fields of the native pme_config this policy sets; a str value names a native/pme.h enum constant
+        (the one source of those numbers), resolved when the native state is created."""
         raise NotImplementedError
 
 
@@ -28,10 +29,10 @@ def check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-AGGREGATES = {"mean": 0, "max": 1}  # how KV heads and layers combine into one score per cell
+AGGREGATES = {"mean": "PME_AGG_MEAN", "max": "PME_AGG_MAX"}  # how KV heads and layers combine into one score per cell
 
 
-def check_aggregate(value: object) -> int:
+def check_aggregate(value: object) -> str:
     if value not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {sorted(AGGREGATES)}, got {value!r}")
     return AGGREGATES[value]  # type: ignore[index]
@@ -44,7 +45,7 @@ class AttentionWindowPolicy(KVPolicy):
     window: int = 32
     aggregate: str = "mean"
 
-    native_kind = -1  # the native pme_policy_kind
+    native_kind = ""  # the native enum pme_policy_kind constant
 
     def __post_init__(self) -> None:
         check_positive_int("window", self.window)
@@ -54,5 +55,5 @@ class AttentionWindowPolicy(KVPolicy):
     def protected_recent(self) -> int:
         return self.window
 
-    def native_fields(self) -> dict[str, int | float]:
+    def native_fields(self) -> dict[str, int | float | str]:
         return {"policy": self.native_kind, "window": self.window, "aggregate": AGGREGATES[self.aggregate]}

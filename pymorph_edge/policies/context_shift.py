@@ -26,5 +26,5 @@ class ContextShift(KVPolicy):
     def protected_recent(self) -> int:
         return self.n_keep
 
-    def native_fields(self) -> dict[str, int | float]:
+    def native_fields(self) -> dict[str, int | float | str]:
         return {}

@@ -13,5 +13,5 @@ class FullCache(KVPolicy):
     name = "full"
     evicts = False
 
-    def native_fields(self) -> dict[str, int | float]:
+    def native_fields(self) -> dict[str, int | float | str]:
         return {}

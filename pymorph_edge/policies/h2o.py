@@ -13,4 +13,4 @@ from .base import AttentionWindowPolicy
 @dataclass
 class H2O(AttentionWindowPolicy):
     name = "h2o"
-    native_kind = 1
+    native_kind = "PME_POLICY_H2O"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
-FUSIONS = {"sum": 0, "max": 1}
+FUSIONS = {"sum": "PME_FUSION_SUM", "max": "PME_FUSION_MAX"}
 
 
 @dataclass
@@ -45,9 +45,9 @@ class MorphKV(KVPolicy):
     def protected_recent(self) -> int:
         return self.window
 
-    def native_fields(self) -> dict[str, int | float]:
+    def native_fields(self) -> dict[str, int | float | str]:
         return {
-            "policy": 0,
+            "policy": "PME_POLICY_MORPHKV",
             "window": self.window,
             "fusion": FUSIONS[self.fusion],
             "aggregate": AGGREGATES[self.aggregate],

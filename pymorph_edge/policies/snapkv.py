@@ -19,7 +19,7 @@ class SnapKV(AttentionWindowPolicy):
     n_ctx: int = 8192
 
     name = "snapkv"
-    native_kind = 3
+    native_kind = "PME_POLICY_SNAPKV"
     grows = True
 
     def __post_init__(self) -> None:
@@ -28,5 +28,5 @@ class SnapKV(AttentionWindowPolicy):
         if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
             raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
 
-    def native_fields(self) -> dict[str, int | float]:
+    def native_fields(self) -> dict[str, int | float | str]:
         return {**super().native_fields(), "pool_radius": self.pool_radius}

@@ -25,5 +25,5 @@ class StreamingLLM(KVPolicy):
     def protected_recent(self) -> int:
         return self.window + self.n_sink
 
-    def native_fields(self) -> dict[str, int | float]:
-        return {"policy": 4, "window": self.window, "n_sink": self.n_sink}
+    def native_fields(self) -> dict[str, int | float | str]:
+        return {"policy": "PME_POLICY_STREAMING", "window": self.window, "n_sink": self.n_sink}

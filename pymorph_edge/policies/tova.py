@@ -15,4 +15,4 @@ class TOVA(AttentionWindowPolicy):
     window: int = 1
 
     name = "tova"
-    native_kind = 2
+    native_kind = "PME_POLICY_TOVA"
