@@ -4,6 +4,7 @@ usage: python benchmarks/decode_speed_interleaved.py [--rounds 3] [--tokens 256]
 Each round, for each policy: prefill a budget-sized prompt, then time `tokens` decode steps.
 Prints one line per measurement and the median tok/s per policy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,11 @@ from pymorph_edge.default_model import default_model_path
 
 
 def measure(model: str, policy: str, budget: int, tokens: int) -> float:
-    kw = {"kv_budget": None, "n_ctx": budget + tokens + 64} if policy == "full" else {"kv_budget": budget, "policy": policy}
+    kw = (
+        {"kv_budget": None, "n_ctx": budget + tokens + 64}
+        if policy == "full"
+        else {"kv_budget": budget, "policy": policy}
+    )
     with Llama(model, **kw) as llm:
         prompt = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab for i in range(budget - 1)]
         llm.engine.decode(prompt)

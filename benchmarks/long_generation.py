@@ -3,6 +3,7 @@
 usage: python benchmarks/long_generation.py [--tokens 4096] [--budget 1024] [--model PATH] [--out benchmarks/results]
 Writes long_generation.json, long_generation.md and long_generation.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,20 @@ def run(model: str, budget: int | None, n_tokens: int, n_ctx: int) -> dict:
         for i, _ in enumerate(llm.generate(prompt, temp=0, logit_bias=ban)):
             bar.update(1)
             if (i + 1) % 256 == 0:
-                trace.append({"generated": i + 1, "cells_in_use": llm.stats.cells_in_use,
-                              "seconds": time.perf_counter() - t0})
+                trace.append(
+                    {"generated": i + 1, "cells_in_use": llm.stats.cells_in_use, "seconds": time.perf_counter() - t0}
+                )
             if i + 1 >= n_tokens:
                 break
     t = llm.last_timings
-    row = {"policy": llm.policy.name, "budget": budget, **llm.stats.as_dict(), "decode_tok_s": t.decode_tok_s,
-           "seconds": time.perf_counter() - t0, "trace": trace}
+    row = {
+        "policy": llm.policy.name,
+        "budget": budget,
+        **llm.stats.as_dict(),
+        "decode_tok_s": t.decode_tok_s,
+        "seconds": time.perf_counter() - t0,
+        "trace": trace,
+    }
     llm.close()
     return row
 
@@ -51,28 +59,40 @@ def main() -> None:
     model = a.model or str(default_model_path())
     rows = [run(model, None, a.tokens, a.tokens + 64), run(model, a.budget, a.tokens, 0)]
     rows[0]["peak_rss_mb"] = None  # one process runs both; RSS peak is reported for the process as a whole
-    result = {"command": " ".join(["python"] + sys.argv), "model": Path(model).name, "tokens": a.tokens,
-              "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, python {platform.python_version()}",
-              "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
+    result = {
+        "command": " ".join(["python"] + sys.argv),
+        "model": Path(model).name,
+        "tokens": a.tokens,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}, python {platform.python_version()}",
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rows": rows,
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "long_generation.json").write_text(json.dumps(result, indent=2))
-    lines = [f"`{result['command']}` on {result['machine']}, model {result['model']}, {a.tokens} generated tokens (EOS banned)", "",
-             "| cache | kv_budget | cells allocated | peak cells | cells at end | tokens evicted | KV bytes | decode tok/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"`{result['command']}` on {result['machine']}, model {result['model']}, {a.tokens} generated tokens (EOS banned)",
+        "",
+        "| cache | kv_budget | cells allocated | peak cells | cells at end | tokens evicted | KV bytes | decode tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['budget']} | {r['n_ctx']} | {r['peak_cells']} | {r['cells_in_use']} | "
-                     f"{r['tokens_evicted']} | {r['kv_bytes'] / 2**20:.1f} MiB | {r['decode_tok_s']:.1f} |")
+        lines.append(
+            f"| {r['policy']} | {r['budget']} | {r['n_ctx']} | {r['peak_cells']} | {r['cells_in_use']} | "
+            f"{r['tokens_evicted']} | {r['kv_bytes'] / 2**20:.1f} MiB | {r['decode_tok_s']:.1f} |"
+        )
     (a.out / "long_generation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for r in rows:
         xs = [p["generated"] for p in r["trace"]]
         ax[0].plot(xs, [p["cells_in_use"] for p in r["trace"]], label=f"{r['policy']} (budget {r['budget']})")
         secs = [p["seconds"] for p in r["trace"]]
-        ax[1].plot(xs[1:], [256 / (b - a_) for a_, b in zip(secs, secs[1:])], label=r["policy"])
+        ax[1].plot(xs[1:], [256 / (b - a_) for a_, b in zip(secs, secs[1:], strict=False)], label=r["policy"])
     ax[0].set(xlabel="generated tokens", ylabel="KV cells in use", title="KV cache size")
     ax[1].set(xlabel="generated tokens", ylabel="tok/s (per 256-token span)", title="decode speed")
     for x in ax:

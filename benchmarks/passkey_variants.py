@@ -5,6 +5,7 @@ VARIANT is aggregate,fusion,prefill_decay,pool_radius, e.g. mean,sum,0.95,1.
 Trial i hides a 5-digit key at depth 0.05 + i / TRIALS with seed 300 + i.
 Prints one line per trial and a RESULT line per variant.
 """
+
 import sys
 import time
 

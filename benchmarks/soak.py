@@ -5,6 +5,7 @@ Every 1K generated tokens it records the process RSS, the decode speed over that
 the cache position and the compactions so far. Writes soak.json, soak.md and soak.png in --out.
 The end of sequence is banned, so the answer cannot stop early.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,25 @@ def soak(model: str, budget: int, n_tokens: int) -> dict:
             n = done
             if n // EVERY > len(trace):
                 now, s = time.perf_counter(), llm.stats
-                trace.append({"generated": n, "rss_mib": rss_mib(), "tok_s": EVERY / (now - t_last),
-                              "cells_in_use": s.cells_in_use, "next_pos": s.next_pos, "compactions": s.compactions})
+                trace.append(
+                    {
+                        "generated": n,
+                        "rss_mib": rss_mib(),
+                        "tok_s": EVERY / (now - t_last),
+                        "cells_in_use": s.cells_in_use,
+                        "next_pos": s.next_pos,
+                        "compactions": s.compactions,
+                    }
+                )
                 t_last = now
-    row = {"model": Path(model).name, "budget": budget, "generated": n, "n_ctx_train": llm.n_ctx_train,
-           **llm.stats.as_dict(), "trace": trace}
+    row = {
+        "model": Path(model).name,
+        "budget": budget,
+        "generated": n,
+        "n_ctx_train": llm.n_ctx_train,
+        **llm.stats.as_dict(),
+        "trace": trace,
+    }
     llm.close()
     return row
 
@@ -61,27 +76,48 @@ def main() -> None:
     tr = row["trace"]
     at5k = next(p for p in tr if p["generated"] >= 5000)
     speeds = [p["tok_s"] for p in tr[1:]]
-    summary = {"rss_mib_at_5k": at5k["rss_mib"], "rss_mib_at_end": tr[-1]["rss_mib"],
-               "rss_growth_5k_to_end": tr[-1]["rss_mib"] / at5k["rss_mib"] - 1,
-               "tok_s_first_10k": sum(speeds[:9]) / 9, "tok_s_last_10k": sum(speeds[-10:]) / 10,
-               "max_cells_in_use": max(p["cells_in_use"] for p in tr), "max_next_pos": max(p["next_pos"] for p in tr)}
-    result = {"command": " ".join(["python"] + sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "summary": summary, **row}
+    summary = {
+        "rss_mib_at_5k": at5k["rss_mib"],
+        "rss_mib_at_end": tr[-1]["rss_mib"],
+        "rss_growth_5k_to_end": tr[-1]["rss_mib"] / at5k["rss_mib"] - 1,
+        "tok_s_first_10k": sum(speeds[:9]) / 9,
+        "tok_s_last_10k": sum(speeds[-10:]) / 10,
+        "max_cells_in_use": max(p["cells_in_use"] for p in tr),
+        "max_next_pos": max(p["next_pos"] for p in tr),
+    }
+    result = {
+        "command": " ".join(["python"] + sys.argv),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "summary": summary,
+        **row,
+    }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "soak.json").write_text(json.dumps(result, indent=1))
-    md = [f"`{result['command']}` ({result['machine']}), {row['model']}, budget {a.budget}, n_ctx_train {row['n_ctx_train']}", "",
-          "| generated | RSS MiB | tok/s (last 1K) | cells in use | cache position | compactions |", "| --- | --- | --- | --- | --- | --- |"]
-    md += [f"| {p['generated']} | {p['rss_mib']:.1f} | {p['tok_s']:.1f} | {p['cells_in_use']} | {p['next_pos']} | {p['compactions']} |"
-           for p in tr if p["generated"] % 10_000 == 0 or p is at5k]
-    md += ["", f"RSS {summary['rss_mib_at_5k']:.1f} MiB at 5K -> {summary['rss_mib_at_end']:.1f} MiB at {row['generated']} "
-               f"({summary['rss_growth_5k_to_end']:+.2%}); decode {summary['tok_s_first_10k']:.1f} tok/s over the first 10K, "
-               f"{summary['tok_s_last_10k']:.1f} over the last 10K; at most {summary['max_cells_in_use']} cells, "
-               f"cache positions never past {summary['max_next_pos']}."]
+    md = [
+        f"`{result['command']}` ({result['machine']}), {row['model']}, budget {a.budget}, n_ctx_train {row['n_ctx_train']}",
+        "",
+        "| generated | RSS MiB | tok/s (last 1K) | cells in use | cache position | compactions |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {p['generated']} | {p['rss_mib']:.1f} | {p['tok_s']:.1f} | {p['cells_in_use']} | {p['next_pos']} | {p['compactions']} |"
+        for p in tr
+        if p["generated"] % 10_000 == 0 or p is at5k
+    ]
+    md += [
+        "",
+        f"RSS {summary['rss_mib_at_5k']:.1f} MiB at 5K -> {summary['rss_mib_at_end']:.1f} MiB at {row['generated']} "
+        f"({summary['rss_growth_5k_to_end']:+.2%}); decode {summary['tok_s_first_10k']:.1f} tok/s over the first 10K, "
+        f"{summary['tok_s_last_10k']:.1f} over the last 10K; at most {summary['max_cells_in_use']} cells, "
+        f"cache positions never past {summary['max_next_pos']}.",
+    ]
     (a.out / "soak.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     xs = [p["generated"] for p in tr]
     ax[0].plot(xs, [p["rss_mib"] for p in tr])

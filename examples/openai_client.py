@@ -3,6 +3,7 @@
 Start the server first:   pymorph-edge serve --kv-budget 1024        (binds 127.0.0.1:8000)
 then:                     python examples/openai_client.py
 """
+
 from openai import OpenAI
 
 client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="not-needed-on-loopback")

@@ -2,6 +2,7 @@
 
 usage: python models/make_synthetic_gguf.py OUT_DIR   -> OUT_DIR/synthetic-mha.gguf, OUT_DIR/synthetic-gqa.gguf
 """
+
 import sys
 from pathlib import Path
 

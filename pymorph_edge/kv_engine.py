@@ -1,11 +1,12 @@
 """The decode loop under a KV budget: llama.cpp context + native scorer + eviction after every ubatch."""
+
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import llama_cpp.llama_cpp as C
 
@@ -25,13 +26,15 @@ SEQ = 0  # one sequence per context
 class EngineConfig:
     """Rarely changed settings of the llama.cpp context."""
 
-    n_ubatch: int = 512           # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
-    n_ctx: int | None = None      # full cache only: context size (default 4096); bounded runs derive it
+    n_ubatch: int = 512  # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
+    n_ctx: int | None = None  # full cache only: context size (default 4096); bounded runs derive it
     n_threads: int | None = None  # default: all cores
-    flash_attn: bool = False      # full cache only: scoring policies need the softmax node
+    flash_attn: bool = False  # full cache only: scoring policies need the softmax node
     n_gpu_layers: int = 0
     swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
-    max_span: int | None = None   # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
+    max_span: int | None = (
+        None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
@@ -40,7 +43,9 @@ class EngineConfig:
             raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
-        if self.max_span is not None and (isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1):
+        if self.max_span is not None and (
+            isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
+        ):
             raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
 
 
@@ -82,7 +87,8 @@ def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None
     if n_swa > 0 and kv_budget < n_swa + recent:
         raise ValueError(
             f"kv_budget={kv_budget} is too small for this sliding-window model: tokens inside its {n_swa}-token "
-            f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}")
+            f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}"
+        )
 
 
 class KVEngine:
@@ -95,10 +101,14 @@ class KVEngine:
             policy = FullCache()
         validate_budget(kv_budget, policy, model.info.n_swa)
         if policy.shifts and kv_budget is not None and kv_budget <= policy.protected_recent + config.n_ubatch:
-            raise ValueError(f"kv_budget={kv_budget} must exceed n_keep + n_ubatch = {policy.protected_recent + config.n_ubatch} "
-                             "for context_shift, so that a prompt chunk fits after a shift")
+            raise ValueError(
+                f"kv_budget={kv_budget} must exceed n_keep + n_ubatch = {policy.protected_recent + config.n_ubatch} "
+                "for context_shift, so that a prompt chunk fits after a shift"
+            )
         if policy.grows and kv_budget is not None and policy.n_ctx < kv_budget + config.n_ubatch:  # type: ignore[attr-defined]
-            raise ValueError(f"snapkv n_ctx={policy.n_ctx} must be at least kv_budget + n_ubatch = {kv_budget + config.n_ubatch}")  # type: ignore[attr-defined]
+            raise ValueError(
+                f"snapkv n_ctx={policy.n_ctx} must be at least kv_budget + n_ubatch = {kv_budget + config.n_ubatch}"
+            )  # type: ignore[attr-defined]
         self.model, self.kv_budget, self.policy, self.config = model, kv_budget, policy, config
         self.shifting = policy.shifts and kv_budget is not None
         bounded = kv_budget is not None and not self.shifting  # bounded by the native scorer
@@ -121,11 +131,15 @@ class KVEngine:
             cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx
             ffi, lib = native()
             self._ffi, self._lib = ffi, lib
-            self._cb = ctypes.cast(ctypes.c_void_p(int(ffi.cast("uintptr_t", lib.pme_eval_callback_ptr()))),
-                                   C.ggml_backend_sched_eval_callback)
+            self._cb = ctypes.cast(
+                ctypes.c_void_p(int(ffi.cast("uintptr_t", lib.pme_eval_callback_ptr()))),
+                C.ggml_backend_sched_eval_callback,
+            )
         else:
             # like llama_cpp.Llama, so a full-cache run compares like for like
-            cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.flash_attn_type = (
+                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
             # llama.cpp shifts an iSWA cache only when its sliding-window cache is as large as the base one
             # (llama_kv_cache_iswa::get_can_shift); at n_ctx = kv_budget that costs little
             cp.swa_full = True if config.swa_full is None else config.swa_full
@@ -148,28 +162,34 @@ class KVEngine:
         self.mem = C.llama_get_memory(self.ctx)
         if self.shifting and not C.llama_memory_can_shift(self.mem):
             self.close()
-            raise ValueError(f"policy 'context_shift': llama.cpp cannot shift this model's KV cache ({str(model.path)!r})")
+            raise ValueError(
+                f"policy 'context_shift': llama.cpp cannot shift this model's KV cache ({str(model.path)!r})"
+            )
         self.max_span = config.max_span or default_max_span(model.info.n_ctx_train, self.n_ctx)
         self.compacts = bounded and can_compact(self.mem, model)
         if bounded and not self.compacts:
-            logger.warning("llama.cpp cannot renumber this model's KV cache positions: past %d tokens the kept tokens span "
-                           "more than the model's trained context (n_ctx_train) and quality is at risk",
-                           model.info.n_ctx_train)
+            logger.warning(
+                "llama.cpp cannot renumber this model's KV cache positions: past %d tokens the kept tokens span "
+                "more than the model's trained context (n_ctx_train) and quality is at risk",
+                model.info.n_ctx_train,
+            )
         if self.compacts and self.max_span <= self.n_ctx + config.n_ubatch:
             self.close()
-            raise ValueError(f"max_span={self.max_span} must exceed the cache's {self.n_ctx} cells + n_ubatch {config.n_ubatch}, "
-                             "or a renumbering could not make room for the next chunk")
+            raise ValueError(
+                f"max_span={self.max_span} must exceed the cache's {self.n_ctx} cells + n_ubatch {config.n_ubatch}, "
+                "or a renumbering could not make room for the next chunk"
+            )
         self.batch = C.llama_batch_init(cp.n_batch, 0, 1)
         self.n_batch = cp.n_batch
         self._pos_buf = ffi.new("int32_t[]", config.n_ubatch) if bounded else None
-        self.next_pos = 0             # llama.cpp position of the next token; compaction and context shift lower it
-        self.n_past = 0               # tokens in the sequence since the reset; never renumbered
+        self.next_pos = 0  # llama.cpp position of the next token; compaction and context shift lower it
+        self.n_past = 0  # tokens in the sequence since the reset; never renumbered
         self.tokens_decoded = 0
         self._full_peak = 0
         self._shift_evicted = 0
         # history[i] is token i of the sequence; only a cache's worth of tail is stored (see TokenHistory)
         self.history = TokenHistory(keep=self.n_ctx + config.n_ubatch)
-        self.consistent = True        # False if a decode was interrupted: the cache must be reset
+        self.consistent = True  # False if a decode was interrupted: the cache must be reset
         logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
 
     @staticmethod
@@ -222,11 +242,15 @@ class KVEngine:
     def truncate(self, from_index: int) -> None:
         """Drop tokens >= from_index of the sequence, so it continues from there (a diverging chat turn)."""
         if not 0 < from_index <= self.n_past or from_index < self.live_from():
-            raise ValueError(f"cannot truncate to token {from_index}: the cache holds tokens [{self.live_from()}, "
-                             f"{self.n_past}) whole")
+            raise ValueError(
+                f"cannot truncate to token {from_index}: the cache holds tokens [{self.live_from()}, "
+                f"{self.n_past}) whole"
+            )
         from_pos = from_index - self._pos_shift
         if self.bounded:
-            self._check(self._lib.pme_truncate(self._state, self._ffi.cast("void *", self.mem), SEQ, from_pos), "truncate")
+            self._check(
+                self._lib.pme_truncate(self._state, self._ffi.cast("void *", self.mem), SEQ, from_pos), "truncate"
+            )
         elif not C.llama_memory_seq_rm(self.mem, SEQ, from_pos, -1):
             raise RuntimeError(f"llama_memory_seq_rm failed truncating to position {from_pos}")
         self.history.truncate(from_index)
@@ -241,8 +265,9 @@ class KVEngine:
             return self.policy.protected_recent + self._pos_shift  # context shift dropped what followed n_keep
         return 0
 
-    def decode(self, tokens: Sequence[int], logits_last: bool = True,
-               progress: Callable[[int, int], None] | None = None) -> None:
+    def decode(
+        self, tokens: Sequence[int], logits_last: bool = True, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """Run tokens through the model in ubatch chunks, evicting down to the budget after each.
 
         progress(done, total) is called after each chunk (used for prefill progress bars)."""
@@ -254,15 +279,19 @@ class KVEngine:
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {n_vocab})")
         if not self.bounded and not self.shifting and self.next_pos + n > self.n_ctx:
-            raise ValueError(f"{self.next_pos + n} tokens exceed the full cache's n_ctx={self.n_ctx}; "
-                             "pass a larger n_ctx or set kv_budget to bound the cache")
+            raise ValueError(
+                f"{self.next_pos + n} tokens exceed the full cache's n_ctx={self.n_ctx}; "
+                "pass a larger n_ctx or set kv_budget to bound the cache"
+            )
         if self.bounded and self.policy.grows and self.stats.cells_in_use + n > self.n_ctx:
-            raise ValueError(f"{self.stats.cells_in_use + n} cells needed but {self.policy.name} has n_ctx={self.n_ctx}: "
-                             "it compresses only the prompt and must hold the whole prompt first; raise its n_ctx")
+            raise ValueError(
+                f"{self.stats.cells_in_use + n} cells needed but {self.policy.name} has n_ctx={self.n_ctx}: "
+                "it compresses only the prompt and must hold the whole prompt first; raise its n_ctx"
+            )
         b = self.batch
         self.consistent = False  # set back once every chunk is decoded and accounted for
         for start in range(0, n, self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
+            chunk = tokens[start : start + self.n_batch]
             m = len(chunk)
             last_chunk = start + m == n
             if self.compacts and self.next_pos + m > self.max_span:
@@ -284,15 +313,19 @@ class KVEngine:
             if rc != 0:
                 if self.bounded:
                     self._lib.pme_reset(self._state)
-                raise RuntimeError(f"llama_decode returned {rc} at position {self.next_pos} "
-                                   f"({m} tokens, n_ctx={self.n_ctx}); the cache state was reset")
+                raise RuntimeError(
+                    f"llama_decode returned {rc} at position {self.next_pos} "
+                    f"({m} tokens, n_ctx={self.n_ctx}); the cache state was reset"
+                )
             self.next_pos += m
             self.n_past += m
             self.tokens_decoded += m
             self.history.extend(chunk)
             if self.bounded:
                 self._check(self._lib.pme_end_ubatch(self._state), "scoring")
-                self._check(self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction")
+                self._check(
+                    self._lib.pme_evict(self._state, self._ffi.cast("void *", self.mem), SEQ, self.next_pos), "eviction"
+                )
             else:
                 self._full_peak = max(self._full_peak, self.next_pos)
             if progress is not None:
@@ -321,7 +354,9 @@ class KVEngine:
         while self.next_pos + m > self.kv_budget:  # the budget, not n_ctx: llama.cpp pads n_ctx up to 256 cells
             n_discard = (self.next_pos - n_keep) // 2
             if n_discard <= 0:
-                raise RuntimeError(f"context shift cannot make room for {m} tokens (kv_budget {self.kv_budget}, n_keep {n_keep})")
+                raise RuntimeError(
+                    f"context shift cannot make room for {m} tokens (kv_budget {self.kv_budget}, n_keep {n_keep})"
+                )
             C.llama_memory_seq_rm(self.mem, SEQ, n_keep, n_keep + n_discard)
             C.llama_memory_seq_add(self.mem, SEQ, n_keep + n_discard, self.next_pos, -n_discard)
             self.next_pos -= n_discard
@@ -344,9 +379,17 @@ class KVEngine:
             compactions = int(s.compactions)
         else:
             used, peak, evicted, compactions = self.next_pos, self._full_peak, self._shift_evicted, 0
-        return KVStats(budget=self.kv_budget, n_ctx=self.n_ctx, cells_in_use=used, peak_cells=peak,
-                       tokens_evicted=evicted, kv_bytes=self.kv_bytes, tokens_decoded=self.tokens_decoded,
-                       next_pos=self.next_pos, compactions=compactions)
+        return KVStats(
+            budget=self.kv_budget,
+            n_ctx=self.n_ctx,
+            cells_in_use=used,
+            peak_cells=peak,
+            tokens_evicted=evicted,
+            kv_bytes=self.kv_bytes,
+            tokens_decoded=self.tokens_decoded,
+            next_pos=self.next_pos,
+            compactions=compactions,
+        )
 
     def _free_state(self) -> None:
         if self._state is not None:

@@ -4,6 +4,7 @@ llama_state_seq_get_data writes a magic (u32) and the seq id (i32), then per KV 
 one first on iSWA models): n_stream (u32), then per stream cell_count (u32) and, for each non-empty cell in cell order,
 pos (i32), n_seq_id (u32) and the seq ids (i32 each), followed by the K/V data.
 """
+
 from __future__ import annotations
 
 import ctypes

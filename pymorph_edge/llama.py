@@ -3,15 +3,17 @@
 Generation is layered as in mlx-lm: `generate` yields token ids, `_stream` turns them into
 text chunks with stop handling, and `create_completion` / `create_chat_completion` collect them.
 """
+
 from __future__ import annotations
 
 import ctypes
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import llama_cpp.llama_cpp as C
 
@@ -32,7 +34,7 @@ class Timings:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0      # prompt tokens reused from the cache instead of being decoded
+    cached_tokens: int = 0  # prompt tokens reused from the cache instead of being decoded
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -83,10 +85,21 @@ class Llama:
     policy's own; passing one to a policy that does not use it is a ValueError.
     """
 
-    def __init__(self, model_path: str | Path, kv_budget: int | None = 1024, policy: str | KVPolicy = "morphkv", *,
-                 window: int | None = None, fusion: str | None = None, aggregate: str | None = None,
-                 config: EngineConfig | None = None, n_ctx: int | None = None, n_threads: int | None = None,
-                 flash_attn: bool = False, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        kv_budget: int | None = 1024,
+        policy: str | KVPolicy = "morphkv",
+        *,
+        window: int | None = None,
+        fusion: str | None = None,
+        aggregate: str | None = None,
+        config: EngineConfig | None = None,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        flash_attn: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
         self._engine: KVEngine | None = None
         self._model: LoadedModel | None = None
         if isinstance(policy, str):
@@ -98,7 +111,9 @@ class Llama:
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
         config = _merge_config(config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn or None)
         if kv_budget is not None and config.flash_attn:
-            raise ValueError("flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises")
+            raise ValueError(
+                "flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises"
+            )
         self._model = LoadedModel(model_path, n_gpu_layers=config.n_gpu_layers)
         try:
             self._engine = KVEngine(self._model, kv_budget, policy, config)
@@ -166,13 +181,30 @@ class Llama:
         return bool(C.llama_vocab_is_eog(self._model.vocab, token))
 
     # -- generation layers -----------------------------------------------------------------
-    def generate(self, tokens: Sequence[int], *, temp: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
-                 repeat_penalty: float = 1.0, seed: int | None = None, logit_bias: Mapping[int | str, float] | None = None,
-                 reset: bool = True) -> Iterator[int]:
+    def generate(
+        self,
+        tokens: Sequence[int],
+        *,
+        temp: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: int | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
+        reset: bool = True,
+    ) -> Iterator[int]:
         """Yield sampled token ids (end-of-generation tokens included), like llama_cpp.Llama.generate: endlessly
         under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full."""
-        params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                                seed=seed, logit_bias=logit_bias or {})
+        params = SamplingParams(
+            temperature=temp,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            seed=seed,
+            logit_bias=logit_bias or {},
+        )
         yield from self._generate(list(tokens), params, reset)
 
     def _generate(self, tokens: list[int], params: SamplingParams, reset: bool) -> Iterator[int]:
@@ -195,8 +227,9 @@ class Llama:
                 engine.truncate(keep)
         new = tokens[keep:] if reset else tokens
         engine.decode(new, progress=self.prefill_progress)
-        self.last_timings = Timings(prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0,
-                                    cached_tokens=len(tokens) - len(new))
+        self.last_timings = Timings(
+            prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, cached_tokens=len(tokens) - len(new)
+        )
         try:
             while True:
                 t1 = time.perf_counter()
@@ -219,8 +252,14 @@ class Llama:
             return list(prompt)
         raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
-    def _stream(self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int | None,
-                stop: list[str], reset: bool = True) -> Iterator[tuple[str, str | None, list[int]]]:
+    def _stream(
+        self,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        max_tokens: int | None,
+        stop: list[str],
+        reset: bool = True,
+    ) -> Iterator[tuple[str, str | None, list[int]]]:
         """Yield (text piece, finish_reason or None, tokens so far)."""
         if not self._engine.bounded and not self._engine.shifting and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
@@ -245,17 +284,36 @@ class Llama:
         yield text.finish(), "length", out  # the full cache ran out of room
 
     # -- OpenAI-shaped API ---------------------------------------------------------------------
-    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
-                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, stop: str | Sequence[str] | None = None,
-                          seed: int | None = None, logit_bias: Mapping[int | str, float] | None = None,
-                          repeat_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                          stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
+        repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Complete `prompt`. max_tokens=None generates until an end-of-generation token or a stop string."""
         _check_max_tokens(max_tokens)
         stops = _check_stop(stop)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                                logit_bias=logit_bias or {}, repeat_penalty=repeat_penalty,
-                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            logit_bias=logit_bias or {},
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
         params.validate(self.n_vocab)
         tokens = self._prompt_tokens(prompt)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
@@ -263,69 +321,122 @@ class Llama:
         if stream:
             return self._completion_chunks(meta, chunks)
         text, finish, n_out = self._collect(chunks)
-        return {**meta, "object": "text_completion",
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-                "usage": self.usage(len(tokens), n_out)}
+        return {
+            **meta,
+            "object": "text_completion",
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "usage": self.usage(len(tokens), n_out),
+        }
 
     @staticmethod
     def _collect(chunks: Iterator[tuple[str, str | None, list[int]]]) -> tuple[str, str | None, int]:
         """Drain a non-streaming answer: (text, finish_reason, tokens generated)."""
         text, finish, out = "", None, []
-        for piece, finish, out in chunks:
+        for piece, finish, out in chunks:  # noqa: B007  (the last chunk's finish and tokens are the answer's)
             text += piece
         return text, finish, len(out)
 
-    def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
+    def _completion_chunks(
+        self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]
+    ) -> Iterator[dict[str, Any]]:
         for piece, finish, _ in chunks:
-            yield {**meta, "object": "text_completion",
-                   "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            yield {
+                **meta,
+                "object": "text_completion",
+                "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """OpenAI's usage object; cached prompt tokens go where OpenAI reports them, KV figures as extra keys."""
         s = self.stats
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.last_timings.cached_tokens},
-                "kv_cells_used": s.cells_in_use, "kv_peak_cells": s.peak_cells, "kv_tokens_evicted": s.tokens_evicted}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.last_timings.cached_tokens},
+            "kv_cells_used": s.cells_in_use,
+            "kv_peak_cells": s.peak_cells,
+            "kv_tokens_evicted": s.tokens_evicted,
+        }
 
     def _formatter(self) -> ChatFormatter:
         if self._chat is None:
             vocab = self._model.vocab
             text = lambda t: (C.llama_vocab_get_text(vocab, t) or b"").decode("utf-8", "replace") if t >= 0 else ""  # noqa: E731
-            self._chat = ChatFormatter.for_model(self._chat_template, self._model.meta("general.architecture") or "",
-                                                 text(self.token_bos()), text(self.token_eos()))
+            self._chat = ChatFormatter.for_model(
+                self._chat_template,
+                self._model.meta("general.architecture") or "",
+                text(self.token_bos()),
+                text(self.token_eos()),
+            )
         return self._chat
 
-    def create_chat_completion(self, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
-                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                               stop: str | Sequence[str] | None = None, seed: int | None = None,
-                               logit_bias: Mapping[int | str, float] | None = None, repeat_penalty: float = 1.0,
-                               stream: bool = False) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def create_chat_completion(
+        self,
+        messages: Sequence[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        logit_bias: Mapping[int | str, float] | None = None,
+        repeat_penalty: float = 1.0,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer a conversation, formatted with the model's own chat template."""
         msgs = validate_messages(messages)
         _check_max_tokens(max_tokens)
         stops = _check_stop(stop)
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
-                                logit_bias=logit_bias or {}, repeat_penalty=repeat_penalty)
+        params = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            seed=seed,
+            logit_bias=logit_bias or {},
+            repeat_penalty=repeat_penalty,
+        )
         params.validate(self.n_vocab)
         prompt, template_stops, has_bos = self._formatter().prompt(msgs)
-        tokens = continuation_tokens(self._last_turn if self._engine.consistent else None, msgs, prompt,
-                                     lambda t: self.tokenize(t, add_bos=False, special=True))
+        tokens = continuation_tokens(
+            self._last_turn if self._engine.consistent else None,
+            msgs,
+            prompt,
+            lambda t: self.tokenize(t, add_bos=False, special=True),
+        )
         if tokens is None:
             tokens = self.tokenize(prompt, add_bos=not has_bos, special=True)
         self._last_turn = None
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
-        chunks = self._remember_turn(self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens)
+        chunks = self._remember_turn(
+            self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens
+        )
         if stream:
             return self._chat_chunks(meta, chunks)
         text, finish, n_out = self._collect(chunks)
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish}],
-                "usage": self.usage(len(tokens), n_out)}
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": self.usage(len(tokens), n_out),
+        }
 
-    def _remember_turn(self, chunks: Iterator[tuple[str, str | None, list[int]]], msgs: list[dict[str, Any]],
-                       prompt: str, tokens: list[int]) -> Iterator[tuple[str, str | None, list[int]]]:
+    def _remember_turn(
+        self,
+        chunks: Iterator[tuple[str, str | None, list[int]]],
+        msgs: list[dict[str, Any]],
+        prompt: str,
+        tokens: list[int],
+    ) -> Iterator[tuple[str, str | None, list[int]]]:
         """Pass chunks through; once the answer is complete, remember the turn for the next request.
         An answer cut by a stop string is not remembered: its text no longer matches its tokens."""
         text, out = "", []
@@ -333,20 +444,38 @@ class Llama:
             for piece, finish, out in chunks:
                 text += piece
                 if finish is not None and not self._stopped_by_string:
-                    self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out)
+                    self._last_turn = ChatTurn(
+                        msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out
+                    )
                 yield piece, finish, out
         except GeneratorExit:  # the caller stopped the answer early: the next turn can still continue on it
             if self._engine.consistent and not self._stopped_by_string:
-                self._last_turn = ChatTurn(msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out))
+                self._last_turn = ChatTurn(
+                    msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out)
+                )
             raise
 
-    def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]) -> Iterator[dict[str, Any]]:
-        yield {**meta, "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+    def _chat_chunks(
+        self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]
+    ) -> Iterator[dict[str, Any]]:
+        yield {
+            **meta,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
+        }
         for piece, finish, _ in chunks:
-            yield {**meta, "object": "chat.completion.chunk",
-                   "choices": [{"index": 0, "delta": {"content": piece} if piece else {}, "logprobs": None,
-                                "finish_reason": finish}]}
+            yield {
+                **meta,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": piece} if piece else {},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -369,7 +498,7 @@ class Llama:
             self._model.close()
             self._model = None
 
-    def __enter__(self) -> "Llama":
+    def __enter__(self) -> Llama:
         return self
 
     def __exit__(self, *exc: object) -> None:

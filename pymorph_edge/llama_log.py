@@ -3,6 +3,7 @@
 llama.cpp has one process-wide log callback, so this module installs it once. The KV cache
 allocation is only reported through these lines, which is why they are parsed here.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,7 +53,7 @@ def install() -> None:
 class KVSizeCapture:
     """Context manager collecting each KV cache llama.cpp allocates inside it: (MiB, cells, layers, K type, V type)."""
 
-    def __enter__(self) -> "KVSizeCapture":
+    def __enter__(self) -> KVSizeCapture:
         global _capture
         _lock.acquire()
         self.sizes: list[tuple[float, int, int, str, str]] = []

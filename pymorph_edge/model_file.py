@@ -1,4 +1,5 @@
 """Loading a GGUF model with clear errors, and the facts about it the engine needs."""
+
 from __future__ import annotations
 
 import ctypes
@@ -18,11 +19,11 @@ class ModelInfo:
     n_layer: int
     n_head: int
     n_head_kv: int
-    n_swa: int          # sliding-window size; > 0 on iSWA models such as Gemma 3
+    n_swa: int  # sliding-window size; > 0 on iSWA models such as Gemma 3
     n_vocab: int
     n_ctx_train: int
-    n_embd_k_gqa: int   # K elements per cell per layer
-    n_embd_v_gqa: int   # V elements per cell per layer
+    n_embd_k_gqa: int  # K elements per cell per layer
+    n_embd_v_gqa: int  # V elements per cell per layer
 
 
 def check_gguf_path(model_path: str | Path) -> Path:
@@ -67,8 +68,10 @@ class LoadedModel:
         params.n_gpu_layers = n_gpu_layers
         self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
-            raise ValueError(f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
-                             "(enable logging at DEBUG for llama.cpp's reason)")
+            raise ValueError(
+                f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
+                "(enable logging at DEBUG for llama.cpp's reason)"
+            )
         self.vocab = C.llama_model_get_vocab(self.ptr)
         n_head, n_head_kv = C.llama_model_n_head(self.ptr), C.llama_model_n_head_kv(self.ptr)
         arch = self.meta("general.architecture") or ""

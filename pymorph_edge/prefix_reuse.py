@@ -5,9 +5,10 @@ cache positions may be renumbered by compaction, indices never are), so a new pr
 the compressed cache when it starts with the history. When it diverges inside the tail the cache
 still holds whole, the tail is rolled back instead.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .token_history import TokenHistory
 

@@ -1,10 +1,11 @@
 """Sampling parameters (the llama-cpp-python / OpenAI names) and the llama.cpp sampler chain built from them."""
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import llama_cpp.llama_cpp as C
 
@@ -23,6 +24,7 @@ class SamplingParams:
 
     def validate(self, n_vocab: int) -> dict[int, float]:
         """Raise ValueError naming the bad value; return logit_bias with int keys."""
+
         def num(name: str, v: object) -> float:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 raise ValueError(f"{name} must be a number, got {v!r}")
@@ -66,7 +68,11 @@ class Sampler:
             arr = (C.llama_logit_bias * len(bias))(*[C.llama_logit_bias(t, b) for t, b in bias.items()])
             self._add(C.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
-            self._add(C.llama_sampler_init_penalties(64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+            self._add(
+                C.llama_sampler_init_penalties(
+                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                )
+            )
         if params.temperature == 0:
             self._add(C.llama_sampler_init_greedy())
         else:
@@ -92,4 +98,3 @@ class Sampler:
 
     def __del__(self) -> None:
         self.close()
-

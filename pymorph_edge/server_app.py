@@ -3,6 +3,7 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,9 +28,16 @@ from .server_worker import ModelWorker, QueueFull
 logger = logging.getLogger(__name__)
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   err_type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": err_type, "param": param, "code": code}})
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    err_type: str = "invalid_request_error",
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    )
 
 
 class BodyLimit:
@@ -42,8 +51,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(413, f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit",
-                                        code="body_too_large")(scope, receive, send)
+            return await error_response(
+                413,
+                f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit",
+                code="body_too_large",
+            )(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:
@@ -58,15 +70,23 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await error_response(413, f"request body exceeds the {self.max_bytes}-byte limit", code="body_too_large")(scope, receive, send)
+            await error_response(413, f"request body exceeds the {self.max_bytes}-byte limit", code="body_too_large")(
+                scope, receive, send
+            )
 
 
 class _TooLarge(Exception):
     pass
 
 
-def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, max_tokens_limit: int = 65536,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    llm: Llama,
+    *,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    max_tokens_limit: int = 65536,
+    max_body_bytes: int = 1 << 20,
+) -> FastAPI:
     worker = ModelWorker(max_queue)
 
     @contextlib.asynccontextmanager
@@ -83,8 +103,12 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
         if api_key is not None:
             auth = request.headers.get("authorization", "")
             if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                      err_type="authentication_error", code="invalid_api_key")
+                return error_response(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                    err_type="authentication_error",
+                    code="invalid_api_key",
+                )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -98,7 +122,11 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), err_type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            err_type="invalid_request_error" if exc.status_code < 500 else "server_error",
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -106,18 +134,25 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "pymorph_edge"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "pymorph_edge"}],
+        }
 
     def check_limits(max_tokens: int | None) -> JSONResponse | None:
         if max_tokens is not None and max_tokens > max_tokens_limit:
-            return error_response(400, f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}", param="max_tokens")
+            return error_response(
+                400, f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}", param="max_tokens"
+            )
         return None
 
     async def respond(make: Any, stream: bool, headers_of: Any) -> Any:
         try:
             worker.admit()
         except QueueFull as exc:
-            return error_response(429, f"server busy: {exc}; retry later", err_type="rate_limit_error", code="queue_full")
+            return error_response(
+                429, f"server busy: {exc}; retry later", err_type="rate_limit_error", code="queue_full"
+            )
         if not stream:
             try:
                 result = await worker.run(lambda: make(False))
@@ -156,7 +191,9 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
                 await chunks.aclose()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers_of()})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers_of()}
+        )
 
     def kv_headers() -> dict[str, str]:
         s = llm.stats
@@ -168,14 +205,25 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
             last = c
             yield c
         if include and last is not None:
-            yield {**last, "choices": [], "usage": llm.usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens)}
+            yield {
+                **last,
+                "choices": [],
+                "usage": llm.usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens),
+            }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Any:
         if (bad := check_limits(req.max_tokens)) is not None:
             return bad
-        kw = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                  stop=req.stop, seed=req.seed, logit_bias=req.logit_bias)
+        kw = dict(
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop=req.stop,
+            seed=req.seed,
+            logit_bias=req.logit_bias,
+        )
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool) -> Any:
@@ -190,8 +238,15 @@ def create_app(llm: Llama, *, api_key: str | None = None, max_queue: int = 8, ma
         if (bad := check_limits(max_tokens)) is not None:
             return bad
         msgs = [m.model_dump() for m in req.messages]
-        kw = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                  stop=req.stop, seed=req.seed, logit_bias=req.logit_bias)
+        kw = dict(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            stop=req.stop,
+            seed=req.seed,
+            logit_bias=req.logit_bias,
+        )
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool) -> Any:

@@ -1,5 +1,6 @@
 """Request bodies of the OpenAI-compatible API. Unknown fields are ignored (clients send many);
 known fields are type-checked strictly, so a wrong type is a 400 naming the field."""
+
 from __future__ import annotations
 
 from typing import Any, Literal

@@ -3,12 +3,14 @@
 llama.cpp contexts are not thread-safe, so every generation runs on one dedicated thread. A
 request that finds the queue full is refused at once (429) instead of piling up.
 """
+
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -18,7 +20,7 @@ class QueueFull(Exception):
 class ModelWorker:
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self._admitted = 0            # running + waiting requests
+        self._admitted = 0  # running + waiting requests
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pymorph-edge-model")
 

@@ -1,4 +1,5 @@
 """KV-cache statistics reported by `Llama.stats`."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -6,15 +7,15 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class KVStats:
-    budget: int | None        # kv_budget (None: full cache, no eviction)
-    n_ctx: int                # cells llama.cpp allocated for the (non-SWA) cache
-    cells_in_use: int         # cells holding a token now
-    peak_cells: int           # most cells in use at any point since the last reset
-    tokens_evicted: int       # tokens removed by the policy since the last reset
-    kv_bytes: int             # bytes llama.cpp allocated for all KV caches (fixed for the context's life)
-    tokens_decoded: int       # tokens run through the model since the last reset (prompt + generated)
-    next_pos: int             # cache position the next token gets; compaction renumbers positions down
-    compactions: int = 0      # times the live positions were renumbered to keep the span trained-for
+    budget: int | None  # kv_budget (None: full cache, no eviction)
+    n_ctx: int  # cells llama.cpp allocated for the (non-SWA) cache
+    cells_in_use: int  # cells holding a token now
+    peak_cells: int  # most cells in use at any point since the last reset
+    tokens_evicted: int  # tokens removed by the policy since the last reset
+    kv_bytes: int  # bytes llama.cpp allocated for all KV caches (fixed for the context's life)
+    tokens_decoded: int  # tokens run through the model since the last reset (prompt + generated)
+    next_pos: int  # cache position the next token gets; compaction renumbers positions down
+    compactions: int = 0  # times the live positions were renumbered to keep the span trained-for
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)

@@ -3,6 +3,7 @@
 They load in llama.cpp in milliseconds, so mechanism tests (cell maps, budgets, eviction) run
 without a real model. The tokenizer is SentencePiece-style with byte fallback only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,17 @@ from pathlib import Path
 import numpy as np
 
 
-def write_synthetic_llama(path: str | Path, *, n_head: int = 4, n_head_kv: int = 4, n_layer: int = 2,
-                          n_embd: int = 64, n_ff: int = 128, n_ctx_train: int = 65536, seed: int = 0) -> Path:
+def write_synthetic_llama(
+    path: str | Path,
+    *,
+    n_head: int = 4,
+    n_head_kv: int = 4,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_ff: int = 128,
+    n_ctx_train: int = 65536,
+    seed: int = 0,
+) -> Path:
     """Write a random-weight llama GGUF (MHA when n_head_kv == n_head, GQA otherwise) and return its path."""
     import gguf
 

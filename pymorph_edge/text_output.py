@@ -1,8 +1,9 @@
 """Turns generated token bytes into text pieces, holding back incomplete UTF-8 and possible stop-string starts."""
+
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class TextAssembler:
@@ -11,7 +12,7 @@ class TextAssembler:
     def __init__(self, stop: Sequence[str]) -> None:
         self.stop = [s for s in stop if s]
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held = ""      # decoded text not yet emitted: it may be the start of a stop string
+        self._held = ""  # decoded text not yet emitted: it may be the start of a stop string
         self.stopped = False
 
     def feed(self, piece: bytes) -> str:
@@ -43,5 +44,5 @@ class TextAssembler:
         return best
 
     def _emit(self, out: str, keep_tail: int = 0) -> str:
-        self._held = self._held[len(self._held) - keep_tail:] if keep_tail else ""
+        self._held = self._held[len(self._held) - keep_tail :] if keep_tail else ""
         return out  # nothing emitted is kept: an endless answer must not grow memory

@@ -5,15 +5,16 @@ keep a prefix whose tail is still whole in the cache, and that tail is at most a
 tokens. So only the last `keep` tokens are stored; the older ones are folded into a running hash,
 which still tells whether a new prompt starts with exactly the same tokens.
 """
+
 from __future__ import annotations
 
 import hashlib
 from array import array
 from collections import deque
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
-def _digest_update(h: "hashlib._Hash", tokens: Iterable[int]) -> None:
+def _digest_update(h: hashlib._Hash, tokens: Iterable[int]) -> None:
     h.update(array("i", tokens).tobytes())
 
 
@@ -28,7 +29,7 @@ class TokenHistory:
 
     def clear(self) -> None:
         self._tail: deque[int] = deque()
-        self._start = 0                  # sequence index of _tail[0]
+        self._start = 0  # sequence index of _tail[0]
         self._hash = hashlib.blake2b(digest_size=16)  # of tokens [0, _start)
 
     def __len__(self) -> int:
@@ -56,7 +57,7 @@ class TokenHistory:
     def tail(self, n: int) -> list[int]:
         """The last n tokens (n at most the stored tail)."""
         n = min(n, len(self._tail))
-        return list(self._tail)[len(self._tail) - n:]
+        return list(self._tail)[len(self._tail) - n :]
 
     def common_prefix(self, tokens: Sequence[int]) -> int:
         """Length of the longest common prefix of the history and tokens.

@@ -1,12 +1,26 @@
 """Drive the native scorer directly with synthetic attention."""
+
 import numpy as np
 
 from pymorph_edge._native import native
 
 
 class NativeState:
-    def __init__(self, n_cells=16, budget=8, window=4, fusion=0, aggregate=0, n_head=1, n_head_kv=1,
-                 protect=None, decay=0.95, policy=0, n_sink=0, pool=0):
+    def __init__(
+        self,
+        n_cells=16,
+        budget=8,
+        window=4,
+        fusion=0,
+        aggregate=0,
+        n_head=1,
+        n_head_kv=1,
+        protect=None,
+        decay=0.95,
+        policy=0,
+        n_sink=0,
+        pool=0,
+    ):
         self.ffi, self.lib = native()
         cfg = self.ffi.new("pme_config *")
         cfg.policy, cfg.budget, cfg.window, cfg.fusion, cfg.aggregate = policy, budget, window, fusion, aggregate

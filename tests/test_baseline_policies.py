@@ -1,9 +1,10 @@
 """Selection rules of the baseline policies on synthetic attention, and every policy end to end."""
-import numpy as np
-import llama_cpp.llama_cpp as C
-import pytest
 
+import llama_cpp.llama_cpp as C
+import numpy as np
+import pytest
 from native_helpers import NativeState
+
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.policies import POLICIES, make_policy
 
@@ -35,7 +36,7 @@ def two_steps(policy):
 
 
 def test_h2o_accumulates_and_tova_looks_only_at_the_current_token():
-    assert two_steps(H2O) == [1]   # cumulative: cell 0 (0.9) outranks cell 1 (0.5)
+    assert two_steps(H2O) == [1]  # cumulative: cell 0 (0.9) outranks cell 1 (0.5)
     assert two_steps(TOVA) == [0]  # current token ignores cell 0
 
 
@@ -51,13 +52,13 @@ def test_snapkv_compresses_only_at_the_end_of_the_prompt():
     st = state(SNAPKV, budget=6, window=2, protect=2, pool=1)
     st.set_cells(list(range(10)) + [-1] * 6)
     a = np.zeros((1, 4, 16), dtype=np.float32)
-    a[0, 2:, 4] = 1.0           # the observation window (last 2 rows) attends cell 4
-    st.step(a, [6, 7, 8, 9], prefill=1)      # a prompt chunk that is not the last: no eviction
+    a[0, 2:, 4] = 1.0  # the observation window (last 2 rows) attends cell 4
+    st.step(a, [6, 7, 8, 9], prefill=1)  # a prompt chunk that is not the last: no eviction
     assert st.select(next_pos=10) == []
-    st.step(a, [6, 7, 8, 9], prefill=3)      # last chunk: compress
+    st.step(a, [6, 7, 8, 9], prefill=3)  # last chunk: compress
     victims = st.select(next_pos=10)
     assert len(victims) == 4 and not {3, 4, 5} & set(victims)  # cell 4 and its pooled neighbours survive
-    st.step(row({}), [10], prefill=0)        # generation: never evicts, the cache grows
+    st.step(row({}), [10], prefill=0)  # generation: never evicts, the cache grows
     assert st.select(next_pos=11) == []
     st.close()
 
@@ -78,8 +79,13 @@ def run_policy_table_row(name, model):
     budget, ubatch = 256, 64
     policy = make_policy(name, **({"n_ctx": 2048} if name == "snapkv" else {}))
     kv_budget = None if name == "full" else budget
-    with Llama(model, kv_budget=kv_budget, policy=policy, n_ctx=2048, config=None if name == "full" else
-               EngineConfig(n_ubatch=ubatch)) as llm:
+    with Llama(
+        model,
+        kv_budget=kv_budget,
+        policy=policy,
+        n_ctx=2048,
+        config=None if name == "full" else EngineConfig(n_ubatch=ubatch),
+    ) as llm:
         prompt = [3 + (i * 7) % 250 for i in range(600)]
         out = llm.create_completion(prompt, max_tokens=400, temperature=0, logit_bias={llm.token_eos(): -1e9})
         s = llm.stats
@@ -112,7 +118,9 @@ def test_context_shift_runs_on_gemma_with_a_full_size_swa_cache(gemma_path):
     swa_full at n_ctx = kv_budget."""
     with Llama(gemma_path, kv_budget=1024, policy="context_shift") as llm:
         assert C.llama_memory_can_shift(llm.engine.mem)
-        out = llm.create_completion("Once upon a time", max_tokens=1200, temperature=0, logit_bias={llm.token_eos(): -1e9})
+        out = llm.create_completion(
+            "Once upon a time", max_tokens=1200, temperature=0, logit_bias={llm.token_eos(): -1e9}
+        )
         s = llm.stats
         assert out["usage"]["completion_tokens"] == 1200
         assert s.cells_in_use <= 1024 and s.tokens_evicted > 0 and s.next_pos <= 1024

@@ -1,4 +1,5 @@
 """The benchmark harness's smoke configuration (the one CI runs) on the synthetic model."""
+
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_figures_behave_as_the_policies_should(results):
         assert rows[name]["top1"] < 1.0  # evicting changes the model's predictions on this random model
     assert rows["snapkv"]["peak_cells"] > budget + ubatch  # it lets the cache grow during generation
     mem = {r["policy"]: r["lengths"] for r in res["tasks"]["memory"]}
-    assert mem["full"][-1]["kv_bytes"] > mem["full"][0]["kv_bytes"]      # full cache grows with the output
+    assert mem["full"][-1]["kv_bytes"] > mem["full"][0]["kv_bytes"]  # full cache grows with the output
     assert mem["morphkv"][-1]["kv_bytes"] == mem["morphkv"][0]["kv_bytes"]  # bounded cache does not
 
 

@@ -1,4 +1,5 @@
 """The cache never holds more than kv_budget (+ n_ubatch while a prompt chunk is in)."""
+
 import pytest
 
 from pymorph_edge import EngineConfig, Llama

@@ -1,4 +1,5 @@
 """The native cell -> position map agrees with llama.cpp's own record, through evictions and refills."""
+
 import random
 
 from pymorph_edge import EngineConfig, Llama

@@ -1,18 +1,35 @@
 """`pymorph-edge generate` end to end, through a subprocess like a user would run it."""
+
 import re
 import subprocess
 import sys
 
 
 def run(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pymorph_edge.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pymorph_edge.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_generate_streams_and_prints_stats(gqa_model, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello " * 100)
-    r = run("generate", "-m", gqa_model, "--kv-budget", "128", "-f", str(prompt), "-n", "300", "--ignore-eos",
-            "--temperature", "0", "--n-ubatch", "64")
+    r = run(
+        "generate",
+        "-m",
+        gqa_model,
+        "--kv-budget",
+        "128",
+        "-f",
+        str(prompt),
+        "-n",
+        "300",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--n-ubatch",
+        "64",
+    )
     assert r.returncode == 0, r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("[stats]")][-1]
     stats = dict(re.findall(r"(\w+)=([\w.]+)", line))
@@ -41,8 +58,26 @@ def test_budget_too_small_is_a_clear_error(gqa_model):
 
 def test_chat_through_a_pipe_keeps_the_ceiling_and_reuses_the_cache(gqa_model):
     turns = "\n".join(["hello there"] * 4) + "\n"
-    r = subprocess.run([sys.executable, "-m", "pymorph_edge.cli", "chat", "-m", gqa_model, "--kv-budget", "128",
-                        "-n", "80", "--temperature", "0"], input=turns, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pymorph_edge.cli",
+            "chat",
+            "-m",
+            gqa_model,
+            "--kv-budget",
+            "128",
+            "-n",
+            "80",
+            "--temperature",
+            "0",
+        ],
+        input=turns,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     lines = [x for x in r.stderr.splitlines() if x.startswith("[turn")]
     assert len(lines) == 4
@@ -63,9 +98,27 @@ def test_serve_help_lists_every_option():
 
 def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
     pexpect = __import__("pytest").importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "pymorph_edge.cli", "chat", "-m", gqa_model, "--kv-budget", "128",
-                                           "-n", "100000", "--temperature", "0.8", "--seed", "1", "--ignore-eos"],
-                          encoding="utf-8", timeout=60)
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "pymorph_edge.cli",
+            "chat",
+            "-m",
+            gqa_model,
+            "--kv-budget",
+            "128",
+            "-n",
+            "100000",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
+            "--ignore-eos",
+        ],
+        encoding="utf-8",
+        timeout=60,
+    )
     child.expect("> ")
     child.sendline("tell me everything")
     child.expect("tell me everything\r\n")  # the echo of our own line

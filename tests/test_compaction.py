@@ -1,5 +1,6 @@
 """Position compaction: the live positions are renumbered 0..n-1 in order, llama.cpp and the native map
 agree, K is re-rotated correctly, and everything keyed by sequence index survives it."""
+
 import random
 
 import numpy as np

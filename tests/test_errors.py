@@ -1,4 +1,5 @@
 """Bad input raises a clear error naming the bad value, and leaves the object usable."""
+
 import pytest
 
 from pymorph_edge import EngineConfig, Llama, MorphKV
@@ -28,35 +29,44 @@ def test_directory_is_not_a_model(tmp_path):
         Llama(tmp_path)
 
 
-@pytest.mark.parametrize("budget, match", [
-    (16, "kv_budget=16 must be larger than the policy's recent window \\(32\\)"),
-    (32, "kv_budget=32 must be larger"),
-    (0, "kv_budget must be a positive int"),
-    (-5, "kv_budget must be a positive int"),
-    (1.5, "kv_budget must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "budget, match",
+    [
+        (16, "kv_budget=16 must be larger than the policy's recent window \\(32\\)"),
+        (32, "kv_budget=32 must be larger"),
+        (0, "kv_budget must be a positive int"),
+        (-5, "kv_budget must be a positive int"),
+        (1.5, "kv_budget must be a positive int"),
+    ],
+)
 def test_impossible_budget(mha_model, budget, match):
     with pytest.raises(ValueError, match=match):
         Llama(mha_model, kv_budget=budget)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"window": 0}, "window must be a positive int"),
-    ({"fusion": "mean"}, "fusion must be one of"),
-    ({"aggregate": "sum"}, "aggregate must be one of"),
-    ({"policy": "h3o"}, "unknown policy 'h3o'"),
-    ({"flash_attn": True}, "flash_attn=True needs kv_budget=None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 0}, "window must be a positive int"),
+        ({"fusion": "mean"}, "fusion must be one of"),
+        ({"aggregate": "sum"}, "aggregate must be one of"),
+        ({"policy": "h3o"}, "unknown policy 'h3o'"),
+        ({"flash_attn": True}, "flash_attn=True needs kv_budget=None"),
+    ],
+)
 def test_bad_parameters(mha_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Llama(mha_model, kv_budget=256, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"n_ubatch": 0}, "n_ubatch must be a positive int, got 0"),
-    ({"n_ctx": -1}, "n_ctx must be"),
-    ({"n_threads": 0}, "n_threads must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_ubatch": 0}, "n_ubatch must be a positive int, got 0"),
+        ({"n_ctx": -1}, "n_ctx must be"),
+        ({"n_threads": 0}, "n_threads must be"),
+    ],
+)
 def test_bad_engine_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kwargs)
@@ -73,18 +83,21 @@ def llm(mha_model):
         yield m
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_tokens": -1}, "max_tokens must be a positive int"),
-    ({"max_tokens": 0}, "max_tokens must be a positive int"),
-    ({"max_tokens": "10"}, "max_tokens must be a positive int"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
-    ({"top_p": 1.5}, "top_p must be in"),
-    ({"top_k": -1}, "top_k must be an int"),
-    ({"seed": -3}, "seed must be"),
-    ({"logit_bias": {"abc": 1.0}}, "logit_bias key 'abc'"),
-    ({"logit_bias": {999999: 1.0}}, "logit_bias token id 999999 outside"),
-    ({"stop": 5}, "stop must be a string"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_tokens": -1}, "max_tokens must be a positive int"),
+        ({"max_tokens": 0}, "max_tokens must be a positive int"),
+        ({"max_tokens": "10"}, "max_tokens must be a positive int"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 1.5}, "top_p must be in"),
+        ({"top_k": -1}, "top_k must be an int"),
+        ({"seed": -3}, "seed must be"),
+        ({"logit_bias": {"abc": 1.0}}, "logit_bias key 'abc'"),
+        ({"logit_bias": {999999: 1.0}}, "logit_bias token id 999999 outside"),
+        ({"stop": 5}, "stop must be a string"),
+    ],
+)
 def test_bad_completion_arguments(llm, kwargs, match):
     with pytest.raises(ValueError, match=match):
         llm.create_completion("hello", **kwargs)
@@ -92,13 +105,16 @@ def test_bad_completion_arguments(llm, kwargs, match):
     assert llm.create_completion("hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([], "non-empty list"),
-    ("hi", "non-empty list"),
-    ([{"role": "wizard", "content": "x"}], "role must be one of"),
-    ([{"role": "user", "content": 5}], "content must be a string"),
-    ([["user", "hi"]], "must be a dict"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "wizard", "content": "x"}], "role must be one of"),
+        ([{"role": "user", "content": 5}], "content must be a string"),
+        ([["user", "hi"]], "must be a dict"),
+    ],
+)
 def test_bad_messages(llm, messages, match):
     with pytest.raises(ValueError, match=match):
         llm.create_chat_completion(messages)

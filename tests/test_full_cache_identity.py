@@ -1,4 +1,5 @@
 """kv_budget=None is plain llama.cpp: greedy output is token-identical to llama_cpp.Llama."""
+
 import llama_cpp
 import pytest
 

@@ -1,4 +1,5 @@
 """Completion, streaming, sampling and chat behaviour on the synthetic model (and Gemma where marked)."""
+
 import pytest
 
 from pymorph_edge import EngineConfig, Llama
@@ -29,7 +30,9 @@ def test_seed_makes_sampling_reproducible(llm):
 
 
 def test_stop_string_ends_the_answer(llm):
-    free = llm.create_completion("q", max_tokens=60, temperature=0, logit_bias={llm.token_eos(): -1e9})["choices"][0]["text"]
+    free = llm.create_completion("q", max_tokens=60, temperature=0, logit_bias={llm.token_eos(): -1e9})["choices"][0][
+        "text"
+    ]
     stop = free[20:23]
     out = llm.create_completion("q", max_tokens=60, temperature=0, stop=[stop], logit_bias={llm.token_eos(): -1e9})
     assert out["choices"][0]["finish_reason"] == "stop"
@@ -81,8 +84,11 @@ def test_chat_without_template_on_unknown_architecture_is_a_clear_error(tmp_path
 @pytest.mark.slow
 def test_gemma_chat_streams_with_builtin_template(gemma_path):
     with Llama(gemma_path, kv_budget=1024) as m:
-        chunks = list(m.create_chat_completion([{"role": "user", "content": "Name a colour."}], max_tokens=12,
-                                               temperature=0, stream=True))
+        chunks = list(
+            m.create_chat_completion(
+                [{"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=0, stream=True
+            )
+        )
         assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
         assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
         assert "<start_of_turn>" not in "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)

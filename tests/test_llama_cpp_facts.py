@@ -3,6 +3,7 @@
 If the pinned llama-cpp-python changes, these are the tests that say which assumption broke.
 A slow Python eval callback is fine here: it only inspects a few decodes of a tiny model.
 """
+
 import ctypes
 import importlib.metadata
 from pathlib import Path
@@ -33,11 +34,22 @@ class Tensor(ctypes.Structure):
     pass
 
 
-Tensor._fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-                   ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-                   ("flags", ctypes.c_int32), ("src", ctypes.POINTER(Tensor) * 10), ("view_src", ctypes.c_void_p),
-                   ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
-                   ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+Tensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * 4),
+    ("nb", ctypes.c_size_t * 4),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * 16),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(Tensor) * 10),
+    ("view_src", ctypes.c_void_p),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * 64),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
 
 
 class GraphSpy:
@@ -45,8 +57,8 @@ class GraphSpy:
 
     def __init__(self):
         self.asked = 0
-        self.softmax = {}   # layer -> (ne, min over evicted cells)
-        self.k_idxs = []    # (layer, name of src[1], type, values)
+        self.softmax = {}  # layer -> (ne, min over evicted cells)
+        self.k_idxs = []  # (layer, name of src[1], type, values)
         self.evicted_cells: list[int] = []
         self.cb = C.ggml_backend_sched_eval_callback(self._cb)
 
@@ -107,7 +119,7 @@ def test_softmax_nodes_index_maps_and_eviction(gqa_model):
     assert spy.softmax[1][0] == (256, 1, 8, 1)
     (new_cell,) = spy.k_idxs[0][3]
     assert 10 <= new_cell < 20  # allocation is not append-only: it reused an evicted cell
-    weights = dict(zip(spy.evicted_cells, spy.softmax[1][1]))
+    weights = dict(zip(spy.evicted_cells, spy.softmax[1][1], strict=False))
     assert weights.pop(new_cell) > 0
     assert set(weights.values()) == {0.0}
     C.llama_free(ctx)

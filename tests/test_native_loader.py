@@ -1,4 +1,5 @@
 """The native library refuses to run against a llama.cpp it was not built for."""
+
 import importlib.metadata
 
 import pytest
@@ -15,7 +16,9 @@ def test_selfcheck_passes_on_the_installed_llama_cpp():
 
 def test_version_mismatch_is_refused_with_a_clear_error(monkeypatch):
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9.9" if name == "llama-cpp-python" else real(name))
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "9.9.9" if name == "llama-cpp-python" else real(name)
+    )
     _native.native.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"built for llama-cpp-python 0\.3\.36 but 9\.9\.9 is installed"):

@@ -1,7 +1,7 @@
 """MorphKV selection rules in C, on synthetic attention rows."""
+
 import numpy as np
 import pytest
-
 from native_helpers import NativeState
 
 

@@ -1,4 +1,5 @@
 """Continuing on the compressed cache: what is reused, what is rolled back, and that the cache stays consistent."""
+
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.kv_introspect import llama_cell_positions
 from pymorph_edge.prefix_reuse import reusable_prefix
@@ -6,10 +7,10 @@ from pymorph_edge.prefix_reuse import reusable_prefix
 
 def test_reusable_prefix_rules():
     h = [1, 2, 3, 4, 5]
-    assert reusable_prefix(h, [1, 2, 3, 4, 5, 6, 7], live_from=3) == 5   # extends the history: keep it all
-    assert reusable_prefix(h, [1, 2, 3, 9], live_from=3) == 3            # diverges in the live tail: roll back
-    assert reusable_prefix(h, [1, 2, 9], live_from=3) == 0               # would need an evicted position
-    assert reusable_prefix(h, [1, 2, 3, 4, 5], live_from=0) == 4         # same prompt: redo the last token
+    assert reusable_prefix(h, [1, 2, 3, 4, 5, 6, 7], live_from=3) == 5  # extends the history: keep it all
+    assert reusable_prefix(h, [1, 2, 3, 9], live_from=3) == 3  # diverges in the live tail: roll back
+    assert reusable_prefix(h, [1, 2, 9], live_from=3) == 0  # would need an evicted position
+    assert reusable_prefix(h, [1, 2, 3, 4, 5], live_from=0) == 4  # same prompt: redo the last token
     assert reusable_prefix(h, [7, 8], live_from=0) == 0
 
 

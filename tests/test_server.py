@@ -1,4 +1,5 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn process."""
+
 import concurrent.futures
 import json
 import socket
@@ -22,8 +23,24 @@ def free_port():
 
 def start_server(model, *extra):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pymorph_edge.cli", "serve", "-m", model, "--kv-budget", "128",
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pymorph_edge.cli",
+            "serve",
+            "-m",
+            model,
+            "--kv-budget",
+            "128",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -54,8 +71,9 @@ def client(server):
 
 def post(port, path, body, headers=None):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -65,14 +83,17 @@ def post(port, path, body, headers=None):
 
 def test_models_and_chat(client):
     assert client.models.list().data[0].id == "gqa.gguf"
-    r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
-                                       temperature=0, logit_bias=BAN)
+    r = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "hi"}], max_tokens=12, temperature=0, logit_bias=BAN
+    )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content
 
 
 def test_chat_streaming_matches_non_streaming(client):
-    kw = dict(model="x", messages=[{"role": "user", "content": "stream please"}], max_tokens=40, temperature=0, logit_bias=BAN)
+    kw = dict(
+        model="x", messages=[{"role": "user", "content": "stream please"}], max_tokens=40, temperature=0, logit_bias=BAN
+    )
     whole = client.chat.completions.create(**kw).choices[0].message.content
     parts = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
@@ -83,8 +104,11 @@ def test_chat_streaming_matches_non_streaming(client):
 def test_completions(client):
     r = client.completions.create(model="x", prompt="once upon", max_tokens=20, temperature=0, logit_bias=BAN)
     assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens > 1
-    parts = list(client.completions.create(model="x", prompt="once upon", max_tokens=20, temperature=0,
-                                           logit_bias=BAN, stream=True))
+    parts = list(
+        client.completions.create(
+            model="x", prompt="once upon", max_tokens=20, temperature=0, logit_bias=BAN, stream=True
+        )
+    )
     assert "".join(p.choices[0].text for p in parts) == r.choices[0].text
 
 
@@ -92,8 +116,9 @@ def test_multi_turn_continues_on_the_cache(client):
     msgs = [{"role": "user", "content": "tell me a long story " * 10}]
     first = client.chat.completions.create(model="x", messages=msgs, max_tokens=150, temperature=0, logit_bias=BAN)
     msgs += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "more"}]
-    second = client.chat.completions.with_raw_response.create(model="x", messages=msgs, max_tokens=10, temperature=0,
-                                                               logit_bias=BAN)
+    second = client.chat.completions.with_raw_response.create(
+        model="x", messages=msgs, max_tokens=10, temperature=0, logit_bias=BAN
+    )
     usage = second.parse().usage
     cached = usage.prompt_tokens_details.cached_tokens
     # everything the first turn decoded is reused; only the new turn's tokens (and the answer's last token) are decoded
@@ -103,12 +128,15 @@ def test_multi_turn_continues_on_the_cache(client):
     assert int(second.headers["x-kv-evicted"]) > 0
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"max_tokens": -5}, "max_tokens"),
-    ({"max_tokens": 10**9}, "max_tokens"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 3}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 3}, "top_p"),
+    ],
+)
 def test_bad_parameters_are_400_in_openai_shape(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}], **kwargs)
@@ -168,7 +196,9 @@ def test_queue_overflow_gets_429_not_a_crash(gqa_model):
 
 
 def test_client_disconnect_frees_the_slot(server, client):
-    stream = client.completions.create(model="x", prompt="long", max_tokens=60000, temperature=0, logit_bias=BAN, stream=True)
+    stream = client.completions.create(
+        model="x", prompt="long", max_tokens=60000, temperature=0, logit_bias=BAN, stream=True
+    )
     for i, _ in enumerate(stream):
         if i == 5:
             break
@@ -184,8 +214,12 @@ def test_client_disconnect_frees_the_slot(server, client):
 
 
 def test_remote_binding_needs_an_api_key_which_is_then_checked(gqa_model):
-    r = subprocess.run([sys.executable, "-m", "pymorph_edge.cli", "serve", "-m", gqa_model, "--host", "0.0.0.0"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pymorph_edge.cli", "serve", "-m", gqa_model, "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--api-key" in r.stderr
     proc, port = start_server(gqa_model, "--api-key", "s3cret")
     try:

@@ -1,4 +1,5 @@
 """Shared pieces of the benchmark tasks: opening a model under a policy, log-probabilities, texts."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import llama_cpp.llama_cpp as C
+import numpy as np
 
 from ..kv_engine import EngineConfig
 from ..llama import Llama
@@ -26,9 +26,15 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         params.setdefault("n_ctx", max(n_ctx_needed, budget + n_ubatch))
     policy = make_policy(name, **params)
     if name == "full":
-        return Llama(model, kv_budget=None, policy=policy,
-                     config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full")))
-    return Llama(model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span")))
+        return Llama(
+            model,
+            kv_budget=None,
+            policy=policy,
+            config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full")),
+        )
+    return Llama(
+        model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span"))
+    )
 
 
 def last_logprobs(llm: Llama) -> np.ndarray:

@@ -1,4 +1,5 @@
 """Benchmark configuration: a JSON file, validated here, plus the seed that makes a run reproducible."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ TASKS = ("passkey", "ppl", "fidelity", "memory", "speed", "longrun")
 
 @dataclass
 class BenchConfig:
-    model: str = "default"                  # a GGUF path, "default" (Gemma 3 270M), "gemma3-270m", "smollm2-135m" or "synthetic"
+    model: str = "default"  # a GGUF path, "default" (Gemma 3 270M), "gemma3-270m", "smollm2-135m" or "synthetic"
     budget: int = 1024
     n_ubatch: int = 512
     seed: int = 0
@@ -19,22 +20,31 @@ class BenchConfig:
     policies: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "full"}, {"name": "morphkv"}])
     passkey_multipliers: list[float] = field(default_factory=lambda: [2, 4, 8])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    ppl_texts: list[str] = field(default_factory=list)   # empty: the default offline texts
-    ppl_tokens: int = 3072                 # tokens per text; the first `budget` are the prefix, the rest are scored one by one
+    ppl_texts: list[str] = field(default_factory=list)  # empty: the default offline texts
+    ppl_tokens: int = 3072  # tokens per text; the first `budget` are the prefix, the rest are scored one by one
     fidelity_tokens: int = 2048
     fidelity_segment: int = 256
     memory_lengths: list[int] = field(default_factory=lambda: [1024, 4096, 16384])
     speed_decode_tokens: int = 256
-    longrun_prefix: int = 256               # prompt before teacher-forced scoring starts
-    longrun_tokens: int = 24576             # tokens scored one by one (3x SmolLM2's n_ctx_train)
-    longrun_segment: int = 2048             # ppl is reported per segment of this many tokens
+    longrun_prefix: int = 256  # prompt before teacher-forced scoring starts
+    longrun_tokens: int = 24576  # tokens scored one by one (3x SmolLM2's n_ctx_train)
+    longrun_segment: int = 2048  # ppl is reported per segment of this many tokens
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad:
             raise ValueError(f"unknown tasks {bad}; choose from {list(TASKS)}")
-        for name in ("budget", "n_ubatch", "ppl_tokens", "fidelity_tokens", "fidelity_segment", "speed_decode_tokens",
-                     "longrun_prefix", "longrun_tokens", "longrun_segment"):
+        for name in (
+            "budget",
+            "n_ubatch",
+            "ppl_tokens",
+            "fidelity_tokens",
+            "fidelity_segment",
+            "speed_decode_tokens",
+            "longrun_prefix",
+            "longrun_tokens",
+            "longrun_segment",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -44,7 +54,7 @@ class BenchConfig:
             raise ValueError(f"passkey_depths must lie in [0, 1], got {self.passkey_depths}")
 
     @classmethod
-    def load(cls, path: str | Path) -> "BenchConfig":
+    def load(cls, path: str | Path) -> BenchConfig:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"benchmark config not found: {str(p)!r}")

@@ -1,9 +1,9 @@
 """Turn benchmark results into a Markdown report and PNG plots."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
 
 HEADLINE_TASKS = {"passkey", "ppl", "fidelity", "memory", "speed"}  # tasks of the one-row-per-policy table
 
@@ -25,7 +25,11 @@ def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for n in names:
         row: dict[str, Any] = {"policy": n}
-        reasons = [r.get("unsupported") for r in (pk.get(n, {}), pp.get(n, {}), fi.get(n, {}), sp.get(n, {})) if r.get("unsupported")]
+        reasons = [
+            r.get("unsupported")
+            for r in (pk.get(n, {}), pp.get(n, {}), fi.get(n, {}), sp.get(n, {}))
+            if r.get("unsupported")
+        ]
         if reasons:
             row["unsupported"] = reasons[0]
         if "accuracy" in pk.get(n, {}):
@@ -54,21 +58,31 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     cfg = results["config"]
-    out = [f"# pymorph-edge bench: {results['model']}", "",
-           f"`{results['command']}`", "", f"Machine: {results['machine']}. Budget {cfg['budget']} cells, seed {cfg['seed']}."]
+    out = [
+        f"# pymorph-edge bench: {results['model']}",
+        "",
+        f"`{results['command']}`",
+        "",
+        f"Machine: {results['machine']}. Budget {cfg['budget']} cells, seed {cfg['seed']}.",
+    ]
     if results.get("note"):
         out += ["", results["note"]]
     t = results["tasks"]
     if set(t) & HEADLINE_TASKS:
-        out += ["", "| policy | passkey acc | ppl | ppl / full | top-1 agreement | mean KL (top-256) | peak cells | KV MiB for longest output | decode tok/s | decode / full |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += [
+            "",
+            "| policy | passkey acc | ppl | ppl / full | top-1 agreement | mean KL (top-256) | peak cells | KV MiB for longest output | decode tok/s | decode / full |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
     for r in headline(results) if set(t) & HEADLINE_TASKS else []:
         if "unsupported" in r and "passkey" not in r:
             out.append(f"| {r['policy']} | unsupported: {r['unsupported']} |  |  |  |  |  |  |  |  |")
             continue
-        out.append(f"| {r['policy']} | {_fmt(r.get('passkey'), '.0%')} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
-                   f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.1e')} | {_fmt(r.get('peak_cells'), 'd')} | "
-                   f"{_fmt(r.get('kv_mib_at_max_length'), '.2f')} | {_fmt(r.get('decode_tok_s'), '.1f')} | {_fmt(r.get('decode_ratio'), '.2f')} |")
+        out.append(
+            f"| {r['policy']} | {_fmt(r.get('passkey'), '.0%')} | {_fmt(r.get('ppl'), '.2f')} | {_fmt(r.get('ppl_ratio'), '.3f')} | "
+            f"{_fmt(r.get('top1'), '.1%')} | {_fmt(r.get('kl'), '.1e')} | {_fmt(r.get('peak_cells'), 'd')} | "
+            f"{_fmt(r.get('kv_mib_at_max_length'), '.2f')} | {_fmt(r.get('decode_tok_s'), '.1f')} | {_fmt(r.get('decode_ratio'), '.2f')} |"
+        )
     if "passkey" in t:
         out += ["", "## Passkey accuracy by prompt length (multiples of the budget)", ""]
         mults = cfg["passkey_multipliers"]
@@ -76,31 +90,53 @@ def markdown(results: dict[str, Any]) -> str:
         for r in t["passkey"]:
             if "trials" not in r:
                 continue
-            accs = [sum(x["correct"] for x in r["trials"] if x["multiplier"] == m) / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m)) for m in mults]
+            accs = [
+                sum(x["correct"] for x in r["trials"] if x["multiplier"] == m)
+                / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m))
+                for m in mults
+            ]
             out.append(f"| {r['policy']} | " + " | ".join(f"{a:.0%}" for a in accs) + " |")
     if "fidelity" in t:
         out += ["", "## Fidelity to the full cache by output segment (top-1 agreement / mean KL)", ""]
         rows = [r for r in t["fidelity"] if "segments" in r]
         if rows:
             segs = rows[0]["segments"]
-            out += ["| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " |", "| --- |" + " --- |" * len(segs)]
+            out += [
+                "| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " |",
+                "| --- |" + " --- |" * len(segs),
+            ]
             for r in rows:
-                out.append(f"| {r['policy']} | " + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.0e}" for s in r["segments"]) + " |")
+                out.append(
+                    f"| {r['policy']} | "
+                    + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.0e}" for s in r["segments"])
+                    + " |"
+                )
     if "memory" in t:
         out += ["", "## KV memory needed to reach an output length (MiB allocated; peak RSS MiB)", ""]
         lens = cfg["memory_lengths"]
         out += ["| policy | " + " | ".join(str(x) for x in lens) + " |", "| --- |" + " --- |" * len(lens)]
         for r in t["memory"]:
-            cells = [f"{x['kv_bytes'] / 2**20:.2f}; {x['peak_rss_mb']:.0f}" if "kv_bytes" in x else "n/a" for x in r.get("lengths", [])]
+            cells = [
+                f"{x['kv_bytes'] / 2**20:.2f}; {x['peak_rss_mb']:.0f}" if "kv_bytes" in x else "n/a"
+                for x in r.get("lengths", [])
+            ]
             out.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
     if "speed" in t:
-        out += ["", "## Speed (prompt of `budget` tokens, then decode)", "", "| policy | prefill tok/s | decode tok/s |", "| --- | --- | --- |"]
+        out += [
+            "",
+            "## Speed (prompt of `budget` tokens, then decode)",
+            "",
+            "| policy | prefill tok/s | decode tok/s |",
+            "| --- | --- | --- |",
+        ]
         for r in t["speed"]:
             if "decode_tok_s" in r:
                 out.append(f"| {r['policy']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
     if "longrun" in t:
         out += _longrun_table(t["longrun"])
-    unsupported = sorted({f"{r['policy']}: {r['unsupported']}" for rows in t.values() for r in rows if "unsupported" in r})
+    unsupported = sorted(
+        {f"{r['policy']}: {r['unsupported']}" for rows in t.values() for r in rows if "unsupported" in r}
+    )
     if unsupported:
         out += ["", "Not run:", ""] + [f"- {u}" for u in unsupported]
     return "\n".join(out) + "\n"
@@ -113,13 +149,22 @@ def _longrun_table(rows: list[dict[str, Any]]) -> list[str]:
         return []
     segs = rows[0]["segments"]
     ref = next((r for r in rows if r["policy"] == "context_shift"), None)
-    out = ["", f"## Long run: teacher-forced ppl per segment (n_ctx_train {rows[0]['n_ctx_train']})", "",
-           "| policy | max position | compactions | " + " | ".join(f"{s['end'] // 1000}K" for s in segs) + " | worst / context_shift |",
-           "| --- | --- | --- |" + " --- |" * len(segs) + " --- |"]
+    out = [
+        "",
+        f"## Long run: teacher-forced ppl per segment (n_ctx_train {rows[0]['n_ctx_train']})",
+        "",
+        "| policy | max position | compactions | "
+        + " | ".join(f"{s['end'] // 1000}K" for s in segs)
+        + " | worst / context_shift |",
+        "| --- | --- | --- |" + " --- |" * len(segs) + " --- |",
+    ]
     for r in rows:
-        worst = max(s["ppl"] / q["ppl"] for s, q in zip(r["segments"], ref["segments"])) if ref else None
-        out.append(f"| {r['policy']} | {r['max_next_pos']} | {r['compactions']} | " +
-                   " | ".join(f"{s['ppl']:.1f}" for s in r["segments"]) + f" | {_fmt(worst, '.3f')} |")
+        worst = max(s["ppl"] / q["ppl"] for s, q in zip(r["segments"], ref["segments"], strict=True)) if ref else None
+        out.append(
+            f"| {r['policy']} | {r['max_next_pos']} | {r['compactions']} | "
+            + " | ".join(f"{s['ppl']:.1f}" for s in r["segments"])
+            + f" | {_fmt(worst, '.3f')} |"
+        )
     return out
 
 
@@ -131,7 +176,12 @@ def _longrun_plot(rows: list[dict[str, Any]], out_dir: Path, plt: Any) -> Path |
     for r in rows:
         ax.plot([s["end"] for s in r["segments"]], [s["ppl"] for s in r["segments"]], marker=".", label=r["policy"])
     ax.axvline(rows[0]["n_ctx_train"], color="grey", linestyle="--", label="n_ctx_train")
-    ax.set(xlabel="tokens", ylabel="ppl of the segment", yscale="log", title="Teacher-forced ppl far past the trained context")
+    ax.set(
+        xlabel="tokens",
+        ylabel="ppl of the segment",
+        yscale="log",
+        title="Teacher-forced ppl far past the trained context",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -143,6 +193,7 @@ def _longrun_plot(rows: list[dict[str, Any]], out_dir: Path, plt: Any) -> Path |
 
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -157,21 +208,40 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         mults = cfg["passkey_multipliers"]
         for r in t["passkey"]:
             if "trials" in r:
-                accs = [sum(x["correct"] for x in r["trials"] if x["multiplier"] == m) / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m)) for m in mults]
+                accs = [
+                    sum(x["correct"] for x in r["trials"] if x["multiplier"] == m)
+                    / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m))
+                    for m in mults
+                ]
                 axes[0].plot(mults, accs, marker="o", label=r["policy"])
-        axes[0].set(xlabel="prompt length / budget", ylabel="passkey accuracy", title=f"Passkey (budget {cfg['budget']})", ylim=(-0.05, 1.05))
+        axes[0].set(
+            xlabel="prompt length / budget",
+            ylabel="passkey accuracy",
+            title=f"Passkey (budget {cfg['budget']})",
+            ylim=(-0.05, 1.05),
+        )
     if "fidelity" in t:
         for r in t["fidelity"]:
             if "segments" in r:
                 if r["policy"] != "full":  # the reference's own KL is ~0 and has no place on a log scale
-                    axes[1].plot([s["end"] for s in r["segments"]], [max(s["mean_kl"], 1e-9) for s in r["segments"]],
-                                 marker=".", label=f"{r['policy']} (top-1 {r['top1_agreement']:.0%})")
-        axes[1].set(xlabel="output tokens", ylabel="mean KL from the full cache (top-256)", title="Degradation over length",
-                    yscale="log")
+                    axes[1].plot(
+                        [s["end"] for s in r["segments"]],
+                        [max(s["mean_kl"], 1e-9) for s in r["segments"]],
+                        marker=".",
+                        label=f"{r['policy']} (top-1 {r['top1_agreement']:.0%})",
+                    )
+        axes[1].set(
+            xlabel="output tokens",
+            ylabel="mean KL from the full cache (top-256)",
+            title="Degradation over length",
+            yscale="log",
+        )
     if "memory" in t:
         for r in t["memory"]:
             xs = [x["length"] for x in r.get("lengths", []) if "kv_bytes" in x]
-            axes[2].plot(xs, [x["kv_bytes"] / 2**20 for x in r["lengths"] if "kv_bytes" in x], marker="o", label=r["policy"])
+            axes[2].plot(
+                xs, [x["kv_bytes"] / 2**20 for x in r["lengths"] if "kv_bytes" in x], marker="o", label=r["policy"]
+            )
         axes[2].set(xlabel="output length (tokens)", ylabel="KV MiB allocated", title="KV memory", xscale="log")
     for a in axes:
         a.grid(alpha=0.3)

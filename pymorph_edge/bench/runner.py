@@ -1,4 +1,5 @@
 """Runs the configured tasks for every policy and writes results.json, results.md and bench.png."""
+
 from __future__ import annotations
 
 import json
@@ -41,26 +42,41 @@ def run(cfg: BenchConfig, out_dir: Path, command: str, merge: bool = False) -> d
     """merge=True keeps the other tasks' results already in out_dir/results.json (re-running some tasks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg, out_dir)
-    results: dict[str, Any] = {"command": command, "machine": _machine(), "model": Path(model).name,
-                               "config": asdict(cfg), "tasks": {}}
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": _machine(),
+        "model": Path(model).name,
+        "config": asdict(cfg),
+        "tasks": {},
+    }
     previous = out_dir / "results.json"
     if merge and previous.is_file():
         old = json.loads(previous.read_text())
         results["tasks"] = {k: v for k, v in old["tasks"].items() if k not in cfg.tasks}
-        results["config"] = {**old["config"], **{k: v for k, v in asdict(cfg).items() if k != "tasks"},
-                             "tasks": list(dict.fromkeys(old["config"]["tasks"] + cfg.tasks))}
+        results["config"] = {
+            **old["config"],
+            **{k: v for k, v in asdict(cfg).items() if k != "tasks"},
+            "tasks": list(dict.fromkeys(old["config"]["tasks"] + cfg.tasks)),
+        }
         results["command"] = f"{old['command']}; then {command}"
     ref = None
     for task in cfg.tasks:
         rows = []
         if task == "fidelity":
-            with tqdm(total=cfg.fidelity_tokens, desc="fidelity reference (full cache)", unit="tok", file=sys.stderr) as bar:
+            with tqdm(
+                total=cfg.fidelity_tokens, desc="fidelity reference (full cache)", unit="tok", file=sys.stderr
+            ) as bar:
                 ref = task_fidelity.reference(cfg, model, bar.update)
         for spec in cfg.policies:
             label = policy_label(spec)
-            total = {"passkey": len(cfg.passkey_multipliers) * len(cfg.passkey_depths), "ppl": None,
-                     "fidelity": cfg.fidelity_tokens, "memory": len(cfg.memory_lengths), "speed": 1,
-                     "longrun": cfg.longrun_tokens}[task]
+            total = {
+                "passkey": len(cfg.passkey_multipliers) * len(cfg.passkey_depths),
+                "ppl": None,
+                "fidelity": cfg.fidelity_tokens,
+                "memory": len(cfg.memory_lengths),
+                "speed": 1,
+                "longrun": cfg.longrun_tokens,
+            }[task]
             with tqdm(total=total, desc=f"{task} {label}", file=sys.stderr) as bar:
                 tick = lambda k=1: bar.update(k)  # noqa: E731
                 try:

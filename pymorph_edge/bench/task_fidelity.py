@@ -7,10 +7,12 @@ The reference samples (temperature 0.7, the config's seed) rather than decoding 
 output of a small base model falls into a loop within a few hundred tokens, and a loop is predicted
 perfectly from the recent tokens alone, which made every policy score 100% (measured, first run).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +20,10 @@ from .common import last_logprobs, open_llm
 from .config import BenchConfig, policy_label
 
 TOP = 256
-PROMPT = ("The lighthouse keeper's journal, kept through the winter of 1887.\n\n"
-          "November 3. The supply boat came at dawn with coal, flour and a letter from my sister.")
+PROMPT = (
+    "The lighthouse keeper's journal, kept through the winter of 1887.\n\n"
+    "November 3. The supply boat came at dawn with coal, flour and a letter from my sister."
+)
 TEMPERATURE = 0.7
 
 
@@ -46,7 +50,9 @@ def reference(cfg: BenchConfig, model: str, tick: Callable[[int], None]) -> dict
     return {"prompt": prompt, "tokens": tokens, "top_ids": np.stack(top_ids), "top_lp": np.stack(top_lp)}
 
 
-def run(cfg: BenchConfig, model: str, spec: dict[str, Any], ref: dict[str, Any], tick: Callable[[int], None]) -> dict[str, Any]:
+def run(
+    cfg: BenchConfig, model: str, spec: dict[str, Any], ref: dict[str, Any], tick: Callable[[int], None]
+) -> dict[str, Any]:
     llm = open_llm(model, spec, cfg.budget, cfg.n_ubatch, cfg.fidelity_tokens + 512)
     agree, kl, cells, decode_s = [], [], [], []
     try:
@@ -70,8 +76,21 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], ref: dict[str, Any],
     seg = cfg.fidelity_segment
     segments = []
     for s in range(0, len(agree), seg):
-        segments.append({"start": s, "end": min(s + seg, len(agree)), "top1_agreement": float(np.mean(agree[s:s + seg])),
-                         "mean_kl": float(np.mean(kl[s:s + seg])), "decode_tok_s": len(decode_s[s:s + seg]) / sum(decode_s[s:s + seg]),
-                         "cells_in_use": cells[min(s + seg, len(cells)) - 1]})
-    return {"policy": policy_label(spec), "top1_agreement": float(np.mean(agree)), "mean_kl": float(np.mean(kl)),
-            "decode_tok_s": len(decode_s) / sum(decode_s), "segments": segments, "stats": stats}
+        segments.append(
+            {
+                "start": s,
+                "end": min(s + seg, len(agree)),
+                "top1_agreement": float(np.mean(agree[s : s + seg])),
+                "mean_kl": float(np.mean(kl[s : s + seg])),
+                "decode_tok_s": len(decode_s[s : s + seg]) / sum(decode_s[s : s + seg]),
+                "cells_in_use": cells[min(s + seg, len(cells)) - 1],
+            }
+        )
+    return {
+        "policy": policy_label(spec),
+        "top1_agreement": float(np.mean(agree)),
+        "mean_kl": float(np.mean(kl)),
+        "decode_tok_s": len(decode_s) / sum(decode_s),
+        "segments": segments,
+        "stats": stats,
+    }

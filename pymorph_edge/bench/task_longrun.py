@@ -6,13 +6,15 @@ policies evict as in generation) and scored. The text is long and real: the lice
 A policy holds up when each segment's ppl stays close to context_shift's, whose cache never spans
 more positions than the budget.
 """
+
 from __future__ import annotations
 
 import math
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .common import LICENSES, last_logprobs, open_llm
 from .config import BenchConfig, policy_label
@@ -56,8 +58,14 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[int]
                 max_pos = max(max_pos, eng.next_pos)
             tick(1)
         s = llm.stats
-        return {"policy": policy_label(spec), "segments": segments, "n_ctx_train": llm.n_ctx_train,
-                "max_next_pos": max_pos, "compactions": s.compactions, "peak_cells": s.peak_cells,
-                "decode_tok_s": (total - cfg.longrun_prefix - 1) / decode_s if decode_s else 0.0}
+        return {
+            "policy": policy_label(spec),
+            "segments": segments,
+            "n_ctx_train": llm.n_ctx_train,
+            "max_next_pos": max_pos,
+            "compactions": s.compactions,
+            "peak_cells": s.peak_cells,
+            "decode_tok_s": (total - cfg.longrun_prefix - 1) / decode_s if decode_s else 0.0,
+        }
     finally:
         llm.close()

@@ -7,13 +7,15 @@ subprocess that creates that context, fills it with L tokens (as a prompt, which
 than generating them and touches the same KV pages) and generates 32 more.
 Speed: prefill a `budget`-token prompt, then decode `speed_decode_tokens` tokens.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .common import open_llm
 from .config import BenchConfig, policy_label
@@ -36,7 +38,9 @@ def memory(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[i
         arg = json.dumps([model, spec, cfg.budget, cfg.n_ubatch, length])
         r = subprocess.run([sys.executable, "-c", _PROBE, arg], capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
-            rows.append({"length": length, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"})
+            rows.append(
+                {"length": length, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+            )
         else:
             rows.append({"length": length, **json.loads(r.stdout.strip().splitlines()[-1])})
         tick(1)
@@ -60,7 +64,11 @@ def speed(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[in
                 break
         decode_s = time.perf_counter() - t1
         tick(1)
-        return {"policy": policy_label(spec), "prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": n / decode_s,
-                "cells_in_use": llm.stats.cells_in_use}
+        return {
+            "policy": policy_label(spec),
+            "prefill_tok_s": len(prompt) / prefill_s,
+            "decode_tok_s": n / decode_s,
+            "cells_in_use": llm.stats.cells_in_use,
+        }
     finally:
         llm.close()

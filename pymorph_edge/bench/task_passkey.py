@@ -1,7 +1,9 @@
 """Passkey accuracy per policy, prompt length (multiples of the budget) and key depth."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..tasks.passkey import answer, filler_repeats_for, make_case
 from .common import open_llm
@@ -18,8 +20,17 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[], N
             for j, depth in enumerate(cfg.passkey_depths):
                 case = make_case(n_filler, depth, cfg.seed * 1000 + int(mult * 10) + j)
                 hit, text = answer(llm, case)
-                trials.append({"multiplier": mult, "depth": depth, "prompt_tokens": llm.last_timings.prompt_tokens,
-                               "key": case.key, "answer": text, "correct": hit, "peak_cells": llm.stats.peak_cells})
+                trials.append(
+                    {
+                        "multiplier": mult,
+                        "depth": depth,
+                        "prompt_tokens": llm.last_timings.prompt_tokens,
+                        "key": case.key,
+                        "answer": text,
+                        "correct": hit,
+                        "peak_cells": llm.stats.peak_cells,
+                    }
+                )
                 tick()
     finally:
         llm.close()

@@ -1,11 +1,13 @@
 """Teacher-forced streaming perplexity: the first `budget` tokens go in as a prompt, then every
 following token is decoded one at a time (so per-step policies evict as in generation) and scored."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .common import default_texts, last_logprobs, open_llm
 from .config import BenchConfig, policy_label
@@ -35,8 +37,16 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[int]
                     llm.engine.decode([toks[i]])
                     decode_s += time.perf_counter() - t0
                 tick(1)
-            per_text.append({"text": path.name, "tokens": len(toks), "scored": n, "ppl": math.exp(nll / max(n, 1)),
-                             "decode_tok_s": (n - 1) / decode_s if decode_s else 0.0, "peak_cells": llm.stats.peak_cells})
+            per_text.append(
+                {
+                    "text": path.name,
+                    "tokens": len(toks),
+                    "scored": n,
+                    "ppl": math.exp(nll / max(n, 1)),
+                    "decode_tok_s": (n - 1) / decode_s if decode_s else 0.0,
+                    "peak_cells": llm.stats.peak_cells,
+                }
+            )
     finally:
         llm.close()
     ppl = math.exp(sum(math.log(t["ppl"]) * t["scored"] for t in per_text) / sum(t["scored"] for t in per_text))

@@ -1,4 +1,5 @@
 """KV-cache policies. Each is a small dataclass that validates its parameters and configures the native scorer."""
+
 from __future__ import annotations
 
 from .base import KVPolicy
@@ -10,8 +11,15 @@ from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .tova import TOVA
 
-POLICIES: dict[str, type[KVPolicy]] = {"morphkv": MorphKV, "full": FullCache, "h2o": H2O, "tova": TOVA,
-                                        "snapkv": SnapKV, "streaming": StreamingLLM, "context_shift": ContextShift}
+POLICIES: dict[str, type[KVPolicy]] = {
+    "morphkv": MorphKV,
+    "full": FullCache,
+    "h2o": H2O,
+    "tova": TOVA,
+    "snapkv": SnapKV,
+    "streaming": StreamingLLM,
+    "context_shift": ContextShift,
+}
 
 
 def make_policy(name: str, **params: object) -> KVPolicy:
@@ -26,5 +34,15 @@ def make_policy(name: str, **params: object) -> KVPolicy:
         raise ValueError(f"bad parameters for policy {name!r}: {exc}") from None
 
 
-__all__ = ["KVPolicy", "FullCache", "MorphKV", "H2O", "TOVA", "SnapKV", "StreamingLLM", "ContextShift", "POLICIES",
-           "make_policy"]
+__all__ = [
+    "KVPolicy",
+    "FullCache",
+    "MorphKV",
+    "H2O",
+    "TOVA",
+    "SnapKV",
+    "StreamingLLM",
+    "ContextShift",
+    "POLICIES",
+    "make_policy",
+]

@@ -1,4 +1,5 @@
 """What every policy provides to the engine."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ class KVPolicy:
 
     name = "base"
     evicts = True
-    grows = False    # compresses the prompt only, then lets the cache grow (SnapKV)
-    shifts = False   # handled by llama.cpp's context shift instead of the native scorer
+    grows = False  # compresses the prompt only, then lets the cache grow (SnapKV)
+    shifts = False  # handled by llama.cpp's context shift instead of the native scorer
 
     @property
     def protected_recent(self) -> int:

@@ -4,6 +4,7 @@ Keeps the first `n_keep` tokens; when the cache is full, drops the older half of
 shifts the remaining positions down with llama_memory_seq_add (K is re-rotated). No attention is
 read and no native state is used. Needs a cache that can shift: iSWA models (Gemma 3) cannot.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

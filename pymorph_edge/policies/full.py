@@ -1,4 +1,5 @@
 """The full cache: no eviction. The reference every bounded policy is compared with."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

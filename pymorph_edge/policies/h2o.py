@@ -3,6 +3,7 @@
 Keeps the `window` most recent tokens plus the tokens with the largest attention received so far,
 summed over every query (prompt and generated) since the cache was reset.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ chunk gave it, so a fact stated early survives until the question that needs it 
 With `pool_radius` > 0 a token's score is the max over positions within that radius (SnapKV's
 pooling), so a multi-token fact, such as a number split into digit tokens, is kept whole.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ tokens (the observation window) plus the tokens they attend to most, max-pooled 
 MorphKV paper's comparison, so the cache grows again with the answer: the context holds `n_ctx`
 cells (the whole prompt must fit before it is compressed), and its peak memory is reported as is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 
 Keeps the first `n_sink` tokens (attention sinks) and the most recent ones; reads no attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 At every step evicts the tokens that the current token attends to least. Only the newest token is
 protected (`window`=1 by default); nothing is remembered between steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 
 Used to check that a bounded cache keeps a fact that only the final question makes relevant.
 """
+
 from __future__ import annotations
 
 import random
@@ -11,8 +12,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..llama import Llama
 
-FILLER = ("A tide of gulls rose over the harbour wall. Nets dried on the stones. "
-          "The ferry bell rang twice and the fog rolled back to sea. ")
+FILLER = (
+    "A tide of gulls rose over the harbour wall. Nets dried on the stones. "
+    "The ferry bell rang twice and the fog rolled back to sea. "
+)
 HEADER = "Inside this long text there is a secret number. Find it and remember it.\n"
 QUESTION = "\nQuestion: what is the secret number? Answer: the secret number is"
 
@@ -30,18 +33,23 @@ def make_case(n_filler: int, depth: float, seed: int) -> PasskeyCase:
         raise ValueError(f"depth must be in [0, 1], got {depth!r}")
     key = str(random.Random(seed).randint(10000, 99999))
     d = int(n_filler * depth)
-    prompt = (HEADER + FILLER * d + f"\nThe secret number is {key}. Keep {key} in mind.\n"
-              + FILLER * (n_filler - d) + QUESTION)
+    prompt = (
+        HEADER
+        + FILLER * d
+        + f"\nThe secret number is {key}. Keep {key} in mind.\n"
+        + FILLER * (n_filler - d)
+        + QUESTION
+    )
     return PasskeyCase(prompt, key, depth)
 
 
-def filler_repeats_for(llm: "Llama", n_tokens: int) -> int:
+def filler_repeats_for(llm: Llama, n_tokens: int) -> int:
     """Filler repeats giving a prompt of about n_tokens tokens on this model's tokenizer."""
     per = len(llm.tokenize(FILLER * 10, add_bos=False)) / 10
     return max(1, int((n_tokens - 60) / per))
 
 
-def answer(llm: "Llama", case: PasskeyCase, max_tokens: int = 8) -> tuple[bool, str]:
+def answer(llm: Llama, case: PasskeyCase, max_tokens: int = 8) -> tuple[bool, str]:
     out = llm.create_completion(case.prompt, max_tokens=max_tokens, temperature=0)
     text = out["choices"][0]["text"]
     return case.key in text, text
