@@ -155,13 +155,14 @@ def create_app(
             )
         if not stream:
             try:
-                result = await worker.run(lambda: make(False))
+                # the headers are read on the model thread right after this answer, before the next request runs
+                result, headers = await worker.run(lambda: (make(False), headers_of()))
             except ValueError as exc:
                 return error_response(400, str(exc))
             except Exception as exc:  # a failure inside llama.cpp: report it in OpenAI's shape, keep serving
                 logger.exception("generation failed")
                 return error_response(500, f"generation failed: {exc}", err_type="server_error")
-            return JSONResponse(result, headers=headers_of())
+            return JSONResponse(result, headers=headers)
 
         # pull the first chunk before answering, so bad parameters still get a 400 rather than a broken stream
         chunks = worker.stream(lambda: make(True))
