@@ -140,8 +140,9 @@ class KVEngine:
             cp.flash_attn_type = (
                 C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
-            # llama.cpp shifts an iSWA cache only when its sliding-window cache is as large as the base one
-            # (llama_kv_cache_iswa::get_can_shift); at n_ctx = kv_budget that costs little
+            # swa_full as llama_cpp.Llama; context shift needs it too: llama.cpp shifts an iSWA cache only when its
+            # sliding-window cache is as large as the base one (llama_kv_cache_iswa::get_can_shift), which at
+            # n_ctx = kv_budget costs little
             cp.swa_full = True if config.swa_full is None else config.swa_full
         self._state = None
         with KVSizeCapture() as cap:
