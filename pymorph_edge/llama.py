@@ -19,6 +19,7 @@ import llama_cpp.llama_cpp as C
 
 from .chat_continuation import ChatTurn, continuation_tokens
 from .chat_format import ChatFormatter, validate_messages
+from .generation_record import GenerationChunk
 from .kv_engine import EngineConfig, KVEngine
 from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
@@ -127,7 +128,6 @@ class Llama:
         self._chat_template = chat_template or self._model.meta("tokenizer.chat_template")
         self._chat: ChatFormatter | None = None
         self._last_turn: ChatTurn | None = None
-        self._stopped_by_string = False
         # called as prefill_progress(done, total) while a prompt is decoded; the CLI shows a tqdm bar
         self.prefill_progress: Callable[[int, int], None] | None = None
 
@@ -259,29 +259,27 @@ class Llama:
         max_tokens: int | None,
         stop: list[str],
         reset: bool = True,
-    ) -> Iterator[tuple[str, str | None, list[int]]]:
-        """Yield (text piece, finish_reason or None, tokens so far)."""
+    ) -> Iterator[GenerationChunk]:
+        """Yield the answer as GenerationChunks; the last one carries the finish."""
         if not self._engine.bounded and not self._engine.shifting and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []
-        self._stopped_by_string = False
         for tok in self._generate(prompt_tokens, params, reset):
             if self.is_end_of_generation(tok):
-                yield text.finish(), "stop", out
+                yield GenerationChunk(text.finish(), tok, "end_of_generation", out)
                 return
             out.append(tok)
             piece = text.feed(self._piece(tok))
             if text.stopped:
-                self._stopped_by_string = True
-                yield piece, "stop", out
+                yield GenerationChunk(piece, tok, "stop_string", out)
                 return
             if max_tokens is not None and len(out) >= max_tokens:
-                yield piece + text.finish(), "length", out
+                yield GenerationChunk(piece + text.finish(), tok, "length", out)
                 return
             if piece:
-                yield piece, None, out
-        yield text.finish(), "length", out  # the full cache ran out of room
+                yield GenerationChunk(piece, tok, None, out)
+        yield GenerationChunk(text.finish(), None, "length", out)  # the full cache ran out of room
 
     # -- OpenAI-shaped API ---------------------------------------------------------------------
     def create_completion(
@@ -329,17 +327,16 @@ class Llama:
         }
 
     @staticmethod
-    def _collect(chunks: Iterator[tuple[str, str | None, list[int]]]) -> tuple[str, str | None, int]:
+    def _collect(chunks: Iterator[GenerationChunk]) -> tuple[str, str | None, int]:
         """Drain a non-streaming answer: (text, finish_reason, tokens generated)."""
-        text, finish, out = "", None, []
-        for piece, finish, out in chunks:  # noqa: B007  (the last chunk's finish and tokens are the answer's)
-            text += piece
-        return text, finish, len(out)
+        text, last = "", None
+        for last in chunks:
+            text += last.text
+        return text, last.finish_reason if last else None, len(last.tokens) if last else 0
 
-    def _completion_chunks(
-        self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]
-    ) -> Iterator[dict[str, Any]]:
-        for piece, finish, _ in chunks:
+    def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[GenerationChunk]) -> Iterator[dict[str, Any]]:
+        for c in chunks:
+            piece, finish = c.text, c.finish_reason
             yield {
                 **meta,
                 "object": "text_completion",
@@ -432,38 +429,37 @@ class Llama:
 
     def _remember_turn(
         self,
-        chunks: Iterator[tuple[str, str | None, list[int]]],
+        chunks: Iterator[GenerationChunk],
         msgs: list[dict[str, Any]],
         prompt: str,
         tokens: list[int],
-    ) -> Iterator[tuple[str, str | None, list[int]]]:
+    ) -> Iterator[GenerationChunk]:
         """Pass chunks through; once the answer is complete, remember the turn for the next request.
         An answer cut by a stop string is not remembered: its text no longer matches its tokens."""
-        text, out = "", []
+        text, out, cut = "", [], False
         try:
-            for piece, finish, out in chunks:
-                text += piece
-                if finish is not None and not self._stopped_by_string:
+            for c in chunks:
+                text, out, cut = text + c.text, c.tokens, c.finish == "stop_string"
+                if c.finish is not None and not cut:
                     self._last_turn = ChatTurn(
                         msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out
                     )
-                yield piece, finish, out
+                yield c
         except GeneratorExit:  # the caller stopped the answer early: the next turn can still continue on it
-            if self._engine.consistent and not self._stopped_by_string:
+            if self._engine.consistent and not cut:
                 self._last_turn = ChatTurn(
                     msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out)
                 )
             raise
 
-    def _chat_chunks(
-        self, meta: dict[str, Any], chunks: Iterator[tuple[str, str | None, list[int]]]
-    ) -> Iterator[dict[str, Any]]:
+    def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[GenerationChunk]) -> Iterator[dict[str, Any]]:
         yield {
             **meta,
             "object": "chat.completion.chunk",
             "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
         }
-        for piece, finish, _ in chunks:
+        for c in chunks:
+            piece, finish = c.text, c.finish_reason
             yield {
                 **meta,
                 "object": "chat.completion.chunk",

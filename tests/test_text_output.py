@@ -25,3 +25,12 @@ def test_incomplete_utf8_waits_for_its_continuation():
     t = TextAssembler([])
     assert t.feed(snow[:1]) == ""
     assert t.feed(snow[1:]) == "☃"
+
+
+def test_generation_chunk_maps_its_finish_to_openai_reasons():
+    from pymorph_edge.generation_record import GenerationChunk
+
+    assert GenerationChunk("a", 5).finish_reason is None
+    assert GenerationChunk("", 2, "end_of_generation").finish_reason == "stop"
+    assert GenerationChunk("", 7, "stop_string").finish_reason == "stop"
+    assert GenerationChunk("b", 9, "length").finish_reason == "length"

@@ -1,0 +1,24 @@
+"""What one step of a streamed answer yields: a typed record instead of a bare tuple (as mlx-lm's
+GenerationResponse), so the reason an answer ended travels with it rather than in a flag on the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Finish = Literal["end_of_generation", "stop_string", "length"]
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # text safe to emit now (may be empty while a stop string could be forming)
+    token: int | None  # the token this piece came from; None on a closing flush
+    finish: Finish | None = None  # set on the last chunk only
+    tokens: list[int] = field(default_factory=list)  # every token generated so far (shared, not copied)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's finish_reason: "stop" for an end-of-generation token or a stop string, else "length"."""
+        if self.finish is None:
+            return None
+        return "length" if self.finish == "length" else "stop"
