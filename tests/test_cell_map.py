@@ -2,8 +2,9 @@
 
 import random
 
+from kv_introspect import llama_cell_positions
+
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.kv_introspect import llama_cell_positions
 
 
 def native_positions_in_cell_order(llm):

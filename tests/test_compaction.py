@@ -5,10 +5,10 @@ import random
 
 import numpy as np
 import pytest
+from kv_introspect import llama_cell_positions
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.bench.common import last_logprobs
-from pymorph_edge.kv_introspect import llama_cell_positions
 from pymorph_edge.policies import make_policy
 
 

@@ -1,7 +1,8 @@
 """Continuing on the compressed cache: what is reused, what is rolled back, and that the cache stays consistent."""
 
+from kv_introspect import llama_cell_positions
+
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.kv_introspect import llama_cell_positions
 from pymorph_edge.prefix_reuse import reusable_prefix
 
 
