@@ -270,7 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     import uvicorn
 
-    from .server_app import create_app
+    from .server import create_app
 
     with _open_model(args) as llm:
         app = create_app(llm, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)

@@ -17,8 +17,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
-from .chat_continuation import ChatTurn, continuation_tokens
-from .chat_format import ChatFormatter, validate_messages
+from .chat import ChatFormatter, ChatTurn, continuation_tokens, validate_messages
 from .generation_record import GenerationChunk
 from .kv_engine import EngineConfig, KVEngine
 from .model_file import LoadedModel

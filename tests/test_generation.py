@@ -3,7 +3,7 @@
 import pytest
 
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.tasks.passkey import answer, filler_repeats_for, make_case
+from pymorph_edge.bench.passkey import answer, filler_repeats_for, make_case
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .llama import Llama
-from .server_schemas import ChatRequest, CompletionRequest
-from .server_worker import ModelWorker, QueueFull
+from ..llama import Llama
+from .schemas import ChatRequest, CompletionRequest
+from .worker import ModelWorker, QueueFull
 
 logger = logging.getLogger(__name__)
 

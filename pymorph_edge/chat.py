@@ -1,15 +1,21 @@
-"""Chat messages -> prompt text.
+"""Chat: messages -> prompt text, and continuing a conversation on the compressed cache.
 
 The GGUF's own Jinja template is used when it has one. Base models often ship without one
 (the default Gemma 3 270M does), so their architecture's llama.cpp built-in template is used
 instead, and any built-in name (e.g. "chatml", "gemma", "llama3") can be asked for explicitly.
+
+Re-tokenizing a rendered conversation rarely reproduces the tokens the model generated, so a token
+comparison alone would miss most continuations. Instead the last turn is remembered at message
+level: when a request's messages extend it, the new prompt is the exact token history plus the
+tokens of the template text that follows the previous answer.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp.llama_cpp as C
@@ -93,3 +99,30 @@ class ChatFormatter:
         if n < 0:
             raise ValueError(f"llama.cpp's {self.builtin!r} template rejected the messages")
         return buf.raw[:n].decode("utf-8", errors="replace"), [], False
+
+
+@dataclass
+class ChatTurn:
+    messages: list[dict[str, Any]]  # the conversation including the answer we returned
+    prompt: str  # template text before the answer
+    answer: str  # the answer text we returned
+    tokens: list[int]  # prompt and answer tokens exactly as the model saw (or sampled) them
+
+
+def continuation_tokens(
+    turn: ChatTurn | None,
+    messages: Sequence[dict[str, Any]],
+    prompt_text: str,
+    tokenize_suffix: Callable[[str], list[int]],
+) -> list[int] | None:
+    """Tokens for `messages` that extend `turn` exactly, or None when they do not extend it."""
+    if turn is None or len(messages) <= len(turn.messages):
+        return None
+    if list(messages[: len(turn.messages)]) != turn.messages:
+        return None
+    # templates often trim the answer; the cache keeps the whitespace the model produced, which is harmless
+    for answer in (turn.answer, turn.answer.rstrip(), turn.answer.strip()):
+        rendered = turn.prompt + answer
+        if prompt_text.startswith(rendered):
+            return turn.tokens + tokenize_suffix(prompt_text[len(rendered) :])
+    return None

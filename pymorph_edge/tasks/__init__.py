@@ -1,1 +1,0 @@
-"""Offline evaluation tasks shared by the tests and the benchmark harness."""
