@@ -1,6 +1,6 @@
 """pymorph_edge: GGUF models through llama.cpp with a KV cache that never grows (MorphKV)."""
 
-from .kv_engine import EngineConfig
+from .engine_config import EngineConfig
 from .llama import Llama, Timings
 from .policies import H2O, TOVA, ContextShift, FullCache, KVPolicy, MorphKV, SnapKV, StreamingLLM
 from .stats import KVStats

@@ -146,7 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _open_model(args: argparse.Namespace):
     from .default_model import resolve_model
-    from .kv_engine import EngineConfig
+    from .engine_config import EngineConfig
     from .llama import Llama
 
     path = resolve_model(args.model)

@@ -22,3 +22,22 @@ class GenerationChunk:
         if self.finish is None:
             return None
         return "length" if self.finish == "length" else "stop"
+
+
+@dataclass
+class Timings:
+    """Throughput of the last completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the cache instead of being decoded
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0

@@ -11,56 +11,22 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as C
 
 from .chat import ChatFormatter, ChatTurn, continuation_tokens, validate_messages
-from .generation_record import GenerationChunk
-from .kv_engine import EngineConfig, KVEngine
+from .engine_config import EngineConfig
+from .generation_record import GenerationChunk, Timings
+from .kv_engine import KVEngine
 from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
 from .prefix_reuse import reusable_prefix
+from .request_params import check_max_tokens, check_stop, sampling_params
 from .sampling import Sampler, SamplingParams
 from .stats import KVStats
 from .text_output import TextAssembler
-
-
-@dataclass
-class Timings:
-    """Throughput of the last completion."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens reused from the cache instead of being decoded
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-
-def _check_max_tokens(max_tokens: int | None) -> None:
-    if max_tokens is None:
-        return
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int or None (no limit), got {max_tokens!r}")
-
-
-def _check_stop(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
-    return [s for s in stops if s]
 
 
 def _merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
@@ -298,20 +264,20 @@ class Llama:
         stream: bool = False,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Complete `prompt`. max_tokens=None generates until an end-of-generation token or a stop string."""
-        _check_max_tokens(max_tokens)
-        stops = _check_stop(stop)
-        params = SamplingParams(
+        check_max_tokens(max_tokens)
+        stops = check_stop(stop)
+        params = sampling_params(
+            self.n_vocab,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             min_p=min_p,
             seed=seed,
-            logit_bias=logit_bias or {},
+            logit_bias=logit_bias,
             repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
         )
-        params.validate(self.n_vocab)
         tokens = self._prompt_tokens(prompt)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
         chunks = self._stream(tokens, params, max_tokens, stops)
@@ -379,22 +345,26 @@ class Llama:
         seed: int | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
         repeat_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
         stream: bool = False,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer a conversation, formatted with the model's own chat template."""
         msgs = validate_messages(messages)
-        _check_max_tokens(max_tokens)
-        stops = _check_stop(stop)
-        params = SamplingParams(
+        check_max_tokens(max_tokens)
+        stops = check_stop(stop)
+        params = sampling_params(
+            self.n_vocab,
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             min_p=min_p,
             seed=seed,
-            logit_bias=logit_bias or {},
+            logit_bias=logit_bias,
             repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
         )
-        params.validate(self.n_vocab)
         prompt, template_stops, has_bos = self._formatter().prompt(msgs)
         tokens = continuation_tokens(
             self._last_turn if self._engine.consistent else None,

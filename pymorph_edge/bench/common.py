@@ -10,7 +10,7 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-from ..kv_engine import EngineConfig
+from ..engine_config import EngineConfig
 from ..llama import Llama
 from ..policies import make_policy
 

@@ -224,6 +224,8 @@ def create_app(
             stop=req.stop,
             seed=req.seed,
             logit_bias=req.logit_bias,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
         )
         include = bool((req.stream_options or {}).get("include_usage"))
 
@@ -247,6 +249,8 @@ def create_app(
             stop=req.stop,
             seed=req.seed,
             logit_bias=req.logit_bias,
+            frequency_penalty=req.frequency_penalty,
+            presence_penalty=req.presence_penalty,
         )
         include = bool((req.stream_options or {}).get("include_usage"))
 

@@ -21,6 +21,8 @@ class _Request(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = Field(default=None, ge=0)
     logit_bias: dict[str, Number] | None = None
+    frequency_penalty: Number = Field(default=0.0, ge=-2, le=2)  # OpenAI's ranges
+    presence_penalty: Number = Field(default=0.0, ge=-2, le=2)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
 

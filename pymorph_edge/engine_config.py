@@ -1,0 +1,80 @@
+"""Settings of the decode engine, and the rules that check them against a model: the budget a policy
+needs, and the position span at which the cache is renumbered (and whether it can be)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as C
+
+from .model_file import LoadedModel
+from .policies import KVPolicy
+
+
+@dataclass
+class EngineConfig:
+    """Rarely changed settings of the llama.cpp context."""
+
+    n_ubatch: int = 512  # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
+    n_ctx: int | None = None  # full cache only: context size (default 4096); bounded runs derive it
+    n_threads: int | None = None  # default: all cores
+    flash_attn: bool = False  # full cache only: scoring policies need the softmax node
+    n_gpu_layers: int = 0
+    swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
+    max_span: int | None = (
+        None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be a positive int, got {self.n_ubatch!r}")
+        if self.n_ctx is not None and (not isinstance(self.n_ctx, int) or self.n_ctx < 1):
+            raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+        if self.max_span is not None and (
+            isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
+        ):
+            raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
+
+
+def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:
+    """Whether llama.cpp can renumber this cache's positions (re-rotating K).
+
+    llama_memory_can_shift also says no for every iSWA cache whose sliding-window part is smaller than
+    its base part, although each part shifts its own K; compaction keeps the recent n_swa tokens
+    contiguous, so it is safe there (tests/test_compaction.py). What neither part can shift is RoPE with
+    several positions per token (M-RoPE) and Step-3.5's per-layer RoPE."""
+    if C.llama_memory_can_shift(mem):
+        return True
+    rope = C.llama_model_rope_type(model.ptr)
+    multi_pos = rope not in (C.LLAMA_ROPE_TYPE_NONE, C.LLAMA_ROPE_TYPE_NORM, C.LLAMA_ROPE_TYPE_NEOX)
+    return model.info.n_swa > 0 and not multi_pos and model.meta("general.architecture") != "step35"
+
+
+def default_max_span(n_ctx_train: int, n_cells: int) -> int:
+    """Position span at which a bounded cache is renumbered: the trained context.
+
+    Chosen by measurement (benchmarks/results/smollm2-longrun/, SmolLM2, n_ctx_train 8192, budget 1024,
+    24.6K teacher-forced tokens): the worst segment's ppl against context_shift's was 1.073x renumbering
+    at span 3072, 1.068x at 4096 and 1.030x at 8192; never renumbering broke down past ~12K (185x).
+    Renumbering less often keeps the kept tokens' distances true for longer, and the model was trained on
+    every span up to n_ctx_train. Never below two caches' worth of cells, so that each renumbering buys
+    at least n_cells tokens."""
+    return max(n_ctx_train, 2 * n_cells)
+
+
+def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
+    """Raise ValueError, naming the values, when the budget cannot hold what the policy must keep."""
+    if kv_budget is None:
+        return
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 1:
+        raise ValueError(f"kv_budget must be a positive int or None, got {kv_budget!r}")
+    recent = policy.protected_recent
+    if kv_budget <= recent:
+        raise ValueError(f"kv_budget={kv_budget} must be larger than the policy's recent window ({recent})")
+    if n_swa > 0 and kv_budget < n_swa + recent:
+        raise ValueError(
+            f"kv_budget={kv_budget} is too small for this sliding-window model: tokens inside its {n_swa}-token "
+            f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}"
+        )
