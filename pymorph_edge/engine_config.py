@@ -3,7 +3,9 @@ needs, and the position span at which the cache is renumbered (and whether it ca
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp.llama_cpp as C
 
@@ -78,3 +80,15 @@ def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None
             f"kv_budget={kv_budget} is too small for this sliding-window model: tokens inside its {n_swa}-token "
             f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}"
         )
+
+
+def merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
+    """The shortcut arguments (n_ctx, n_threads, flash_attn) merged into config; a clash is a ValueError."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        return EngineConfig(**given)
+    default = EngineConfig()
+    clash = {k: v for k, v in given.items() if getattr(config, k) not in (getattr(default, k), v)}
+    if clash:
+        raise ValueError(f"{clash} contradicts config={config}; set it in one place")
+    return dataclasses.replace(config, **given)

@@ -7,7 +7,6 @@ text chunks with stop handling, and `create_completion` / `create_chat_completio
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,8 +15,9 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
+from . import openai_shapes as shapes
 from .chat import ChatFormatter, ChatTurn, continuation_tokens, validate_messages
-from .engine_config import EngineConfig
+from .engine_config import EngineConfig, merge_config
 from .generation_record import GenerationChunk, Timings
 from .kv_engine import KVEngine
 from .model_file import LoadedModel
@@ -27,18 +27,6 @@ from .request_params import check_max_tokens, check_stop, sampling_params
 from .sampling import Sampler, SamplingParams
 from .stats import KVStats
 from .text_output import TextAssembler
-
-
-def _merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
-    """The shortcut arguments (n_ctx, n_threads, flash_attn) merged into config; a clash is a ValueError."""
-    given = {k: v for k, v in given.items() if v is not None}
-    if config is None:
-        return EngineConfig(**given)
-    default = EngineConfig()
-    clash = {k: v for k, v in given.items() if getattr(config, k) not in (getattr(default, k), v)}
-    if clash:
-        raise ValueError(f"{clash} contradicts config={config}; set it in one place")
-    return dataclasses.replace(config, **given)
 
 
 class Llama:
@@ -75,7 +63,7 @@ class Llama:
             policy = make_policy(policy, **params)
         elif not isinstance(policy, KVPolicy):
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
-        config = _merge_config(config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn or None)
+        config = merge_config(config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn or None)
         if kv_budget is not None and config.flash_attn:
             raise ValueError(
                 "flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises"
@@ -282,31 +270,9 @@ class Llama:
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
         chunks = self._stream(tokens, params, max_tokens, stops)
         if stream:
-            return self._completion_chunks(meta, chunks)
-        text, finish, n_out = self._collect(chunks)
-        return {
-            **meta,
-            "object": "text_completion",
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-            "usage": self.usage(len(tokens), n_out),
-        }
-
-    @staticmethod
-    def _collect(chunks: Iterator[GenerationChunk]) -> tuple[str, str | None, int]:
-        """Drain a non-streaming answer: (text, finish_reason, tokens generated)."""
-        text, last = "", None
-        for last in chunks:
-            text += last.text
-        return text, last.finish_reason if last else None, len(last.tokens) if last else 0
-
-    def _completion_chunks(self, meta: dict[str, Any], chunks: Iterator[GenerationChunk]) -> Iterator[dict[str, Any]]:
-        for c in chunks:
-            piece, finish = c.text, c.finish_reason
-            yield {
-                **meta,
-                "object": "text_completion",
-                "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}],
-            }
+            return shapes.completion_chunks(meta, chunks)
+        text, finish, n_out = shapes.collect(chunks)
+        return shapes.completion(meta, text, finish, self.usage(len(tokens), n_out))
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """OpenAI's usage object; cached prompt tokens go where OpenAI reports them, KV figures as extra keys."""
@@ -380,21 +346,9 @@ class Llama:
             self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens
         )
         if stream:
-            return self._chat_chunks(meta, chunks)
-        text, finish, n_out = self._collect(chunks)
-        return {
-            **meta,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": self.usage(len(tokens), n_out),
-        }
+            return shapes.chat_chunks(meta, chunks)
+        text, finish, n_out = shapes.collect(chunks)
+        return shapes.chat_completion(meta, text, finish, self.usage(len(tokens), n_out))
 
     def _remember_turn(
         self,
@@ -420,27 +374,6 @@ class Llama:
                     msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out)
                 )
             raise
-
-    def _chat_chunks(self, meta: dict[str, Any], chunks: Iterator[GenerationChunk]) -> Iterator[dict[str, Any]]:
-        yield {
-            **meta,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}],
-        }
-        for c in chunks:
-            piece, finish = c.text, c.finish_reason
-            yield {
-                **meta,
-                "object": "chat.completion.chunk",
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"content": piece} if piece else {},
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
-                ],
-            }
 
     # -- state -------------------------------------------------------------------------------
     @property
