@@ -3,33 +3,45 @@
  *
  * Only kq_soft_max nodes of the scored cache answer true at ask-time: every true splits the graph
  * and costs a synchronisation, so everything else is read from inputs, which are set before compute. */
-#include "pme_internal.h"
-#include "ggml.h"
 #include "ggml-backend.h"
+#include "ggml.h"
+#include "pme_internal.h"
+
 #include <stdlib.h>
 #include <string.h>
 
 /* "<prefix><digits>[ suffix]" -> layer index, or -1 */
 static int parse_layer(const char * name, const char * prefix) {
     const size_t n = strlen(prefix);
-    if (strncmp(name, prefix, n) != 0) return -1;
+    if (strncmp(name, prefix, n) != 0) {
+        return -1;
+    }
     const char * p = name + n;
-    if (*p < '0' || *p > '9') return -1;
+    if (*p < '0' || *p > '9') {
+        return -1;
+    }
     int il = 0;
-    while (*p >= '0' && *p <= '9') il = il * 10 + (*p++ - '0');
+    while (*p >= '0' && *p <= '9') {
+        il = il * 10 + (*p++ - '0');
+    }
     return (*p == 0 || *p == ' ') ? il : -1;
 }
 
 static const void * host_or_copy(pme_state * st, const struct ggml_tensor * t, void * small_buf, size_t small_cap) {
-    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) return t->data;
+    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
+        return t->data;
+    }
     /* GPU backends: copy the tensor out through the backend API */
     const size_t nbytes = ggml_nbytes(t);
-    void * dst = small_buf;
+    void *       dst    = small_buf;
     if (nbytes > small_cap) {
         if (nbytes > st->dev_copy_cap) {
             float * p = realloc(st->dev_copy, nbytes);
-            if (!p) { pme_set_error(st, "out of memory copying %s (%zu bytes)", t->name, nbytes); return NULL; }
-            st->dev_copy = p;
+            if (!p) {
+                pme_set_error(st, "out of memory copying %s (%zu bytes)", t->name, nbytes);
+                return NULL;
+            }
+            st->dev_copy     = p;
             st->dev_copy_cap = nbytes;
         }
         dst = st->dev_copy;
@@ -40,34 +52,58 @@ static const void * host_or_copy(pme_state * st, const struct ggml_tensor * t, v
 
 static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
     const int il = parse_layer(t->name, "cache_k_l");
-    if (il < 0) return; /* V writes carry the same indices */
-    if (il >= st->cfg.n_layer) { pme_set_error(st, "layer %d >= n_layer %d in %s", il, st->cfg.n_layer, t->name); return; }
+    if (il < 0) {
+        return; /* V writes carry the same indices */
+    }
+    if (il >= st->cfg.n_layer) {
+        pme_set_error(st, "layer %d >= n_layer %d in %s", il, st->cfg.n_layer, t->name);
+        return;
+    }
     const struct ggml_tensor * idx = t->src[1];
-    if (!idx || idx->type != GGML_TYPE_I64) { pme_set_error(st, "%s: src[1] is not an I64 index tensor", t->name); return; }
+    if (!idx || idx->type != GGML_TYPE_I64) {
+        pme_set_error(st, "%s: src[1] is not an I64 index tensor", t->name);
+        return;
+    }
 
     int g = -1;
-    for (int i = 0; i < st->n_groups; ++i) if (st->group_idx_tensor[i] == idx) g = i;
+    for (int i = 0; i < st->n_groups; ++i) {
+        if (st->group_idx_tensor[i] == idx) {
+            g = i;
+        }
+    }
     if (g < 0) {
-        if (st->n_groups == PME_MAX_GROUPS) { pme_set_error(st, "more than %d KV caches in one graph", PME_MAX_GROUPS); return; }
-        g = st->n_groups++;
+        if (st->n_groups == PME_MAX_GROUPS) {
+            pme_set_error(st, "more than %d KV caches in one graph", PME_MAX_GROUPS);
+            return;
+        }
+        g                       = st->n_groups++;
         st->group_idx_tensor[g] = idx;
-        st->group_mapped[g] = 0;
+        st->group_mapped[g]     = 0;
         /* the node is a view of the whole cache, so ne[1] = its cells; iSWA models have a smaller
          * sliding-window cache, and the scored one has n_cells cells */
-        if (t->ne[1] == st->cfg.n_cells && st->main_group < 0) st->main_group = g;
+        if (t->ne[1] == st->cfg.n_cells && st->main_group < 0) {
+            st->main_group = g;
+        }
     }
     st->layer_group[il] = (int8_t) g;
-    if (g != st->main_group || st->group_mapped[g]) return;
+    if (g != st->main_group || st->group_mapped[g]) {
+        return;
+    }
 
     if (idx->ne[0] != st->ub_n) {
         pme_set_error(st, "%s: %lld indices for a %d-token ubatch", t->name, (long long) idx->ne[0], st->ub_n);
         return;
     }
     const int64_t * cells = host_or_copy(st, idx, st->idx_copy, (size_t) st->cfg.max_ubatch * sizeof(int64_t));
-    if (!cells) return;
+    if (!cells) {
+        return;
+    }
     for (int32_t i = 0; i < st->ub_n; ++i) {
         const int64_t c = cells[i];
-        if (c < 0 || c >= st->cfg.n_cells) { pme_set_error(st, "cell index %lld outside [0, %d)", (long long) c, st->cfg.n_cells); return; }
+        if (c < 0 || c >= st->cfg.n_cells) {
+            pme_set_error(st, "cell index %lld outside [0, %d)", (long long) c, st->cfg.n_cells);
+            return;
+        }
         pme_cell_assign(st, (int32_t) c, st->ub_pos[i]);
     }
     st->group_mapped[g] = 1;
@@ -75,29 +111,43 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
 
 static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
     const int il = parse_layer(t->name, "kq_soft_max-");
-    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) return false;
+    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
+        return false;
+    }
     return st->layer_group[il] == st->main_group;
 }
 
 static void on_softmax(pme_state * st, const struct ggml_tensor * t) {
     if (t->type != GGML_TYPE_F32 || t->nb[0] != sizeof(float) || t->ne[3] != 1) {
-        pme_set_error(st, "%s: unexpected layout (type %d, nb0 %zu, ne3 %lld)", t->name, (int) t->type, t->nb[0], (long long) t->ne[3]);
+        pme_set_error(st, "%s: unexpected layout (type %d, nb0 %zu, ne3 %lld)", t->name, (int) t->type, t->nb[0],
+                      (long long) t->ne[3]);
         return;
     }
     const float * attn = host_or_copy(st, t, NULL, 0);
-    if (!attn) return;
+    if (!attn) {
+        return;
+    }
     pme_fold_softmax(st, attn, t->ne[0], t->ne[1], t->ne[2], t->nb[1], t->nb[2]);
 }
 
 static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     pme_state * st = user_data;
     if (ask) {
-        if (!st || st->failed || st->ub_n == 0) return false;
-        if (t->op == GGML_OP_SET_ROWS) { on_set_rows(st, t); return false; }
-        if (t->op == GGML_OP_SOFT_MAX) return wants_softmax(st, t);
+        if (!st || st->failed || st->ub_n == 0) {
+            return false;
+        }
+        if (t->op == GGML_OP_SET_ROWS) {
+            on_set_rows(st, t);
+            return false;
+        }
+        if (t->op == GGML_OP_SOFT_MAX) {
+            return wants_softmax(st, t);
+        }
         return false;
     }
-    if (st && !st->failed && st->ub_n > 0) on_softmax(st, t);
+    if (st && !st->failed && st->ub_n > 0) {
+        on_softmax(st, t);
+    }
     /* never abort the graph: errors surface after llama_decode returns, through pme_end_ubatch */
     return true;
 }

@@ -6,8 +6,9 @@
  * consecutive live positions moves down with one llama_memory_seq_add, which llama.cpp turns into a
  * K re-rotation at the next decode (the context-shift mechanism). Order is kept and nothing is evicted:
  * only the gaps that eviction left close up. */
-#include "pme_internal.h"
 #include "llama.h"
+#include "pme_internal.h"
+
 #include <stdlib.h>
 
 static int cmp_i32(const void * a, const void * b) {
@@ -20,23 +21,39 @@ static int32_t rank_of(const int32_t * sorted, int32_t n, int32_t v) {
     int32_t lo = 0, hi = n;
     while (lo < hi) {
         const int32_t mid = lo + (hi - lo) / 2;
-        if (sorted[mid] < v) lo = mid + 1; else hi = mid;
+        if (sorted[mid] < v) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
     }
     return lo;
 }
 
 int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
-    if (st->failed) return -1;
-    if (!llama_memory) { pme_set_error(st, "pme_compact: llama_memory is NULL"); return -1; }
-    int32_t * live = st->victim_pos;  /* scratch (n_cells): no eviction is in flight during a compaction */
-    int32_t n = 0;
+    if (st->failed) {
+        return -1;
+    }
+    if (!llama_memory) {
+        pme_set_error(st, "pme_compact: llama_memory is NULL");
+        return -1;
+    }
+    int32_t * live = st->victim_pos; /* scratch (n_cells): no eviction is in flight during a compaction */
+    int32_t   n    = 0;
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         const int32_t p = st->cell_pos[c];
-        if (p < 0) continue;
-        if (p >= next_pos) { pme_set_error(st, "pme_compact: cell %d holds position %d >= next_pos %d", c, p, next_pos); return -1; }
+        if (p < 0) {
+            continue;
+        }
+        if (p >= next_pos) {
+            pme_set_error(st, "pme_compact: cell %d holds position %d >= next_pos %d", c, p, next_pos);
+            return -1;
+        }
         live[n++] = p;
     }
-    if (n == 0) return 0;
+    if (n == 0) {
+        return 0;
+    }
     qsort(live, (size_t) n, sizeof(int32_t), cmp_i32);
 
     /* runs in ascending order: a run moves down to its rank, below the next run's old positions,
@@ -44,16 +61,22 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
     int32_t i = 0;
     while (i < n) {
         int32_t j = i + 1;
-        while (j < n && live[j] == live[j - 1] + 1) ++j;
+        while (j < n && live[j] == live[j - 1] + 1) {
+            ++j;
+        }
         const int32_t delta = i - live[i];
-        if (delta != 0) llama_memory_seq_add((llama_memory_t) llama_memory, seq_id, live[i], live[j - 1] + 1, delta);
+        if (delta != 0) {
+            llama_memory_seq_add((llama_memory_t) llama_memory, seq_id, live[i], live[j - 1] + 1, delta);
+        }
         i = j;
     }
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
-        if (st->cell_pos[c] >= 0) st->cell_pos[c] = rank_of(live, n, st->cell_pos[c]);
+        if (st->cell_pos[c] >= 0) {
+            st->cell_pos[c] = rank_of(live, n, st->cell_pos[c]);
+        }
     }
     const int32_t shift = next_pos - n;
-    st->lpos_offset += shift;  /* tokens decoded from now on keep their logical position */
+    st->lpos_offset += shift; /* tokens decoded from now on keep their logical position */
     st->compactions++;
     return shift;
 }

@@ -3,64 +3,68 @@
 #define PME_INTERNAL_H
 #include "pme.h"
 
-#define PME_MAX_GROUPS 4      /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
+#define PME_MAX_GROUPS 4 /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
 #define PME_ERR_LEN    256
 
 /* pos: llama.cpp position (what seq_rm takes); lpos: logical position, never renumbered (pooling) */
-typedef struct pme_candidate { float score; int32_t pos; int64_t lpos; } pme_candidate;
+typedef struct pme_candidate {
+    float   score;
+    int32_t pos;
+    int64_t lpos;
+} pme_candidate;
 
 struct pme_state {
     pme_config cfg;
 
     /* cell map of the scored cache */
-    int32_t * cell_pos;        /* (n_cells) position held by each cell, -1 when free */
+    int32_t * cell_pos; /* (n_cells) position held by each cell, -1 when free */
     int64_t   n_live;
     int64_t   peak;
     int64_t   evicted;
     int64_t   evict_calls;
     int64_t   ubatches;
     int64_t   compactions;
-    int64_t   lpos_offset;     /* logical position - llama.cpp position, for tokens decoded since the last compaction */
-    int64_t * cell_lpos;       /* (n_cells) logical position of each live cell: compaction leaves it alone */
+    int64_t   lpos_offset; /* logical position - llama.cpp position, for tokens decoded since the last compaction */
+    int64_t * cell_lpos;   /* (n_cells) logical position of each live cell: compaction leaves it alone */
 
     /* layer -> cache group, learned from each graph's SET_ROWS nodes */
-    int8_t *  layer_group;     /* (n_layer) group index, -1 unknown */
+    int8_t *     layer_group; /* (n_layer) group index, -1 unknown */
     const void * group_idx_tensor[PME_MAX_GROUPS];
-    int32_t   n_groups;
-    int32_t   main_group;      /* group whose cache has n_cells cells, -1 until seen */
-    uint8_t   group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
-    int64_t * idx_copy;        /* (max_ubatch) k_idxs read from a non-host buffer */
+    int32_t      n_groups;
+    int32_t      main_group;                   /* group whose cache has n_cells cells, -1 until seen */
+    uint8_t      group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
+    int64_t *    idx_copy;                     /* (max_ubatch) k_idxs read from a non-host buffer */
 
     /* current ubatch */
-    int32_t * ub_pos;          /* (max_ubatch) positions in ubatch order */
+    int32_t * ub_pos;       /* (max_ubatch) positions in ubatch order */
     int32_t   ub_n;
-    int32_t   ub_flags;        /* pme_ubatch_flags of the last ubatch */
-    int32_t   ub_layers;       /* softmax nodes folded in */
-    int32_t   ub_rows;         /* rows kept = min(W, ub_n) */
-    float *   ub_row_acc;      /* (W, n_cells) layer/head-aggregated attention of the last rows */
-    float *   ub_chunk_acc;    /* (n_cells) per-cell max over all rows of the ubatch, aggregated */
-    float *   ub_sum_acc;      /* (n_cells) per-cell sum over all rows of the ubatch, aggregated */
-    float *   tmp;             /* (n_cells) one (layer, kv head) reduction */
-    float *   row_sum;         /* (n_cells) per-cell row sum of one (layer, kv head) */
+    int32_t   ub_flags;     /* pme_ubatch_flags of the last ubatch */
+    int32_t   ub_layers;    /* softmax nodes folded in */
+    int32_t   ub_rows;      /* rows kept = min(W, ub_n) */
+    float *   ub_row_acc;   /* (W, n_cells) layer/head-aggregated attention of the last rows */
+    float *   ub_chunk_acc; /* (n_cells) per-cell max over all rows of the ubatch, aggregated */
+    float *   ub_sum_acc;   /* (n_cells) per-cell sum over all rows of the ubatch, aggregated */
+    float *   tmp;          /* (n_cells) one (layer, kv head) reduction */
+    float *   row_sum;      /* (n_cells) per-cell row sum of one (layer, kv head) */
 
     /* policy state */
     const struct pme_policy_ops * ops;
-    float *   ring;            /* (W, n_cells) attention rows of the last W decoded tokens (MorphKV) */
-    int32_t   ring_head;       /* next row to overwrite */
-    int32_t   ring_count;
-    float *   pscore;          /* (n_cells) score persisting across ubatches (MorphKV prefill, H2O cumulative) */
-    float *   score;           /* (n_cells) selection score of the last eviction pass */
+    float *                       ring;      /* (W, n_cells) attention rows of the last W decoded tokens (MorphKV) */
+    int32_t                       ring_head; /* next row to overwrite */
+    int32_t                       ring_count;
+    float * pscore; /* (n_cells) score persisting across ubatches (MorphKV prefill, H2O cumulative) */
+    float * score;  /* (n_cells) selection score of the last eviction pass */
 
     /* victims of one pass */
-    pme_candidate * cand;      /* (n_cells) eviction candidates */
-    int32_t * victim_pos;      /* (n_cells) */
+    pme_candidate * cand;       /* (n_cells) eviction candidates */
+    int32_t *       victim_pos; /* (n_cells) */
 
     /* copy buffer for softmax tensors outside host memory (GPU backends) */
-    float *   dev_copy;
-    size_t    dev_copy_cap;
+    float * dev_copy;
+    size_t  dev_copy_cap;
 
-    int32_t   failed;
-    char      err[PME_ERR_LEN];
+    int32_t failed;
+    char    err[PME_ERR_LEN];
 };
 
 void pme_set_error(pme_state * st, const char * fmt, ...);
@@ -68,26 +72,31 @@ void pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
 void pme_cell_free(pme_state * st, int32_t cell);
 
 /* scores: fold one layer's softmax (n_head, n_tokens, n_kv) into the ubatch accumulators */
-int  pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n_tokens, int64_t n_head,
-                      size_t nb1, size_t nb2);
+int  pme_fold_softmax(pme_state *   st,
+                      const float * attn,
+                      int64_t       n_kv,
+                      int64_t       n_tokens,
+                      int64_t       n_head,
+                      size_t        nb1,
+                      size_t        nb2);
 void pme_ubatch_reset_acc(pme_state * st);
 void pme_ubatch_finish_acc(pme_state * st);
 
 /* policy: each pme_policy_<name>.c defines one of these */
 typedef struct pme_policy_ops {
-    int  needs_attention;                  /* 0: no softmax node is read at all */
-    void (*observe)(pme_state * st);       /* fold the ubatch accumulators into the policy's state */
-    void (*score)(pme_state * st);         /* fill st->score for every cell (higher = keep) */
-    int  (*evicts_now)(const pme_state * st);
+    int needs_attention;             /* 0: no softmax node is read at all */
+    void (*observe)(pme_state * st); /* fold the ubatch accumulators into the policy's state */
+    void (*score)(pme_state * st);   /* fill st->score for every cell (higher = keep) */
+    int (*evicts_now)(const pme_state * st);
 } pme_policy_ops;
 
 extern const pme_policy_ops pme_morphkv_ops, pme_h2o_ops, pme_tova_ops, pme_snapkv_ops, pme_streaming_ops;
 
 const pme_policy_ops * pme_policy_lookup(int32_t kind);
-int  pme_policy_always(const pme_state * st);
-void pme_policy_observe(pme_state * st);
-int  pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
-void pme_policy_forget_cell(pme_state * st, int32_t cell);
-void pme_policy_reset(pme_state * st);
+int                    pme_policy_always(const pme_state * st);
+void                   pme_policy_observe(pme_state * st);
+int                    pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
+void                   pme_policy_forget_cell(pme_state * st, int32_t cell);
+void                   pme_policy_reset(pme_state * st);
 
 #endif

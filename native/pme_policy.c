@@ -1,17 +1,24 @@
 /* What every policy shares: per-cell state lifetime, candidate filtering (recent window, sliding
  * window, sinks), optional position pooling and lowest-score-first selection. */
 #include "pme_internal.h"
+
 #include <stdlib.h>
 #include <string.h>
 
 const pme_policy_ops * pme_policy_lookup(int32_t kind) {
     switch (kind) {
-        case PME_POLICY_MORPHKV:   return &pme_morphkv_ops;
-        case PME_POLICY_H2O:       return &pme_h2o_ops;
-        case PME_POLICY_TOVA:      return &pme_tova_ops;
-        case PME_POLICY_SNAPKV:    return &pme_snapkv_ops;
-        case PME_POLICY_STREAMING: return &pme_streaming_ops;
-        default:                   return NULL;
+        case PME_POLICY_MORPHKV:
+            return &pme_morphkv_ops;
+        case PME_POLICY_H2O:
+            return &pme_h2o_ops;
+        case PME_POLICY_TOVA:
+            return &pme_tova_ops;
+        case PME_POLICY_SNAPKV:
+            return &pme_snapkv_ops;
+        case PME_POLICY_STREAMING:
+            return &pme_streaming_ops;
+        default:
+            return NULL;
     }
 }
 
@@ -19,30 +26,38 @@ void pme_policy_reset(pme_state * st) {
     const size_t nc = (size_t) st->cfg.n_cells;
     memset(st->ring, 0, (size_t) st->cfg.window * nc * sizeof(float));
     memset(st->pscore, 0, nc * sizeof(float));
-    st->ring_head = 0;
+    st->ring_head  = 0;
     st->ring_count = 0;
 }
 
 void pme_policy_forget_cell(pme_state * st, int32_t cell) {
     const size_t nc = (size_t) st->cfg.n_cells;
-    for (int32_t r = 0; r < st->cfg.window; ++r) st->ring[(size_t) r * nc + (size_t) cell] = 0.0f;
+    for (int32_t r = 0; r < st->cfg.window; ++r) {
+        st->ring[(size_t) r * nc + (size_t) cell] = 0.0f;
+    }
     st->pscore[cell] = 0.0f;
 }
 
 void pme_policy_observe(pme_state * st) {
-    if (st->ops->observe) st->ops->observe(st);
+    if (st->ops->observe) {
+        st->ops->observe(st);
+    }
 }
 
 static int by_score_then_age(const void * a, const void * b) {
-    const pme_candidate * x = a, * y = b;
-    if (x->score < y->score) return -1;
-    if (x->score > y->score) return 1;
+    const pme_candidate *x = a, *y = b;
+    if (x->score < y->score) {
+        return -1;
+    }
+    if (x->score > y->score) {
+        return 1;
+    }
     /* equal scores: the older token goes first, as in a recency fallback */
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
 static int by_pos(const void * a, const void * b) {
-    const pme_candidate * x = a, * y = b;
+    const pme_candidate *x = a, *y = b;
     return (x->pos > y->pos) - (x->pos < y->pos);
 }
 
@@ -53,31 +68,51 @@ static void pool_scores(pme_candidate * cand, int32_t n, int32_t radius, float *
     qsort(cand, (size_t) n, sizeof(pme_candidate), by_pos);
     for (int32_t i = 0; i < n; ++i) {
         float best = cand[i].score;
-        for (int32_t j = i - 1; j >= 0 && cand[i].lpos - cand[j].lpos <= radius; --j) if (cand[j].score > best) best = cand[j].score;
-        for (int32_t j = i + 1; j < n && cand[j].lpos - cand[i].lpos <= radius; ++j) if (cand[j].score > best) best = cand[j].score;
+        for (int32_t j = i - 1; j >= 0 && cand[i].lpos - cand[j].lpos <= radius; --j) {
+            if (cand[j].score > best) {
+                best = cand[j].score;
+            }
+        }
+        for (int32_t j = i + 1; j < n && cand[j].lpos - cand[i].lpos <= radius; ++j) {
+            if (cand[j].score > best) {
+                best = cand[j].score;
+            }
+        }
         scratch[i] = best;
     }
-    for (int32_t i = 0; i < n; ++i) cand[i].score = scratch[i];
+    for (int32_t i = 0; i < n; ++i) {
+        cand[i].score = scratch[i];
+    }
 }
 
 /* Writes the positions to evict (lowest score first) and returns how many. */
 int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap) {
     const int64_t excess = st->n_live - st->cfg.budget;
-    if (excess <= 0 || !st->ops->evicts_now(st)) return 0;
+    if (excess <= 0 || !st->ops->evicts_now(st)) {
+        return 0;
+    }
     st->ops->score(st);
 
     const int32_t protect_from = next_pos - st->cfg.protect_recent;
-    int32_t n_cand = 0;
+    int32_t       n_cand       = 0;
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         const int32_t p = st->cell_pos[c];
-        if (p >= st->cfg.n_sink && p < protect_from) st->cand[n_cand++] = (pme_candidate) { st->score[c], p, st->cell_lpos[c] };
+        if (p >= st->cfg.n_sink && p < protect_from) {
+            st->cand[n_cand++] = (pme_candidate) { st->score[c], p, st->cell_lpos[c] };
+        }
     }
-    if (st->cfg.pool_radius > 0) pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->tmp);
+    if (st->cfg.pool_radius > 0) {
+        pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->tmp);
+    }
     qsort(st->cand, (size_t) n_cand, sizeof(pme_candidate), by_score_then_age);
 
     int32_t n = (int32_t) (excess < n_cand ? excess : n_cand);
-    if (n > cap) n = cap;
-    for (int32_t i = 0; i < n; ++i) out_pos[i] = st->cand[i].pos;
+    if (n > cap) {
+        n = cap;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        out_pos[i] = st->cand[i].pos;
+    }
     return n;
 }
 

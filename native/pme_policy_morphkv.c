@@ -5,6 +5,7 @@
  * Prefill chunks use a persistent per-cell score, max(decay*old, chunk max), instead of the ring:
  * the question that makes an old token matter has usually not arrived yet. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 static void morphkv_observe(pme_state * st) {
@@ -12,13 +13,15 @@ static void morphkv_observe(pme_state * st) {
     for (int32_t r = 0; r < st->ub_rows; ++r) {
         memcpy(st->ring + (size_t) st->ring_head * nc, st->ub_row_acc + (size_t) r * nc, nc * sizeof(float));
         st->ring_head = (st->ring_head + 1) % st->cfg.window;
-        if (st->ring_count < st->cfg.window) st->ring_count++;
+        if (st->ring_count < st->cfg.window) {
+            st->ring_count++;
+        }
     }
     const float d = st->cfg.prefill_decay;
     for (size_t c = 0; c < nc; ++c) {
         const float decayed = d * st->pscore[c];
-        const float fresh = st->ub_chunk_acc[c];
-        st->pscore[c] = fresh > decayed ? fresh : decayed;
+        const float fresh   = st->ub_chunk_acc[c];
+        st->pscore[c]       = fresh > decayed ? fresh : decayed;
     }
 }
 
@@ -32,9 +35,15 @@ static void morphkv_score(pme_state * st) {
     for (int32_t r = 0; r < st->ring_count; ++r) {
         const float * row = st->ring + (size_t) r * nc;
         if (st->cfg.fusion == PME_FUSION_MAX) {
-            for (size_t c = 0; c < nc; ++c) if (row[c] > st->score[c]) st->score[c] = row[c];
+            for (size_t c = 0; c < nc; ++c) {
+                if (row[c] > st->score[c]) {
+                    st->score[c] = row[c];
+                }
+            }
         } else {
-            for (size_t c = 0; c < nc; ++c) st->score[c] += row[c];
+            for (size_t c = 0; c < nc; ++c) {
+                st->score[c] += row[c];
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
  * by the attention of the prompt's last W tokens (the observation window), pooled over neighbouring
  * positions. Generated tokens are never evicted, so the cache grows again during generation. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 static void snapkv_score(pme_state * st) {
@@ -9,7 +10,9 @@ static void snapkv_score(pme_state * st) {
     memset(st->score, 0, nc * sizeof(float));
     for (int32_t r = 0; r < st->ub_rows; ++r) {
         const float * row = st->ub_row_acc + (size_t) r * nc;
-        for (size_t c = 0; c < nc; ++c) st->score[c] += row[c];
+        for (size_t c = 0; c < nc; ++c) {
+            st->score[c] += row[c];
+        }
     }
 }
 

@@ -2,6 +2,7 @@
  * sinks) and the most recent ones. No attention is read: every score is equal, so the oldest
  * non-sink tokens go first. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 static void streaming_score(pme_state * st) {

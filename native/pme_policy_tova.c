@@ -1,6 +1,7 @@
 /* TOVA (Oren et al., 2024, arXiv 2401.06104): evict the tokens the current token attends to least.
  * Only the last query row of the ubatch counts; nothing is remembered between steps. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 static void tova_score(pme_state * st) {

@@ -5,13 +5,14 @@
  * Query heads of one GQA group are summed (they read the same K/V cell), then the KV heads and
  * the layers are combined by cfg.aggregate, because a llama.cpp cell is shared by all of them. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 void pme_ubatch_reset_acc(pme_state * st) {
-    const size_t nc = (size_t) st->cfg.n_cells;
-    int32_t rows = st->ub_n < st->cfg.window ? st->ub_n : st->cfg.window;
-    st->ub_rows = rows;
-    st->ub_layers = 0;
+    const size_t nc   = (size_t) st->cfg.n_cells;
+    int32_t      rows = st->ub_n < st->cfg.window ? st->ub_n : st->cfg.window;
+    st->ub_rows       = rows;
+    st->ub_layers     = 0;
     memset(st->ub_row_acc, 0, (size_t) rows * nc * sizeof(float));
     memset(st->ub_chunk_acc, 0, nc * sizeof(float));
     memset(st->ub_sum_acc, 0, nc * sizeof(float));
@@ -19,25 +20,44 @@ void pme_ubatch_reset_acc(pme_state * st) {
 
 static inline void fold(float * acc, const float * v, int64_t n, int agg) {
     if (agg == PME_AGG_MAX) {
-        for (int64_t c = 0; c < n; ++c) if (v[c] > acc[c]) acc[c] = v[c];
+        for (int64_t c = 0; c < n; ++c) {
+            if (v[c] > acc[c]) {
+                acc[c] = v[c];
+            }
+        }
     } else {
-        for (int64_t c = 0; c < n; ++c) acc[c] += v[c];
+        for (int64_t c = 0; c < n; ++c) {
+            acc[c] += v[c];
+        }
     }
 }
 
 /* tmp[c] = sum over the query heads of KV head g, for token row t */
-static void group_row(const pme_state * st, const float * attn, int64_t n_kv, int64_t t, int32_t g,
-                      size_t nb1, size_t nb2, float * out) {
+static void group_row(const pme_state * st,
+                      const float *     attn,
+                      int64_t           n_kv,
+                      int64_t           t,
+                      int32_t           g,
+                      size_t            nb1,
+                      size_t            nb2,
+                      float *           out) {
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
     memset(out, 0, (size_t) n_kv * sizeof(float));
     for (int32_t q = g * q_per_kv; q < (g + 1) * q_per_kv; ++q) {
         const float * row = (const float *) ((const char *) attn + t * nb1 + q * nb2);
-        for (int64_t c = 0; c < n_kv; ++c) out[c] += row[c];
+        for (int64_t c = 0; c < n_kv; ++c) {
+            out[c] += row[c];
+        }
     }
 }
 
-int pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n_tokens, int64_t n_head,
-                     size_t nb1, size_t nb2) {
+int pme_fold_softmax(pme_state *   st,
+                     const float * attn,
+                     int64_t       n_kv,
+                     int64_t       n_tokens,
+                     int64_t       n_head,
+                     size_t        nb1,
+                     size_t        nb2) {
     if (n_tokens != st->ub_n) {
         pme_set_error(st, "softmax has %lld token rows but the ubatch has %d", (long long) n_tokens, st->ub_n);
         return -1;
@@ -50,9 +70,9 @@ int pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n
         pme_set_error(st, "softmax spans %lld cells but the cache has %d", (long long) n_kv, st->cfg.n_cells);
         return -1;
     }
-    const int agg = st->cfg.aggregate;
-    const size_t nc = (size_t) st->cfg.n_cells;
-    float * tmp = st->tmp;
+    const int    agg = st->cfg.aggregate;
+    const size_t nc  = (size_t) st->cfg.n_cells;
+    float *      tmp = st->tmp;
 
     for (int32_t g = 0; g < st->cfg.n_head_kv; ++g) {
         /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
@@ -62,16 +82,18 @@ int pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n
             fold(st->ub_row_acc + (size_t) r * nc, tmp, n_kv, agg);
         }
         /* persistent score: max over every row of the ubatch, so a token attended once in its own
-         * prefill chunk keeps a mark until a later question needs it (see shared/LLAMA_CPP_FACTS.md) */
+         * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
         {
-            float * best = st->score;  /* scratch: selection recomputes score before reading it */
+            float * best  = st->score; /* scratch: selection recomputes score before reading it */
             float * total = st->row_sum;
             memset(best, 0, (size_t) n_kv * sizeof(float));
             memset(total, 0, (size_t) n_kv * sizeof(float));
             for (int64_t t = 0; t < n_tokens; ++t) {
                 group_row(st, attn, n_kv, t, g, nb1, nb2, tmp);
                 for (int64_t c = 0; c < n_kv; ++c) {
-                    if (tmp[c] > best[c]) best[c] = tmp[c];
+                    if (tmp[c] > best[c]) {
+                        best[c] = tmp[c];
+                    }
                     total[c] += tmp[c];
                 }
             }
@@ -84,10 +106,18 @@ int pme_fold_softmax(pme_state * st, const float * attn, int64_t n_kv, int64_t n
 }
 
 void pme_ubatch_finish_acc(pme_state * st) {
-    if (st->cfg.aggregate != PME_AGG_MEAN || st->ub_layers == 0) return;
-    const size_t nc = (size_t) st->cfg.n_cells;
-    const float inv = 1.0f / (float) (st->ub_layers * st->cfg.n_head_kv);
-    for (size_t i = 0; i < (size_t) st->ub_rows * nc; ++i) st->ub_row_acc[i] *= inv;
-    for (size_t c = 0; c < nc; ++c) st->ub_chunk_acc[c] *= inv;
-    for (size_t c = 0; c < nc; ++c) st->ub_sum_acc[c] *= inv;
+    if (st->cfg.aggregate != PME_AGG_MEAN || st->ub_layers == 0) {
+        return;
+    }
+    const size_t nc  = (size_t) st->cfg.n_cells;
+    const float  inv = 1.0f / (float) (st->ub_layers * st->cfg.n_head_kv);
+    for (size_t i = 0; i < (size_t) st->ub_rows * nc; ++i) {
+        st->ub_row_acc[i] *= inv;
+    }
+    for (size_t c = 0; c < nc; ++c) {
+        st->ub_chunk_acc[c] *= inv;
+    }
+    for (size_t c = 0; c < nc; ++c) {
+        st->ub_sum_acc[c] *= inv;
+    }
 }

@@ -1,5 +1,6 @@
 /* State lifetime, errors, the cell map and stats. */
 #include "pme_internal.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,7 +8,9 @@
 
 void pme_set_error(pme_state * st, const char * fmt, ...) {
     /* keep the first error: later ones are usually consequences of it */
-    if (st->failed) return;
+    if (st->failed) {
+        return;
+    }
     st->failed = 1;
     va_list ap;
     va_start(ap, fmt);
@@ -16,28 +19,50 @@ void pme_set_error(pme_state * st, const char * fmt, ...) {
 }
 
 static void write_err(char * err, size_t len, const char * msg) {
-    if (err && len) snprintf(err, len, "%s", msg);
+    if (err && len) {
+        snprintf(err, len, "%s", msg);
+    }
 }
 
 pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
-    if (!cfg) { write_err(err, err_len, "pme_create: cfg is NULL"); return NULL; }
-    if (cfg->n_cells <= 0 || cfg->budget <= 0 || cfg->window <= 0 || cfg->n_head <= 0 ||
-        cfg->n_head_kv <= 0 || cfg->n_head % cfg->n_head_kv != 0 || cfg->n_layer <= 0 || cfg->max_ubatch <= 0 || cfg->pool_radius < 0) {
+    if (!cfg) {
+        write_err(err, err_len, "pme_create: cfg is NULL");
+        return NULL;
+    }
+    if (cfg->n_cells <= 0 || cfg->budget <= 0 || cfg->window <= 0 || cfg->n_head <= 0 || cfg->n_head_kv <= 0 ||
+        cfg->n_head % cfg->n_head_kv != 0 || cfg->n_layer <= 0 || cfg->max_ubatch <= 0 || cfg->pool_radius < 0) {
         char buf[PME_ERR_LEN];
-        snprintf(buf, sizeof buf, "pme_create: invalid config (n_cells=%d budget=%d window=%d n_head=%d n_head_kv=%d n_layer=%d max_ubatch=%d)",
+        snprintf(buf, sizeof buf,
+                 "pme_create: invalid config (n_cells=%d budget=%d window=%d n_head=%d n_head_kv=%d n_layer=%d "
+                 "max_ubatch=%d)",
                  cfg->n_cells, cfg->budget, cfg->window, cfg->n_head, cfg->n_head_kv, cfg->n_layer, cfg->max_ubatch);
         write_err(err, err_len, buf);
         return NULL;
     }
-    if (cfg->fusion != PME_FUSION_SUM && cfg->fusion != PME_FUSION_MAX) { write_err(err, err_len, "pme_create: unknown fusion"); return NULL; }
-    if (cfg->aggregate != PME_AGG_MEAN && cfg->aggregate != PME_AGG_MAX) { write_err(err, err_len, "pme_create: unknown aggregate"); return NULL; }
-    if (!pme_policy_lookup(cfg->policy)) { write_err(err, err_len, "pme_create: unknown policy"); return NULL; }
-    if (cfg->n_sink < 0) { write_err(err, err_len, "pme_create: n_sink < 0"); return NULL; }
+    if (cfg->fusion != PME_FUSION_SUM && cfg->fusion != PME_FUSION_MAX) {
+        write_err(err, err_len, "pme_create: unknown fusion");
+        return NULL;
+    }
+    if (cfg->aggregate != PME_AGG_MEAN && cfg->aggregate != PME_AGG_MAX) {
+        write_err(err, err_len, "pme_create: unknown aggregate");
+        return NULL;
+    }
+    if (!pme_policy_lookup(cfg->policy)) {
+        write_err(err, err_len, "pme_create: unknown policy");
+        return NULL;
+    }
+    if (cfg->n_sink < 0) {
+        write_err(err, err_len, "pme_create: n_sink < 0");
+        return NULL;
+    }
 
     pme_state * st = calloc(1, sizeof *st);
-    if (!st) { write_err(err, err_len, "pme_create: out of memory"); return NULL; }
-    st->cfg = *cfg;
-    st->ops = pme_policy_lookup(cfg->policy);
+    if (!st) {
+        write_err(err, err_len, "pme_create: out of memory");
+        return NULL;
+    }
+    st->cfg         = *cfg;
+    st->ops         = pme_policy_lookup(cfg->policy);
     const size_t nc = (size_t) cfg->n_cells, w = (size_t) cfg->window;
     st->cell_pos     = malloc(nc * sizeof(int32_t));
     st->cell_lpos    = malloc(nc * sizeof(int64_t));
@@ -48,14 +73,15 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->ub_chunk_acc = calloc(nc, sizeof(float));
     st->ub_sum_acc   = calloc(nc, sizeof(float));
     st->tmp          = calloc(nc, sizeof(float));
-    st->row_sum = calloc(nc, sizeof(float));
+    st->row_sum      = calloc(nc, sizeof(float));
     st->ring         = calloc(w * nc, sizeof(float));
     st->pscore       = calloc(nc, sizeof(float));
     st->score        = calloc(nc, sizeof(float));
     st->cand         = malloc(nc * sizeof(pme_candidate));
     st->victim_pos   = malloc(nc * sizeof(int32_t));
-    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
-        !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos) {
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc ||
+        !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score ||
+        !st->cand || !st->victim_pos) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -65,7 +91,9 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
 }
 
 void pme_free(pme_state * st) {
-    if (!st) return;
+    if (!st) {
+        return;
+    }
     free(st->dev_copy);
     free(st->victim_pos);
     free(st->cand);
@@ -86,15 +114,17 @@ void pme_free(pme_state * st) {
 }
 
 void pme_reset(pme_state * st) {
-    for (int32_t c = 0; c < st->cfg.n_cells; ++c) st->cell_pos[c] = -1;
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        st->cell_pos[c] = -1;
+    }
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
-    st->n_groups = 0;
+    st->n_groups   = 0;
     st->main_group = -1;
     st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = st->compactions = 0;
-    st->lpos_offset = 0;
+    st->lpos_offset                                                                        = 0;
     st->ub_n = st->ub_layers = st->ub_rows = 0;
-    st->failed = 0;
-    st->err[0] = 0;
+    st->failed                             = 0;
+    st->err[0]                             = 0;
     pme_policy_reset(st);
 }
 
@@ -109,12 +139,14 @@ void pme_cell_assign(pme_state * st, int32_t cell, int32_t pos) {
         /* llama.cpp reused a cell we still thought live: its old token is gone, forget its scores */
         pme_policy_forget_cell(st, cell);
     }
-    st->cell_pos[cell] = pos;
+    st->cell_pos[cell]  = pos;
     st->cell_lpos[cell] = pos + st->lpos_offset;
 }
 
 void pme_cell_free(pme_state * st, int32_t cell) {
-    if (st->cell_pos[cell] < 0) return;
+    if (st->cell_pos[cell] < 0) {
+        return;
+    }
     st->cell_pos[cell] = -1;
     st->n_live--;
     pme_policy_forget_cell(st, cell);
@@ -137,28 +169,37 @@ int pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap) {
 }
 
 int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t flags) {
-    if (st->failed) return -1;
+    if (st->failed) {
+        return -1;
+    }
     if (n_tokens <= 0 || n_tokens > st->cfg.max_ubatch) {
         pme_set_error(st, "pme_begin_ubatch: n_tokens=%d outside [1, %d]", n_tokens, st->cfg.max_ubatch);
         return -1;
     }
     memcpy(st->ub_pos, pos, (size_t) n_tokens * sizeof(int32_t));
-    st->ub_n = n_tokens;
+    st->ub_n     = n_tokens;
     st->ub_flags = flags;
     /* graphs may be rebuilt between decodes, so cache groups are re-learned from each graph */
     memset(st->group_mapped, 0, sizeof st->group_mapped);
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
-    st->n_groups = 0;
+    st->n_groups   = 0;
     st->main_group = -1;
     pme_ubatch_reset_acc(st);
     return 0;
 }
 
 int pme_end_ubatch(pme_state * st) {
-    if (st->failed) return -1;
-    if (st->ub_n == 0) { pme_set_error(st, "pme_end_ubatch: no ubatch begun"); return -1; }
+    if (st->failed) {
+        return -1;
+    }
+    if (st->ub_n == 0) {
+        pme_set_error(st, "pme_end_ubatch: no ubatch begun");
+        return -1;
+    }
     if (st->main_group < 0 || !st->group_mapped[st->main_group]) {
-        pme_set_error(st, "pme_end_ubatch: the decode wrote no cells of the %d-cell cache (is the eval callback installed?)", st->cfg.n_cells);
+        pme_set_error(
+            st, "pme_end_ubatch: the decode wrote no cells of the %d-cell cache (is the eval callback installed?)",
+            st->cfg.n_cells);
         return -1;
     }
     if (st->ub_layers == 0 && st->ops->needs_attention) {
@@ -168,7 +209,9 @@ int pme_end_ubatch(pme_state * st) {
     pme_ubatch_finish_acc(st);
     pme_policy_observe(st);
     st->ubatches++;
-    if (st->n_live > st->peak) st->peak = st->n_live;
+    if (st->n_live > st->peak) {
+        st->peak = st->n_live;
+    }
     st->ub_n = 0;
     return 0;
 }

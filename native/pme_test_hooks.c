@@ -1,17 +1,28 @@
 /* Entry points for unit tests: the same scoring and selection code, fed synthetic attention. */
 #include "pme_internal.h"
+
 #include <string.h>
 
 int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n) {
-    if (n > st->cfg.n_cells) { pme_set_error(st, "pme_test_set_cells: %d cells > n_cells %d", n, st->cfg.n_cells); return -1; }
+    if (n > st->cfg.n_cells) {
+        pme_set_error(st, "pme_test_set_cells: %d cells > n_cells %d", n, st->cfg.n_cells);
+        return -1;
+    }
     pme_reset(st);
-    for (int32_t c = 0; c < n; ++c) if (pos_per_cell[c] >= 0) pme_cell_assign(st, c, pos_per_cell[c]);
+    for (int32_t c = 0; c < n; ++c) {
+        if (pos_per_cell[c] >= 0) {
+            pme_cell_assign(st, c, pos_per_cell[c]);
+        }
+    }
     return 0;
 }
 
 int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head) {
-    if (st->ub_n == 0) { pme_set_error(st, "pme_test_observe: call pme_begin_ubatch first"); return -1; }
-    st->main_group = 0;
+    if (st->ub_n == 0) {
+        pme_set_error(st, "pme_test_observe: call pme_begin_ubatch first");
+        return -1;
+    }
+    st->main_group      = 0;
     st->group_mapped[0] = 1;
     return pme_fold_softmax(st, attn, n_kv, n_tokens, n_head, (size_t) n_kv * sizeof(float),
                             (size_t) n_kv * (size_t) n_tokens * sizeof(float));

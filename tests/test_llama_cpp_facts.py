@@ -1,4 +1,4 @@
-"""Pins down the facts in shared/LLAMA_CPP_FACTS.md that the engine relies on.
+"""Pins down the llama.cpp behaviour the engine relies on (the team keeps the measured facts in LLAMA_CPP_FACTS.md).
 
 If the pinned llama-cpp-python changes, these are the tests that say which assumption broke.
 A slow Python eval callback is fine here: it only inspects a few decodes of a tiny model.
