@@ -79,6 +79,11 @@ def test_chat_without_template_on_unknown_architecture_is_a_clear_error(tmp_path
     with Llama(p, kv_budget=64, chat_template="{{ raise_exception('no chat here') }}") as m:
         with pytest.raises(ValueError, match="no chat here"):
             m.create_chat_completion([{"role": "user", "content": "hi"}])
+    # an architecture without a built-in template and a GGUF without one: the error names it and the way out
+    from pymorph_edge.chat import ChatFormatter
+
+    with pytest.raises(ValueError, match=r"architecture 'rwkv7'\) has no chat template; pass chat_template="):
+        ChatFormatter.for_model(None, "rwkv7", "<s>", "</s>")
 
 
 @pytest.mark.slow
