@@ -19,7 +19,11 @@ enum pme_policy_kind {
     PME_POLICY_STREAMING = 4
 };
 
-enum pme_ubatch_flags { PME_UB_PREFILL = 1, PME_UB_LAST = 2 }; /* multi-token chunk; last chunk of a prompt */
+enum pme_ubatch_flags {
+    PME_UB_PREFILL = 1, /* multi-token chunk */
+    PME_UB_LAST    = 2, /* last chunk of a prompt */
+    PME_UB_PROBE   = 4  /* the prompt's last tokens, decoded to score the cache and then removed */
+};
 
 enum pme_fusion { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };
 
@@ -40,6 +44,8 @@ typedef struct pme_config {
     int32_t max_ubatch;     /* largest ubatch the engine will submit */
     int32_t pool_radius;    /* a token's score is the max over positions within this radius (0: off) */
     int32_t n_sink;         /* first positions never evicted (StreamingLLM's attention sinks) */
+    int32_t pool_after;     /* a token also scores as high as any of the this many tokens before it */
+    int32_t prefill_probe;  /* 1: prompt chunks are scored by a probe of the prompt's last tokens (MorphKV) */
 } pme_config;
 
 typedef struct pme_stats {
@@ -81,6 +87,14 @@ int32_t pme_min_live_tail(const pme_state * st,
                           int32_t           next_pos); /* smallest p with every position in [p, next_pos) live */
 void    pme_get_stats(const pme_state * st, pme_stats * out);
 int     pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);
+
+/* Per-head weights: scores of (layer, KV head) pairs are scaled by w[layer * n_head_kv + head] before they
+ * combine (NULL: every head counts the same). pme_calibrate arms the next ubatch to measure, per (layer, KV
+ * head), the mean attention each row gives the cell holding target_pos[row] (-1: none); the results are
+ * read with pme_calibration_scores. See pymorph_edge/head_calibration.py. */
+int pme_set_head_weights(pme_state * st, const float * w, int32_t n);
+int pme_calibrate(pme_state * st, const int32_t * target_pos, int32_t n_tokens);
+int pme_calibration_scores(const pme_state * st, float * out, int32_t cap);
 
 /* Test hooks: drive the same scoring and selection code without a model. */
 int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n);

@@ -127,6 +127,7 @@ static void on_softmax(pme_state * st, const struct ggml_tensor * t) {
     if (!attn) {
         return;
     }
+    st->cur_layer = parse_layer(t->name, "kq_soft_max-"); /* wants_softmax checked it is in range */
     pme_fold_softmax(st, attn, t->ne[0], t->ne[1], t->ne[2], t->nb[1], t->nb[2]);
 }
 

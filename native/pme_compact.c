@@ -11,25 +11,6 @@
 
 #include <stdlib.h>
 
-static int cmp_i32(const void * a, const void * b) {
-    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
-    return (x > y) - (x < y);
-}
-
-/* index of v in sorted[0..n) (v must be present) */
-static int32_t rank_of(const int32_t * sorted, int32_t n, int32_t v) {
-    int32_t lo = 0, hi = n;
-    while (lo < hi) {
-        const int32_t mid = lo + (hi - lo) / 2;
-        if (sorted[mid] < v) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo;
-}
-
 int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
     if (st->failed) {
         return -1;
@@ -54,7 +35,7 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
     if (n == 0) {
         return 0;
     }
-    qsort(live, (size_t) n, sizeof(int32_t), cmp_i32);
+    qsort(live, (size_t) n, sizeof(int32_t), pme_cmp_i32);
 
     /* runs in ascending order: a run moves down to its rank, below the next run's old positions,
      * so no run lands on positions a later seq_add still has to select */
@@ -72,7 +53,7 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
     }
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         if (st->cell_pos[c] >= 0) {
-            st->cell_pos[c] = rank_of(live, n, st->cell_pos[c]);
+            st->cell_pos[c] = pme_lower_bound(live, n, st->cell_pos[c]);
         }
     }
     const int32_t shift = next_pos - n;

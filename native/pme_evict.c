@@ -4,22 +4,9 @@
 
 #include <stdlib.h>
 
-static int cmp_i32(const void * a, const void * b) {
-    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
-    return (x > y) - (x < y);
-}
-
 static int contains(const int32_t * sorted, int32_t n, int32_t v) {
-    int32_t lo = 0, hi = n;
-    while (lo < hi) {
-        const int32_t mid = lo + (hi - lo) / 2;
-        if (sorted[mid] < v) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    return lo < n && sorted[lo] == v;
+    const int32_t i = pme_lower_bound(sorted, n, v);
+    return i < n && sorted[i] == v;
 }
 
 int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
@@ -35,7 +22,7 @@ int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_
     if (n <= 0) {
         return n;
     }
-    qsort(v, (size_t) n, sizeof(int32_t), cmp_i32);
+    qsort(v, (size_t) n, sizeof(int32_t), pme_cmp_i32);
 
     int32_t i = 0;
     while (i < n) {

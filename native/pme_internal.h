@@ -40,12 +40,22 @@ struct pme_state {
     int32_t   ub_n;
     int32_t   ub_flags;     /* pme_ubatch_flags of the last ubatch */
     int32_t   ub_layers;    /* softmax nodes folded in */
+    int32_t   cur_layer;    /* layer of the softmax being folded */
     int32_t   ub_rows;      /* rows kept = min(W, ub_n) */
     float *   ub_row_acc;   /* (W, n_cells) layer/head-aggregated attention of the last rows */
     float *   ub_chunk_acc; /* (n_cells) per-cell max over all rows of the ubatch, aggregated */
     float *   ub_sum_acc;   /* (n_cells) per-cell sum over all rows of the ubatch, aggregated */
     float *   tmp;          /* (n_cells) one (layer, kv head) reduction */
     float *   row_sum;      /* (n_cells) per-cell row sum of one (layer, kv head) */
+
+    /* per-head weights and their calibration (pme_head_weights.c) */
+    float *   head_w;       /* (n_layer * n_head_kv) or NULL: uniform */
+    int32_t * calib_target; /* (max_ubatch) target position per row of the armed ubatch */
+    int32_t * calib_cell;   /* (max_ubatch) cell holding that target, -1 none; found at the first fold */
+    int32_t   calib_armed;  /* 1: the next ubatch measures; 2: its cells are resolved */
+    int32_t   calib_n;      /* rows in calib_target */
+    float *   calib_acc;    /* (n_layer * n_head_kv) summed attention on targets */
+    int32_t   calib_rows;   /* rows with a live target */
 
     /* policy state */
     const struct pme_policy_ops * ops;
@@ -67,6 +77,26 @@ struct pme_state {
     char    err[PME_ERR_LEN];
 };
 
+/* qsort comparator for int32_t positions, ascending */
+static inline int pme_cmp_i32(const void * a, const void * b) {
+    const int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
+    return (x > y) - (x < y);
+}
+
+/* first index i of sorted[0..n) with sorted[i] >= v (n when none) */
+static inline int32_t pme_lower_bound(const int32_t * sorted, int32_t n, int32_t v) {
+    int32_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int32_t mid = lo + (hi - lo) / 2;
+        if (sorted[mid] < v) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
 void pme_set_error(pme_state * st, const char * fmt, ...);
 void pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
 void pme_cell_free(pme_state * st, int32_t cell);
@@ -81,6 +111,7 @@ int  pme_fold_softmax(pme_state *   st,
                       size_t        nb2);
 void pme_ubatch_reset_acc(pme_state * st);
 void pme_ubatch_finish_acc(pme_state * st);
+void pme_calib_resolve(pme_state * st);
 
 /* policy: each pme_policy_<name>.c defines one of these */
 typedef struct pme_policy_ops {

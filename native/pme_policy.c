@@ -64,11 +64,12 @@ static int by_pos(const void * a, const void * b) {
 /* Max-pool scores over neighbouring positions (SnapKV's clustering): a multi-token fact such as a
  * number split into digit tokens survives whole when any of its tokens scores high. Neighbours are
  * judged by logical position, so tokens that compaction brought together do not pool. */
-static void pool_scores(pme_candidate * cand, int32_t n, int32_t radius, float * scratch) {
+static void pool_scores(pme_candidate * cand, int32_t n, int32_t radius, int32_t after, float * scratch) {
     qsort(cand, (size_t) n, sizeof(pme_candidate), by_pos);
+    const int32_t back = after > radius ? after : radius;
     for (int32_t i = 0; i < n; ++i) {
         float best = cand[i].score;
-        for (int32_t j = i - 1; j >= 0 && cand[i].lpos - cand[j].lpos <= radius; --j) {
+        for (int32_t j = i - 1; j >= 0 && cand[i].lpos - cand[j].lpos <= back; --j) {
             if (cand[j].score > best) {
                 best = cand[j].score;
             }
@@ -101,8 +102,8 @@ int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32
             st->cand[n_cand++] = (pme_candidate) { st->score[c], p, st->cell_lpos[c] };
         }
     }
-    if (st->cfg.pool_radius > 0) {
-        pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->tmp);
+    if (st->cfg.pool_radius > 0 || st->cfg.pool_after > 0) {
+        pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->cfg.pool_after, st->tmp);
     }
     qsort(st->cand, (size_t) n_cand, sizeof(pme_candidate), by_score_then_age);
 

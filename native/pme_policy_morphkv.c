@@ -2,8 +2,10 @@
  * older tokens that those W tokens attend to most. The attention rows of the last W tokens are
  * kept in a ring over cells and fused by sum or max at each eviction.
  *
- * Prefill chunks use a persistent per-cell score, max(decay*old, chunk max), instead of the ring:
- * the question that makes an old token matter has usually not arrived yet. */
+ * Prompt chunks keep a persistent per-cell score, max(decay*old, chunk max). A prompt longer than the
+ * cache has its chunks evicted before its question is read, so with prefill_probe the engine decodes the
+ * prompt's last W tokens after each chunk (a probe, removed again) and their rows score the cache, as
+ * SnapKV's observation window does once the whole prompt is in. */
 #include "pme_internal.h"
 
 #include <string.h>
@@ -26,25 +28,38 @@ static void morphkv_observe(pme_state * st) {
 }
 
 static void morphkv_score(pme_state * st) {
-    const size_t nc = (size_t) st->cfg.n_cells;
-    if (st->ub_flags & PME_UB_PREFILL) {
+    const size_t nc     = (size_t) st->cfg.n_cells;
+    const int    prompt = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
+    if (prompt && !st->cfg.prefill_probe) {
         memcpy(st->score, st->pscore, nc * sizeof(float));
         return;
     }
-    memset(st->score, 0, nc * sizeof(float));
+    /* decode: the fused rows of the last W tokens. A prompt with a probe: the fused rows of its last
+     * tokens (the probe, or the final chunk, which holds the question) plus the persistent score, so
+     * that both what the question points at and what was salient on the way survive. */
+    if (prompt) {
+        memcpy(st->score, st->pscore, nc * sizeof(float));
+    } else {
+        memset(st->score, 0, nc * sizeof(float));
+    }
+    float * fused = st->tmp;
+    memset(fused, 0, nc * sizeof(float));
     for (int32_t r = 0; r < st->ring_count; ++r) {
         const float * row = st->ring + (size_t) r * nc;
         if (st->cfg.fusion == PME_FUSION_MAX) {
             for (size_t c = 0; c < nc; ++c) {
-                if (row[c] > st->score[c]) {
-                    st->score[c] = row[c];
+                if (row[c] > fused[c]) {
+                    fused[c] = row[c];
                 }
             }
         } else {
             for (size_t c = 0; c < nc; ++c) {
-                st->score[c] += row[c];
+                fused[c] += row[c];
             }
         }
+    }
+    for (size_t c = 0; c < nc; ++c) {
+        st->score[c] += fused[c];
     }
 }
 

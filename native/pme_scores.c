@@ -32,7 +32,7 @@ static inline void fold(float * acc, const float * v, int64_t n, int agg) {
     }
 }
 
-/* tmp[c] = sum over the query heads of KV head g, for token row t */
+/* out[c] = w * sum over the query heads of KV head g, for token row t */
 static void group_row(const pme_state * st,
                       const float *     attn,
                       int64_t           n_kv,
@@ -40,6 +40,7 @@ static void group_row(const pme_state * st,
                       int32_t           g,
                       size_t            nb1,
                       size_t            nb2,
+                      float             w,
                       float *           out) {
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
     memset(out, 0, (size_t) n_kv * sizeof(float));
@@ -47,6 +48,11 @@ static void group_row(const pme_state * st,
         const float * row = (const float *) ((const char *) attn + t * nb1 + q * nb2);
         for (int64_t c = 0; c < n_kv; ++c) {
             out[c] += row[c];
+        }
+    }
+    if (w != 1.0f) {
+        for (int64_t c = 0; c < n_kv; ++c) {
+            out[c] *= w;
         }
     }
 }
@@ -74,11 +80,17 @@ int pme_fold_softmax(pme_state *   st,
     const size_t nc  = (size_t) st->cfg.n_cells;
     float *      tmp = st->tmp;
 
+    if (st->calib_armed == 1) {
+        pme_calib_resolve(st);
+    }
+    const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
     for (int32_t g = 0; g < st->cfg.n_head_kv; ++g) {
+        const int32_t hi = st->cur_layer * st->cfg.n_head_kv + g;
+        const float   w  = st->head_w ? st->head_w[hi] : 1.0f;
         /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
         for (int32_t r = 0; r < st->ub_rows; ++r) {
             const int64_t t = n_tokens - st->ub_rows + r;
-            group_row(st, attn, n_kv, t, g, nb1, nb2, tmp);
+            group_row(st, attn, n_kv, t, g, nb1, nb2, w, tmp);
             fold(st->ub_row_acc + (size_t) r * nc, tmp, n_kv, agg);
         }
         /* persistent score: max over every row of the ubatch, so a token attended once in its own
@@ -89,7 +101,10 @@ int pme_fold_softmax(pme_state *   st,
             memset(best, 0, (size_t) n_kv * sizeof(float));
             memset(total, 0, (size_t) n_kv * sizeof(float));
             for (int64_t t = 0; t < n_tokens; ++t) {
-                group_row(st, attn, n_kv, t, g, nb1, nb2, tmp);
+                group_row(st, attn, n_kv, t, g, nb1, nb2, w, tmp);
+                if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= 0 && st->calib_cell[t] < n_kv) {
+                    st->calib_acc[hi] += tmp[st->calib_cell[t]] / (w * (float) q_per_kv);
+                }
                 for (int64_t c = 0; c < n_kv; ++c) {
                     if (tmp[c] > best[c]) {
                         best[c] = tmp[c];
@@ -106,6 +121,7 @@ int pme_fold_softmax(pme_state *   st,
 }
 
 void pme_ubatch_finish_acc(pme_state * st) {
+    st->calib_armed = 0; /* a calibration covers one ubatch */
     if (st->cfg.aggregate != PME_AGG_MEAN || st->ub_layers == 0) {
         return;
     }

@@ -79,9 +79,12 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->score        = calloc(nc, sizeof(float));
     st->cand         = malloc(nc * sizeof(pme_candidate));
     st->victim_pos   = malloc(nc * sizeof(int32_t));
+    st->calib_target = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
+    st->calib_cell   = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
+    st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
     if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc ||
         !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score ||
-        !st->cand || !st->victim_pos) {
+        !st->cand || !st->victim_pos || !st->calib_target || !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -95,6 +98,10 @@ void pme_free(pme_state * st) {
         return;
     }
     free(st->dev_copy);
+    free(st->head_w);
+    free(st->calib_acc);
+    free(st->calib_cell);
+    free(st->calib_target);
     free(st->victim_pos);
     free(st->cand);
     free(st->score);

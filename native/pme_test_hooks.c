@@ -24,6 +24,7 @@ int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n
     }
     st->main_group      = 0;
     st->group_mapped[0] = 1;
+    st->cur_layer       = st->ub_layers % st->cfg.n_layer; /* the k-th call of a ubatch is layer k */
     return pme_fold_softmax(st, attn, n_kv, n_tokens, n_head, (size_t) n_kv * sizeof(float),
                             (size_t) n_kv * (size_t) n_tokens * sizeof(float));
 }

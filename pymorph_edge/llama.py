@@ -22,7 +22,6 @@ from .generation_record import GenerationChunk, Timings
 from .kv_engine import KVEngine
 from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
-from .prefix_reuse import reusable_prefix
 from .request_params import check_max_tokens, check_stop, sampling_params
 from .sampling import Sampler, SamplingParams
 from .stats import KVStats
@@ -94,6 +93,11 @@ class Llama:
         return self._engine.n_ctx
 
     @property
+    def has_chat_template(self) -> bool:
+        """True when the GGUF carries its own chat template (an instruction-tuned model), or one was given."""
+        return bool(self._chat_template)
+
+    @property
     def n_ctx_train(self) -> int:
         """Context length the model was trained on (positions the cache may span before compaction matters)."""
         return self._model.info.n_ctx_train
@@ -149,14 +153,17 @@ class Llama:
     ) -> Iterator[int]:
         """Yield sampled token ids (end-of-generation tokens included), like llama_cpp.Llama.generate: endlessly
         under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full."""
-        params = SamplingParams(
+        params = sampling_params(
+            self.n_vocab,
             temperature=temp,
-            top_k=top_k,
             top_p=top_p,
+            top_k=top_k,
             min_p=min_p,
-            repeat_penalty=repeat_penalty,
             seed=seed,
-            logit_bias=logit_bias or {},
+            logit_bias=logit_bias,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=0.0,
+            presence_penalty=0.0,
         )
         yield from self._generate(list(tokens), params, reset)
 
@@ -168,17 +175,12 @@ class Llama:
             raise ValueError("generate needs at least one prompt token")
         engine = self._engine
         t0 = time.perf_counter()
-        keep = len(engine.history) if not reset else 0
-        if not engine.consistent:
-            engine.reset()
-            keep = 0
-        elif reset:
-            keep = reusable_prefix(engine.history, tokens, engine.live_from())
-            if keep == 0:
+        if reset:
+            new = tokens[engine.reuse_prefix(tokens) :]
+        else:
+            if not engine.consistent:
                 engine.reset()
-            elif keep < len(engine.history):
-                engine.truncate(keep)
-        new = tokens[keep:] if reset else tokens
+            new = tokens
         engine.decode(new, progress=self.prefill_progress)
         self.last_timings = Timings(
             prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, cached_tokens=len(tokens) - len(new)
@@ -189,7 +191,7 @@ class Llama:
                 tok = sampler.sample(engine.ctx)
                 self.last_timings.completion_tokens += 1
                 yield tok
-                if not engine.bounded and not engine.shifting and engine.next_pos >= engine.n_ctx:
+                if engine.full and engine.next_pos >= engine.n_ctx:
                     return  # full cache is full: the caller sees the stream end
                 engine.decode([tok])
                 self.last_timings.decode_s += time.perf_counter() - t1
@@ -214,7 +216,7 @@ class Llama:
         reset: bool = True,
     ) -> Iterator[GenerationChunk]:
         """Yield the answer as GenerationChunks; the last one carries the finish."""
-        if not self._engine.bounded and not self._engine.shifting and max_tokens is None:
+        if self._engine.full and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []

@@ -16,6 +16,9 @@ class KVStats:
     tokens_decoded: int  # tokens run through the model since the last reset (prompt + generated)
     next_pos: int  # cache position the next token gets; compaction renumbers positions down
     compactions: int = 0  # times the live positions were renumbered to keep the span trained-for
+    evict_calls: int = 0  # llama_memory_seq_rm calls (one per run of consecutive evicted positions)
+    ubatches: int = 0  # ubatches the native scorer observed
+    layers_scored: int = 0  # attention softmax nodes read in the last ubatch (0 when no attention is read)
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)

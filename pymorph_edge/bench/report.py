@@ -102,14 +102,20 @@ def markdown(results: dict[str, Any]) -> str:
         if rows:
             segs = rows[0]["segments"]
             out += [
-                "| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " |",
-                "| --- |" + " --- |" * len(segs),
+                "| policy | " + " | ".join(f"{s['start']}-{s['end']}" for s in segs) + " | KL last / first |",
+                "| --- |" + " --- |" * (len(segs) + 1),
             ]
             for r in rows:
+                first, last = r["segments"][0]["mean_kl"], r["segments"][-1]["mean_kl"]
+                # degradation over the answer, as the MorphKV paper reports it at 12K tokens
                 out.append(
                     f"| {r['policy']} | "
                     + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.0e}" for s in r["segments"])
-                    + " |"
+                    + f" | {last / first:.2f} |"
+                    if first > 0
+                    else f"| {r['policy']} | "
+                    + " | ".join(f"{s['top1_agreement']:.0%} / {s['mean_kl']:.0e}" for s in r["segments"])
+                    + " | n/a |"
                 )
     if "memory" in t:
         out += ["", "## KV memory needed to reach an output length (MiB allocated; peak RSS MiB)", ""]

@@ -7,19 +7,21 @@ from typing import Any
 
 from .common import open_llm
 from .config import BenchConfig, policy_label
-from .passkey import answer, filler_repeats_for, make_case
+from .passkey import answer, answer_chat, filler_repeats_for, make_case
 
 
 def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[], None]) -> dict[str, Any]:
     trials = []
     longest = int(max(cfg.passkey_multipliers) * cfg.budget) + 256
     llm = open_llm(model, spec, cfg.budget, cfg.n_ubatch, longest)
+    # instruction-tuned models (a GGUF chat template) are asked in a chat turn, base models by completion
+    ask = answer_chat if llm.has_chat_template else answer
     try:
         for mult in cfg.passkey_multipliers:
             n_filler = filler_repeats_for(llm, int(mult * cfg.budget))
             for j, depth in enumerate(cfg.passkey_depths):
                 case = make_case(n_filler, depth, cfg.seed * 1000 + int(mult * 10) + j)
-                hit, text = answer(llm, case)
+                hit, text = ask(llm, case)
                 trials.append(
                     {
                         "multiplier": mult,

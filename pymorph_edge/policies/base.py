@@ -19,6 +19,21 @@ class KVPolicy:
         """Most recent tokens the policy never evicts."""
         return 0
 
+    @property
+    def calibrates_heads(self) -> bool:
+        """Whether the engine measures induction heads at load to weight this policy's scores."""
+        return False
+
+    @property
+    def probes_prefill(self) -> bool:
+        """Whether prompt chunks are scored by a probe of the prompt's last `protected_recent` tokens."""
+        return bool(getattr(self, "prefill_probe", False))
+
+    def cells_needed(self, kv_budget: int, n_ubatch: int) -> int:
+        """Cells the context must hold under kv_budget: the budget plus one ubatch, decoded before eviction.
+        Raises ValueError when kv_budget does not suit the policy."""
+        return kv_budget + n_ubatch
+
     def native_fields(self) -> dict[str, int | float | str]:
         """Fields of the native pme_config this policy sets; a str value names a native/pme.h enum constant
         (the one source of those numbers), resolved when the native state is created."""

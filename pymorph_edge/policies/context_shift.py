@@ -27,5 +27,13 @@ class ContextShift(KVPolicy):
     def protected_recent(self) -> int:
         return self.n_keep
 
+    def cells_needed(self, kv_budget: int, n_ubatch: int) -> int:
+        if kv_budget <= self.n_keep + n_ubatch:
+            raise ValueError(
+                f"kv_budget={kv_budget} must exceed n_keep + n_ubatch = {self.n_keep + n_ubatch} "
+                "for context_shift, so that a prompt chunk fits after a shift"
+            )
+        return kv_budget  # positions never pass kv_budget: the shift makes room before each chunk
+
     def native_fields(self) -> dict[str, int | float | str]:
         return {}

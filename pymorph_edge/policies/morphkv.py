@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
 FUSIONS = {"sum": "PME_FUSION_SUM", "max": "PME_FUSION_MAX"}
+HEAD_WEIGHTS = ("induction", "uniform")
 
 
 @dataclass
@@ -29,6 +30,9 @@ class MorphKV(KVPolicy):
     aggregate: str = "mean"
     prefill_decay: float = 0.95
     pool_radius: int = 1
+    pool_after: int = 6
+    head_weights: str = "induction"
+    prefill_probe: bool = True
 
     name = "morphkv"
 
@@ -37,14 +41,24 @@ class MorphKV(KVPolicy):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
         check_aggregate(self.aggregate)
-        if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
-            raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
+        for name in ("pool_radius", "pool_after"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.head_weights not in HEAD_WEIGHTS:
+            raise ValueError(f"head_weights must be one of {HEAD_WEIGHTS}, got {self.head_weights!r}")
+        if not isinstance(self.prefill_probe, bool):
+            raise ValueError(f"prefill_probe must be a bool, got {self.prefill_probe!r}")
         if not (0.0 <= float(self.prefill_decay) <= 1.0):
             raise ValueError(f"prefill_decay must be in [0, 1], got {self.prefill_decay!r}")
 
     @property
     def protected_recent(self) -> int:
         return self.window
+
+    @property
+    def calibrates_heads(self) -> bool:
+        return self.head_weights == "induction"
 
     def native_fields(self) -> dict[str, int | float | str]:
         return {
@@ -54,4 +68,6 @@ class MorphKV(KVPolicy):
             "aggregate": AGGREGATES[self.aggregate],
             "prefill_decay": float(self.prefill_decay),
             "pool_radius": self.pool_radius,
+            "pool_after": self.pool_after,
+            "prefill_probe": int(self.prefill_probe),
         }

@@ -29,5 +29,12 @@ class SnapKV(AttentionWindowPolicy):
         if isinstance(self.pool_radius, bool) or not isinstance(self.pool_radius, int) or self.pool_radius < 0:
             raise ValueError(f"pool_radius must be an int >= 0, got {self.pool_radius!r}")
 
+    def cells_needed(self, kv_budget: int, n_ubatch: int) -> int:
+        if self.n_ctx < kv_budget + n_ubatch:
+            raise ValueError(
+                f"snapkv n_ctx={self.n_ctx} must be at least kv_budget + n_ubatch = {kv_budget + n_ubatch}"
+            )
+        return self.n_ctx  # the whole prompt is held before it is compressed, and the answer grows past it
+
     def native_fields(self) -> dict[str, int | float | str]:
         return {**super().native_fields(), "pool_radius": self.pool_radius}

@@ -86,7 +86,8 @@ def create_app(
     max_queue: int = 8,
     max_tokens_limit: int = 65536,
     max_body_bytes: int = 1 << 20,
-) -> FastAPI:
+) -> ASGIApp:
+    """The FastAPI app wrapped in the request-body limit (an ASGI app: serve it with uvicorn or TestClient)."""
     worker = ModelWorker(max_queue)
 
     @contextlib.asynccontextmanager
@@ -260,4 +261,4 @@ def create_app(
 
         return await respond(make, req.stream, kv_headers)
 
-    return BodyLimit(app, max_body_bytes)  # type: ignore[return-value]
+    return BodyLimit(app, max_body_bytes)
