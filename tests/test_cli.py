@@ -139,3 +139,14 @@ def test_ctrl_c_stops_the_answer_but_not_the_session(gqa_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_generate_chat_sends_one_user_turn_through_the_template(gqa_model):
+    r = run(
+        "generate", "-m", gqa_model, "--kv-budget", "128", "-p", "hi", "-n", "12", "--temperature", "0",
+        "--chat", "--repeat-penalty", "1.15", "--n-ubatch", "64",
+    )  # fmt: skip
+    # the synthetic model's architecture is llama -> llama.cpp's built-in llama3 template
+    assert r.returncode == 0, r.stderr
+    assert "[stats] tokens=" in r.stderr
+    assert "<|start_header_id|>" not in r.stdout  # the template's own markup is not echoed as answer text

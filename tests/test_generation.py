@@ -127,3 +127,27 @@ def test_smollm2_passkey_survives_a_chat_prompt_of_4x_the_budget(smollm2_path):
             hits.append(answer_chat(m, case)[0])
             assert m.stats.peak_cells <= 512 + 512
         assert sum(hits) >= 5, hits
+
+
+def test_penalties_reach_llama_cpp(gqa_model):
+    """A huge presence penalty makes greedy decoding avoid every token of its last 64 (penalties crashed before:
+    the pinned llama.cpp's llama_sampler_init_penalties takes n_vocab first)."""
+    from pymorph_edge.request_params import sampling_params
+
+    with Llama(gqa_model, kv_budget=256) as m:
+        ban = {m.token_eos(): -1e9}
+        common = dict(temperature=0.0, top_p=1.0, top_k=40, min_p=0.0, seed=None, logit_bias=ban, repeat_penalty=1.0)
+
+        def answer(**penalties):
+            params = sampling_params(
+                m.n_vocab, **common, **{"frequency_penalty": 0.0, "presence_penalty": 0.0, **penalties}
+            )
+            return [c for c in m._stream(m.tokenize("abc"), params, 60, [])][-1].tokens
+
+        plain, penalised = answer(), answer(presence_penalty=1e4)
+        assert len(set(plain)) < len(plain)  # the random model repeats itself when greedy
+        assert len(set(penalised)) == len(penalised) == 60  # no token twice within the 64-token window
+        # every public route takes them
+        m.create_completion("abc", max_tokens=4, temperature=0, repeat_penalty=1.3, frequency_penalty=0.5)
+        m.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, presence_penalty=0.5)
+        assert isinstance(next(m.generate(m.tokenize("abc"), temp=0, repeat_penalty=1.3)), int)
