@@ -27,7 +27,7 @@ class KVPolicy:
     @property
     def probes_prefill(self) -> bool:
         """Whether prompt chunks are scored by a probe of the prompt's last `protected_recent` tokens."""
-        return bool(getattr(self, "prefill_probe", False))
+        return False
 
     def cells_needed(self, kv_budget: int, n_ubatch: int) -> int:
         """Cells the context must hold under kv_budget: the budget plus one ubatch, decoded before eviction.

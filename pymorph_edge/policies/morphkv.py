@@ -60,6 +60,10 @@ class MorphKV(KVPolicy):
     def calibrates_heads(self) -> bool:
         return self.head_weights == "induction"
 
+    @property
+    def probes_prefill(self) -> bool:
+        return self.prefill_probe
+
     def native_fields(self) -> dict[str, int | float | str]:
         return {
             "policy": "PME_POLICY_MORPHKV",

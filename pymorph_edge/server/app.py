@@ -79,6 +79,21 @@ class _TooLarge(Exception):
     pass
 
 
+def sampling_kw(req: CompletionRequest | ChatRequest, max_tokens: int | None) -> dict[str, Any]:
+    """The generation keywords both endpoints pass on to Llama (their requests share these fields)."""
+    return dict(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        stop=req.stop,
+        seed=req.seed,
+        logit_bias=req.logit_bias,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+    )
+
+
 def create_app(
     llm: Llama,
     *,
@@ -217,17 +232,7 @@ def create_app(
     async def completions(req: CompletionRequest) -> Any:
         if (bad := check_limits(req.max_tokens)) is not None:
             return bad
-        kw = dict(
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            stop=req.stop,
-            seed=req.seed,
-            logit_bias=req.logit_bias,
-            frequency_penalty=req.frequency_penalty,
-            presence_penalty=req.presence_penalty,
-        )
+        kw = sampling_kw(req, req.max_tokens)
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool) -> Any:
@@ -242,17 +247,7 @@ def create_app(
         if (bad := check_limits(max_tokens)) is not None:
             return bad
         msgs = [m.model_dump() for m in req.messages]
-        kw = dict(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            stop=req.stop,
-            seed=req.seed,
-            logit_bias=req.logit_bias,
-            frequency_penalty=req.frequency_penalty,
-            presence_penalty=req.presence_penalty,
-        )
+        kw = sampling_kw(req, max_tokens)
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool) -> Any:
