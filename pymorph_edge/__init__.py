@@ -1,6 +1,7 @@
 """pymorph_edge: GGUF models through llama.cpp with a KV cache that never grows (MorphKV)."""
 
 from .engine_config import EngineConfig
+from .generation_record import GenerationCancelled
 from .llama import Llama, Timings
 from .policies import H2O, TOVA, ContextShift, FullCache, KVPolicy, MorphKV, SnapKV, StreamingLLM
 from .stats import KVStats
@@ -10,6 +11,7 @@ __all__ = [
     "EngineConfig",
     "KVStats",
     "Timings",
+    "GenerationCancelled",
     "KVPolicy",
     "MorphKV",
     "FullCache",

@@ -113,7 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
     s.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (default 8)")
-    s.add_argument("--max-tokens-limit", type=_positive, default=65536, help="largest max_tokens a request may ask for")
+    s.add_argument(
+        "--max-tokens-limit",
+        type=_positive,
+        default=8192,
+        help="most tokens one answer may have; also the bound of a request that sets no max_tokens (default 8192)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may run, queue time included, before it is stopped with a 408 (default 600; 0: none)",
+    )
 
     b = sub.add_parser("bench", help="MorphKV vs baselines: passkey, perplexity, fidelity, memory, speed")
     b.add_argument(
@@ -288,14 +299,20 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"binding to {args.host!r} exposes the model beyond this machine; pass --api-key too")
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    import uvicorn
-
-    from .server import create_app
+    if args.request_timeout < 0:
+        raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
+    from .server import create_app, serve
 
     with _open_model(args) as llm:
-        app = create_app(llm, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
+        app = create_app(
+            llm,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            max_tokens_limit=args.max_tokens_limit,
+            request_timeout=args.request_timeout or None,
+        )
         sys.stderr.write(f"serving {llm.model_path} on http://{args.host}:{args.port}/v1 (kv_budget={llm.kv_budget})\n")
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 

@@ -3,10 +3,19 @@ GenerationResponse), so the reason an answer ended travels with it rather than i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 Finish = Literal["end_of_generation", "stop_string", "length"]
+
+# Polled between tokens and between prefill chunks: a server's deadline, a client gone, a shutdown.
+CancelCheck = Callable[[], bool]
+
+
+class GenerationCancelled(Exception):
+    """Raised out of a generation whose cancel check answered True. The cache stays consistent: the check
+    runs only at token and prefill-chunk boundaries, so the next request can reuse what was decoded."""
 
 
 @dataclass

@@ -235,7 +235,11 @@ class KVEngine:
             else:
                 self._full_peak = max(self._full_peak, self.next_pos)
             if progress is not None:
+                # every chunk so far is in the cache and the history, so a hook that raises (a cancelled
+                # request) leaves a cache the next request can reuse up to here
+                self.consistent = True
                 progress(start + m, n)
+                self.consistent = False
         self.consistent = True
 
     def _probes(self, n: int) -> bool:

@@ -18,7 +18,7 @@ import llama_cpp.llama_cpp as C
 from . import openai_shapes as shapes
 from .chat import ChatFormatter, ChatTurn, continuation_tokens, validate_messages
 from .engine_config import EngineConfig, merge_config
-from .generation_record import GenerationChunk, Timings
+from .generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
 from .kv_engine import KVEngine
 from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
@@ -150,9 +150,11 @@ class Llama:
         seed: int | None = None,
         logit_bias: Mapping[int | str, float] | None = None,
         reset: bool = True,
+        cancel: CancelCheck | None = None,
     ) -> Iterator[int]:
         """Yield sampled token ids (end-of-generation tokens included), like llama_cpp.Llama.generate: endlessly
-        under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full."""
+        under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full.
+        cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
         params = sampling_params(
             self.n_vocab,
             temperature=temp,
@@ -165,9 +167,11 @@ class Llama:
             frequency_penalty=0.0,
             presence_penalty=0.0,
         )
-        yield from self._generate(list(tokens), params, reset)
+        yield from self._generate(list(tokens), params, reset, cancel)
 
-    def _generate(self, tokens: list[int], params: SamplingParams, reset: bool) -> Iterator[int]:
+    def _generate(
+        self, tokens: list[int], params: SamplingParams, reset: bool, cancel: CancelCheck | None = None
+    ) -> Iterator[int]:
         """reset=True: reuse the cached prefix the prompt shares with the history (llama_cpp.Llama does the
         same); reset=False: append the tokens to whatever the cache holds."""
         sampler = Sampler(params, self.n_vocab)  # validates before any decoding
@@ -181,12 +185,14 @@ class Llama:
             if not engine.consistent:
                 engine.reset()
             new = tokens
-        engine.decode(new, progress=self.prefill_progress)
+        engine.decode(new, progress=self._prefill_progress(cancel))
         self.last_timings = Timings(
             prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, cached_tokens=len(tokens) - len(new)
         )
         try:
             while True:
+                if cancel is not None and cancel():
+                    raise GenerationCancelled("generation cancelled")
                 t1 = time.perf_counter()
                 tok = sampler.sample(engine.ctx)
                 self.last_timings.completion_tokens += 1
@@ -197,6 +203,20 @@ class Llama:
                 self.last_timings.decode_s += time.perf_counter() - t1
         finally:
             sampler.close()
+
+    def _prefill_progress(self, cancel: CancelCheck | None) -> Callable[[int, int], None] | None:
+        """The prefill progress hook, with the cancel check between chunks (a long prompt takes seconds)."""
+        if cancel is None:
+            return self.prefill_progress
+        report = self.prefill_progress
+
+        def progress(done: int, total: int) -> None:
+            if report is not None:
+                report(done, total)
+            if done < total and cancel():
+                raise GenerationCancelled(f"generation cancelled during the prefill, {done} of {total} tokens in")
+
+        return progress
 
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -214,13 +234,14 @@ class Llama:
         max_tokens: int | None,
         stop: list[str],
         reset: bool = True,
+        cancel: CancelCheck | None = None,
     ) -> Iterator[GenerationChunk]:
         """Yield the answer as GenerationChunks; the last one carries the finish."""
         if self._engine.full and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []
-        for tok in self._generate(prompt_tokens, params, reset):
+        for tok in self._generate(prompt_tokens, params, reset, cancel):
             if self.is_end_of_generation(tok):
                 yield GenerationChunk(text.finish(), tok, "end_of_generation", out)
                 return
@@ -252,8 +273,10 @@ class Llama:
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         stream: bool = False,
+        cancel: CancelCheck | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Complete `prompt`. max_tokens=None generates until an end-of-generation token or a stop string."""
+        """Complete `prompt`. max_tokens=None generates until an end-of-generation token or a stop string.
+        cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
         check_max_tokens(max_tokens)
         stops = check_stop(stop)
         params = sampling_params(
@@ -270,7 +293,7 @@ class Llama:
         )
         tokens = self._prompt_tokens(prompt)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
-        chunks = self._stream(tokens, params, max_tokens, stops)
+        chunks = self._stream(tokens, params, max_tokens, stops, cancel=cancel)
         if stream:
             return shapes.completion_chunks(meta, chunks)
         text, finish, n_out = shapes.collect(chunks)
@@ -316,8 +339,10 @@ class Llama:
         frequency_penalty: float = 0.0,
         presence_penalty: float = 0.0,
         stream: bool = False,
+        cancel: CancelCheck | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Answer a conversation, formatted with the model's own chat template."""
+        """Answer a conversation, formatted with the model's own chat template.
+        cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
         msgs = validate_messages(messages)
         check_max_tokens(max_tokens)
         stops = check_stop(stop)
@@ -345,7 +370,7 @@ class Llama:
         self._last_turn = None
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
         chunks = self._remember_turn(
-            self._stream(tokens, params, max_tokens, stops + template_stops), msgs, prompt, tokens
+            self._stream(tokens, params, max_tokens, stops + template_stops, cancel=cancel), msgs, prompt, tokens
         )
         if stream:
             return shapes.chat_chunks(meta, chunks)

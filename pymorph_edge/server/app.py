@@ -6,6 +6,7 @@ Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -21,11 +22,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..generation_record import GenerationCancelled
 from ..llama import Llama
 from .schemas import ChatRequest, CompletionRequest
-from .worker import ModelWorker, QueueFull
+from .worker import ModelWorker, QueueFull, RequestControl
 
 logger = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 def error_response(
@@ -79,6 +83,41 @@ class _TooLarge(Exception):
     pass
 
 
+class ApiKeyCheck:
+    """Every request, /health included, needs 'Authorization: Bearer KEY'. A plain ASGI wrapper rather than
+    FastAPI's @app.middleware("http"): that one hides http.disconnect from request.is_disconnected(), and
+    a non-streaming request relies on it to stop when its client hangs up (measured with Starlette 1.10)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, self.expected):
+                return await error_response(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                    err_type="authentication_error",
+                    code="invalid_api_key",
+                )(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class ServedApp:
+    """The ASGI app plus the handle a server process needs at shutdown: stop_generations() ends the
+    running and queued requests at their next token (uvicorn waits for open requests before it exits)."""
+
+    def __init__(self, app: ASGIApp, worker: ModelWorker) -> None:
+        self.app, self.worker = app, worker
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    def stop_generations(self) -> None:
+        self.worker.stop_all("shutdown")
+
+
 def sampling_kw(req: CompletionRequest | ChatRequest, max_tokens: int | None) -> dict[str, Any]:
     """The generation keywords both endpoints pass on to Llama (their requests share these fields)."""
     return dict(
@@ -99,10 +138,19 @@ def create_app(
     *,
     api_key: str | None = None,
     max_queue: int = 8,
-    max_tokens_limit: int = 65536,
+    max_tokens_limit: int = 8192,
     max_body_bytes: int = 1 << 20,
-) -> ASGIApp:
-    """The FastAPI app wrapped in the request-body limit (an ASGI app: serve it with uvicorn or TestClient)."""
+    request_timeout: float | None = 600.0,
+) -> ServedApp:
+    """The FastAPI app wrapped in the request-body limit (an ASGI app: serve it with uvicorn or TestClient).
+
+    max_tokens_limit: the most tokens one answer may have, and the bound of a request that sets none.
+    request_timeout: seconds a request may run, queue time included (None: no limit); past it the
+    generation stops and the client gets a 408."""
+    if max_tokens_limit < 1:
+        raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
+    if request_timeout is not None and not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout}")
     worker = ModelWorker(max_queue)
 
     @contextlib.asynccontextmanager
@@ -113,19 +161,6 @@ def create_app(
     app = FastAPI(title="pymorph_edge", version="0.1.0", lifespan=lifespan)
     model_id = Path(llm.model_path).name
     app.state.worker = worker
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):  # every request, /health included
-        if api_key is not None:
-            auth = request.headers.get("authorization", "")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {api_key}".encode()):
-                return error_response(
-                    401,
-                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                    err_type="authentication_error",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
@@ -146,7 +181,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "busy": worker.busy, "kv": llm.stats.as_dict()}
+        return {
+            "status": "ok",
+            "model": model_id,
+            "busy": worker.busy,
+            "queued": worker.queued,
+            "kv": llm.stats.as_dict(),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -162,36 +203,68 @@ def create_app(
             )
         return None
 
-    async def respond(make: Any, stream: bool, headers_of: Any) -> Any:
+    def cancelled_response(ctl: RequestControl) -> JSONResponse:
+        if ctl.reason == "timeout":
+            return error_response(
+                408,
+                f"the request ran past this server's --request-timeout of {request_timeout:g} s and was stopped",
+                code="request_timeout",
+            )
+        if ctl.reason == "shutdown":
+            return error_response(503, "the server is shutting down", err_type="server_error", code="shutting_down")
+        return error_response(499, "the client closed the connection", code="client_closed")  # nobody reads it
+
+    async def watch_disconnect(request: Request, ctl: RequestControl, task: asyncio.Future[Any]) -> None:
+        """A non-streaming client that hangs up stops its generation (streams notice on their own)."""
+        while not task.done():
+            if await request.is_disconnected():
+                ctl.stop("disconnect")
+                return
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+
+    async def respond(request: Request, make: Any, stream: bool, headers_of: Any) -> Any:
         try:
-            worker.admit()
+            ctl = worker.admit()
         except QueueFull as exc:
             return error_response(
                 429, f"server busy: {exc}; retry later", err_type="rate_limit_error", code="queue_full"
             )
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(request_timeout, ctl.stop, "timeout") if request_timeout else None
         if not stream:
+            # the headers are read on the model thread right after this answer, before the next request runs
+            task = asyncio.ensure_future(worker.run(ctl, lambda: (make(False, ctl), headers_of())))
+            watcher = asyncio.ensure_future(watch_disconnect(request, ctl, task))
             try:
-                # the headers are read on the model thread right after this answer, before the next request runs
-                result, headers = await worker.run(lambda: (make(False), headers_of()))
+                result, headers = await task
+            except GenerationCancelled:
+                return cancelled_response(ctl)
             except ValueError as exc:
                 return error_response(400, str(exc))
             except Exception as exc:  # a failure inside llama.cpp: report it in OpenAI's shape, keep serving
                 logger.exception("generation failed")
                 return error_response(500, f"generation failed: {exc}", err_type="server_error")
+            finally:
+                watcher.cancel()
+                if deadline is not None:
+                    deadline.cancel()
             return JSONResponse(result, headers=headers)
 
         # pull the first chunk before answering, so bad parameters still get a 400 rather than a broken stream
-        chunks = worker.stream(lambda: make(True))
+        chunks = worker.stream(ctl, lambda: make(True, ctl))
         try:
             first = await chunks.__anext__()
-        except ValueError as exc:
-            await chunks.aclose()
-            return error_response(400, str(exc))
         except StopAsyncIteration:
             first = None
-        except Exception as exc:  # a failure inside llama.cpp before the first token
-            logger.exception("generation failed")
+        except Exception as exc:
             await chunks.aclose()
+            if deadline is not None:
+                deadline.cancel()
+            if isinstance(exc, GenerationCancelled):
+                return cancelled_response(ctl)
+            if isinstance(exc, ValueError):
+                return error_response(400, str(exc))
+            logger.exception("generation failed")  # a failure inside llama.cpp before the first token
             return error_response(500, f"generation failed: {exc}", err_type="server_error")
 
         async def events() -> Any:
@@ -201,11 +274,16 @@ def create_app(
                     async for chunk in chunks:
                         yield f"data: {json.dumps(chunk)}\n\n"
             except Exception as exc:  # the stream has started, so an error event is the only way to report it
-                logger.exception("generation failed")
-                err = {"message": str(exc), "type": "server_error", "param": None, "code": None}
-                yield f"data: {json.dumps({'error': err})}\n\n"
+                if isinstance(exc, GenerationCancelled):
+                    msg = json.loads(bytes(cancelled_response(ctl).body))["error"]
+                else:
+                    logger.exception("generation failed")
+                    msg = {"message": str(exc), "type": "server_error", "param": None, "code": None}
+                yield f"data: {json.dumps({'error': msg})}\n\n"
             finally:
                 await chunks.aclose()
+                if deadline is not None:
+                    deadline.cancel()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(
@@ -229,31 +307,33 @@ def create_app(
             }
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         if (bad := check_limits(req.max_tokens)) is not None:
             return bad
-        kw = sampling_kw(req, req.max_tokens)
+        kw = sampling_kw(req, req.max_tokens or max_tokens_limit)  # null means as much as the server allows
         include = bool((req.stream_options or {}).get("include_usage"))
 
-        def make(stream: bool) -> Any:
-            out = llm.create_completion(req.prompt, stream=stream, **kw)
+        def make(stream: bool, ctl: RequestControl) -> Any:
+            out = llm.create_completion(req.prompt, stream=stream, cancel=ctl, **kw)
             return with_usage(out, include) if stream else out
 
-        return await respond(make, req.stream, kv_headers)
+        return await respond(request, make, req.stream, kv_headers)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> Any:
+    async def chat(req: ChatRequest, request: Request) -> Any:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if (bad := check_limits(max_tokens)) is not None:
             return bad
         msgs = [m.model_dump() for m in req.messages]
-        kw = sampling_kw(req, max_tokens)
+        # no max_tokens: the server's limit, so a model that never ends its turn cannot hold the thread
+        kw = sampling_kw(req, max_tokens or max_tokens_limit)
         include = bool((req.stream_options or {}).get("include_usage"))
 
-        def make(stream: bool) -> Any:
-            out = llm.create_chat_completion(msgs, stream=stream, **kw)
+        def make(stream: bool, ctl: RequestControl) -> Any:
+            out = llm.create_chat_completion(msgs, stream=stream, cancel=ctl, **kw)
             return with_usage(out, include) if stream else out
 
-        return await respond(make, req.stream, kv_headers)
+        return await respond(request, make, req.stream, kv_headers)
 
-    return BodyLimit(app, max_body_bytes)
+    checked: ASGIApp = app if api_key is None else ApiKeyCheck(app, api_key)
+    return ServedApp(BodyLimit(checked, max_body_bytes), worker)
