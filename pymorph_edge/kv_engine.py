@@ -39,6 +39,8 @@ class KVEngine:
             raise ValueError(f"policy {policy.name!r} does not evict; use kv_budget=None with it")
         if kv_budget is None:
             policy = FullCache()
+        else:
+            policy = policy.for_budget(kv_budget)
         validate_budget(kv_budget, policy, model.info.n_swa)
         self.model, self.kv_budget, self.policy, self.config = model, kv_budget, policy, config
         self.scorer: NativeScorer | None = None

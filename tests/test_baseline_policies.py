@@ -124,3 +124,11 @@ def test_context_shift_runs_on_gemma_with_a_full_size_swa_cache(gemma_path):
         s = llm.stats
         assert out["usage"]["completion_tokens"] == 1200
         assert s.cells_in_use <= 1024 and s.tokens_evicted > 0 and s.next_pos <= 1024
+
+
+def test_h2o_splits_the_budget_between_heavy_hitters_and_recent_tokens(mha_model):
+    # the paper's split (10% heavy + 10% recent); an explicit window still wins
+    with Llama(mha_model, kv_budget=64, policy="h2o") as llm:
+        assert llm.policy.window == 32 and llm.policy.protected_recent == 32
+    with Llama(mha_model, kv_budget=64, policy="h2o", window=8) as llm:
+        assert llm.policy.protected_recent == 8

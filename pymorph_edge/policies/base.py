@@ -29,6 +29,10 @@ class KVPolicy:
         """Whether prompt chunks are scored by a probe of the prompt's last `protected_recent` tokens."""
         return False
 
+    def for_budget(self, kv_budget: int) -> KVPolicy:
+        """The policy with settings that depend on the budget resolved (H2O's half-budget window)."""
+        return self
+
     def cells_needed(self, kv_budget: int, n_ubatch: int) -> int:
         """Cells the context must hold under kv_budget: the budget plus one ubatch, decoded before eviction.
         Raises ValueError when kv_budget does not suit the policy."""
