@@ -96,6 +96,13 @@ int pme_set_head_weights(pme_state * st, const float * w, int32_t n);
 int pme_calibrate(pme_state * st, const int32_t * target_pos, int32_t n_tokens);
 int pme_calibration_scores(const pme_state * st, float * out, int32_t cap);
 
+/* Sessions: the scorer's state for the live cells, written in cell order and read back into cells 0..n-1,
+ * where llama_state_seq_set_data puts a restored sequence (pme_session.c). size/save return bytes or -1;
+ * load returns 0, or -1 with the state untouched. */
+int64_t pme_session_size(const pme_state * st);
+int64_t pme_session_save(pme_state * st, void * buf, int64_t cap);
+int     pme_session_load(pme_state * st, const void * buf, int64_t size);
+
 /* Test hooks: drive the same scoring and selection code without a model. */
 int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n);
 int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head);

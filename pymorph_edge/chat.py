@@ -6,15 +6,18 @@ instead, and any built-in name (e.g. "chatml", "gemma", "llama3") can be asked f
 
 Re-tokenizing a rendered conversation rarely reproduces the tokens the model generated, so a token
 comparison alone would miss most continuations. Instead the last turn is remembered at message
-level: when a request's messages extend it, the new prompt is the exact token history plus the
-tokens of the template text that follows the previous answer.
+level: when a request's messages extend it, only the tokens of the template text that follows the
+previous answer are decoded, on top of the cache. The turn is remembered as a hash of its messages
+plus the last exchange, so a conversation of any length costs the same to keep and to save.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,28 +104,104 @@ class ChatFormatter:
         return buf.raw[:n].decode("utf-8", errors="replace"), [], False
 
 
+def _chain(digest: str, messages: Sequence[dict[str, Any]]) -> str:
+    d = bytes.fromhex(digest)
+    for m in messages:
+        d = hashlib.blake2b(d + json.dumps([m["role"], m["content"]]).encode(), digest_size=16).digest()
+    return d.hex()
+
+
+EMPTY_DIGEST = bytes(16).hex()
+
+
+def messages_digest(messages: Sequence[dict[str, Any]]) -> str:
+    """A chained hash of the messages: equal digests mean the same conversation (to 128 bits)."""
+    return _chain(EMPTY_DIGEST, messages)
+
+
 @dataclass
 class ChatTurn:
-    messages: list[dict[str, Any]]  # the conversation including the answer we returned
-    prompt: str  # template text before the answer
-    answer: str  # the answer text we returned
-    tokens: list[int]  # prompt and answer tokens exactly as the model saw (or sampled) them
+    """The conversation the cache holds, in a size that does not grow with it: a hash of its messages,
+    the last request's messages with the answer (enough to render what follows the answer), and the
+    answer tokens not yet decoded. `fingerprint` is the token history's when the turn ended, so a turn
+    is only continued on the very cache it describes."""
+
+    n_messages: int  # messages, the answer included
+    digest: str  # messages_digest of them
+    tail: list[dict[str, Any]]  # the messages after the previous answer, then this answer
+    pending: list[int]  # answer tokens sampled but not yet decoded (the last one, when the length ran out)
+    fingerprint: str  # TokenHistory.fingerprint().hex() at the end of the turn
+    conversation_id: str = ""  # stable over the turns: a hash of the messages before the first answer
+
+    @classmethod
+    def after_answer(
+        cls,
+        digest_before: str,
+        n_before: int,
+        own: list[dict[str, Any]],
+        answer: str,
+        pending: list[int],
+        fingerprint: bytes,
+        conversation_id: str | None = None,
+    ) -> ChatTurn:
+        """The turn once `answer` followed n_before messages (hashed to digest_before) and this request's own.
+        conversation_id: the continued turn's; None starts a conversation, named after its messages so far."""
+        reply = {"role": "assistant", "content": answer}
+        before_answer = _chain(digest_before, own)
+        return cls(
+            n_messages=n_before + len(own) + 1,
+            digest=_chain(before_answer, [reply]),
+            tail=[*own, reply],
+            pending=list(pending),
+            fingerprint=fingerprint.hex(),
+            conversation_id=conversation_id if conversation_id is not None else before_answer[:16],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_messages": self.n_messages,
+            "digest": self.digest,
+            "tail": self.tail,
+            "pending": self.pending,
+            "fingerprint": self.fingerprint,
+            "conversation_id": self.conversation_id,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> ChatTurn:
+        """ValueError when d is not a ChatTurn.to_json()."""
+        try:
+            turn = cls(
+                n_messages=int(d["n_messages"]),
+                digest=str(d["digest"]),
+                tail=validate_messages(d["tail"]),
+                pending=[int(t) for t in d["pending"]],
+                fingerprint=str(d["fingerprint"]),
+                conversation_id=str(d.get("conversation_id", "")),
+            )
+            bytes.fromhex(turn.digest), bytes.fromhex(turn.fingerprint)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed chat turn: {exc}") from None
+        if turn.n_messages < len(turn.tail) or not turn.tail or turn.tail[-1]["role"] != "assistant":
+            raise ValueError("malformed chat turn: it does not end with an answer")
+        return turn
 
 
-def continuation_tokens(
-    turn: ChatTurn | None,
-    messages: Sequence[dict[str, Any]],
-    prompt_text: str,
-    tokenize_suffix: Callable[[str], list[int]],
-) -> list[int] | None:
-    """Tokens for `messages` that extend `turn` exactly, or None when they do not extend it."""
-    if turn is None or len(messages) <= len(turn.messages):
-        return None
-    if list(messages[: len(turn.messages)]) != turn.messages:
-        return None
+def extends(turn: ChatTurn, messages: Sequence[dict[str, Any]]) -> bool:
+    """Whether messages are turn's conversation followed by at least one new message."""
+    return len(messages) > turn.n_messages and messages_digest(messages[: turn.n_messages]) == turn.digest
+
+
+def text_after_answer(turn: ChatTurn, new: Sequence[dict[str, Any]], formatter: ChatFormatter) -> str | None:
+    """The template text that follows turn's answer when `new` messages come next, rendered from the turn's
+    tail alone (the text after an answer depends on the messages around it, not on the whole history).
+    None when the template does not render the tail's answer as a prefix of the continuation."""
+    prompt_before_answer, _, _ = formatter.prompt(turn.tail[:-1])
+    continued, _, _ = formatter.prompt(list(turn.tail) + list(new))
+    answer = turn.tail[-1]["content"]
     # templates often trim the answer; the cache keeps the whitespace the model produced, which is harmless
-    for answer in (turn.answer, turn.answer.rstrip(), turn.answer.strip()):
-        rendered = turn.prompt + answer
-        if prompt_text.startswith(rendered):
-            return turn.tokens + tokenize_suffix(prompt_text[len(rendered) :])
+    for variant in (answer, answer.rstrip(), answer.strip()):
+        rendered = prompt_before_answer + variant
+        if continued.startswith(rendered):
+            return continued[len(rendered) :]
     return None

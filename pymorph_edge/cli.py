@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     c.add_argument("--system", default=None, help="system message")
     c.add_argument(
+        "--session",
+        type=Path,
+        default=None,
+        help="conversation file: resumed if it exists, saved after every answer (size bounded by the budget)",
+    )
+    c.add_argument(
         "--repeat-penalty", type=float, default=1.0, help="penalise tokens of the last 64 (1.0 off, default)"
     )
     c.add_argument(
@@ -118,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=8192,
         help="most tokens one answer may have; also the bound of a request that sets no max_tokens (default 8192)",
+    )
+    s.add_argument(
+        "--max-sessions",
+        type=_positive,
+        default=4,
+        help="chat conversations kept, the one in the cache included (default 4; each costs about the budget's "
+        "KV bytes, printed at start)",
+    )
+    s.add_argument(
+        "--session-dir",
+        type=Path,
+        default=None,
+        help="write least-recently-used conversations here instead of dropping them (resumed on their next turn)",
     )
     s.add_argument(
         "--request-timeout",
@@ -241,6 +260,11 @@ def _chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stderr.write("Chat with the model; /exit or Ctrl-D quits, Ctrl-C stops an answer.\n")
         ban = {t: -1e9 for t in range(llm.n_vocab) if llm.is_end_of_generation(t)} if args.ignore_eos else None
+        if args.session is not None and args.session.exists():
+            llm.load_session(args.session)
+            sys.stderr.write(f"resumed {args.session} ({llm.stats.tokens_decoded} tokens so far)\n")
+            if args.system:
+                sys.stderr.write("note: --system applies to new conversations; the resumed one keeps its own\n")
         turn = 0
         while True:
             try:
@@ -255,10 +279,9 @@ def _chat(args: argparse.Namespace) -> int:
             if line.strip() in ("/exit", "/quit"):
                 break
             turn += 1
-            messages.append({"role": "user", "content": line})
+            message = {"role": "user", "content": line}
             reply = ""
-            stream = llm.create_chat_completion(
-                messages,
+            sampling = dict(
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 seed=args.seed,
@@ -266,6 +289,13 @@ def _chat(args: argparse.Namespace) -> int:
                 repeat_penalty=args.repeat_penalty,
                 stream=True,
             )
+            # the cache holds the conversation: send only the new message (after a restart there is nothing
+            # else to send); when it does not (an interrupted prefill reset it), the whole conversation
+            if llm.has_conversation:
+                stream = llm.continue_chat([message], **sampling)
+            else:
+                stream = llm.create_chat_completion([*messages, message], **sampling)
+            messages.append(message)
             # Ctrl-C during an answer only raises a flag: the answer stops between two tokens, so the
             # cache stays consistent and the next turn continues on it
             interrupted = []
@@ -285,6 +315,8 @@ def _chat(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": reply})
+            if args.session is not None and llm.has_conversation:
+                llm.save_session(args.session)
             t, s = llm.last_timings, llm.stats
             sys.stderr.write(
                 f"[turn {turn}] prompt={t.prompt_tokens} cached={t.cached_tokens} tokens={t.completion_tokens} "
@@ -310,6 +342,13 @@ def _serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_tokens_limit=args.max_tokens_limit,
             request_timeout=args.request_timeout or None,
+            max_sessions=args.max_sessions,
+            session_dir=args.session_dir,
+        )
+        st = llm.stats
+        per = st.kv_bytes * (st.budget or st.n_ctx) / max(st.n_ctx, 1) / 2**20
+        sys.stderr.write(
+            f"keeping up to {args.max_sessions} conversations, about {per:.1f} MiB each beyond the cache itself\n"
         )
         sys.stderr.write(f"serving {llm.model_path} on http://{args.host}:{args.port}/v1 (kv_budget={llm.kv_budget})\n")
         serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")

@@ -10,13 +10,15 @@ import ctypes
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp.llama_cpp as C
 
+from . import engine_snapshot, session_file
 from . import openai_shapes as shapes
-from .chat import ChatFormatter, ChatTurn, continuation_tokens, validate_messages
+from .chat import ChatFormatter, ChatTurn, extends, messages_digest, text_after_answer, validate_messages
 from .engine_config import EngineConfig, merge_config
 from .generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
 from .kv_engine import KVEngine
@@ -24,8 +26,35 @@ from .model_file import LoadedModel
 from .policies import KVPolicy, make_policy
 from .request_params import check_max_tokens, check_stop, sampling_params
 from .sampling import Sampler, SamplingParams
+from .session_file import SavedConversation
 from .stats import KVStats
 from .text_output import TextAssembler
+
+_CHAT_DEFAULTS: dict[str, Any] = dict(
+    temperature=0.2,
+    top_p=0.95,
+    top_k=40,
+    min_p=0.05,
+    seed=None,
+    logit_bias=None,
+    repeat_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
+)
+
+
+@dataclass
+class _ChatPlan:
+    """What a chat request decodes: `text` after the cached conversation (pending is not None) or a whole
+    prompt (pending None), and what its turn will be remembered as."""
+
+    digest_before: str
+    n_before: int
+    own: list[dict[str, Any]]
+    pending: list[int] | None
+    text: str
+    conversation_id: str | None  # the continued conversation's; None starts one
+    has_bos: bool = False
 
 
 class Llama:
@@ -80,6 +109,7 @@ class Llama:
         self._chat_template = chat_template or self._model.meta("tokenizer.chat_template")
         self._chat: ChatFormatter | None = None
         self._last_turn: ChatTurn | None = None
+        self._session_identity: dict[str, Any] | None = None
         # called as prefill_progress(done, total) while a prompt is decoded; the CLI shows a tqdm bar
         self.prefill_progress: Callable[[int, int], None] | None = None
 
@@ -170,10 +200,16 @@ class Llama:
         yield from self._generate(list(tokens), params, reset, cancel)
 
     def _generate(
-        self, tokens: list[int], params: SamplingParams, reset: bool, cancel: CancelCheck | None = None
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        reset: bool,
+        cancel: CancelCheck | None = None,
+        cached: int = 0,
     ) -> Iterator[int]:
         """reset=True: reuse the cached prefix the prompt shares with the history (llama_cpp.Llama does the
-        same); reset=False: append the tokens to whatever the cache holds."""
+        same); reset=False: append the tokens to whatever the cache holds, `cached` tokens of the prompt
+        (counted in the timings, not passed in tokens)."""
         sampler = Sampler(params, self.n_vocab)  # validates before any decoding
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
@@ -187,7 +223,9 @@ class Llama:
             new = tokens
         engine.decode(new, progress=self._prefill_progress(cancel))
         self.last_timings = Timings(
-            prompt_tokens=len(tokens), prefill_s=time.perf_counter() - t0, cached_tokens=len(tokens) - len(new)
+            prompt_tokens=cached + len(tokens),
+            prefill_s=time.perf_counter() - t0,
+            cached_tokens=cached + len(tokens) - len(new),
         )
         try:
             while True:
@@ -235,13 +273,14 @@ class Llama:
         stop: list[str],
         reset: bool = True,
         cancel: CancelCheck | None = None,
+        cached: int = 0,
     ) -> Iterator[GenerationChunk]:
         """Yield the answer as GenerationChunks; the last one carries the finish."""
         if self._engine.full and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []
-        for tok in self._generate(prompt_tokens, params, reset, cancel):
+        for tok in self._generate(prompt_tokens, params, reset, cancel, cached):
             if self.is_end_of_generation(tok):
                 yield GenerationChunk(text.finish(), tok, "end_of_generation", out)
                 return
@@ -341,65 +380,148 @@ class Llama:
         stream: bool = False,
         cancel: CancelCheck | None = None,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Answer a conversation, formatted with the model's own chat template.
+        """Answer a conversation, formatted with the model's own chat template. When the messages extend the
+        conversation the cache holds (the previous request's plus its answer), only the new ones are decoded.
         cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
         msgs = validate_messages(messages)
+        fmt = self._formatter()
+        prompt, template_stops, has_bos = fmt.prompt(msgs)
+        turn = self._continuable_turn()
+        suffix = None
+        if turn is not None and extends(turn, msgs):
+            suffix = text_after_answer(turn, msgs[turn.n_messages :], fmt)
+            if suffix is not None and not prompt.endswith(suffix):
+                suffix = None  # the template renders the full conversation differently from its last exchange
+        if suffix is not None:
+            assert turn is not None
+            plan = _ChatPlan(
+                turn.digest, turn.n_messages, msgs[turn.n_messages :], turn.pending, suffix, turn.conversation_id
+            )
+        else:
+            n_before = max((i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"), default=0)
+            plan = _ChatPlan(messages_digest(msgs[:n_before]), n_before, msgs[n_before:], None, prompt, None, has_bos)
+        return self._answer_chat(
+            plan,
+            template_stops,
+            stream,
+            cancel,
+            dict(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
+                stop=stop,
+                seed=seed,
+                logit_bias=logit_bias,
+                repeat_penalty=repeat_penalty,
+                frequency_penalty=frequency_penalty,
+                presence_penalty=presence_penalty,
+            ),
+        )
+
+    def continue_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        stream: bool = False,
+        cancel: CancelCheck | None = None,
+        **sampling: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Answer `messages` as the next turn of the conversation the cache holds (a previous chat answer, or a
+        loaded session), without sending the conversation again. Sampling keywords as create_chat_completion.
+        ValueError when the cache holds no conversation to continue."""
+        msgs = validate_messages(messages)
+        turn = self._continuable_turn()
+        if turn is None:
+            raise ValueError(
+                "the cache holds no conversation to continue (none yet, or it was reset); "
+                "send the whole conversation with create_chat_completion"
+            )
+        fmt = self._formatter()
+        suffix = text_after_answer(turn, msgs, fmt)
+        if suffix is None:
+            raise ValueError("this chat template does not render the previous answer as a prefix of the next turn")
+        _, template_stops, _ = fmt.prompt(list(turn.tail) + msgs)
+        plan = _ChatPlan(turn.digest, turn.n_messages, msgs, turn.pending, suffix, turn.conversation_id)
+        return self._answer_chat(plan, template_stops, stream, cancel, sampling)
+
+    @property
+    def conversation_id(self) -> str | None:
+        """The id of the chat conversation the cache holds (stable over its turns), or None."""
+        turn = self._continuable_turn()
+        return turn.conversation_id if turn is not None else None
+
+    @property
+    def has_conversation(self) -> bool:
+        """Whether the cache holds a chat conversation that continue_chat can go on with."""
+        return self._continuable_turn() is not None
+
+    def _continuable_turn(self) -> ChatTurn | None:
+        """The remembered turn, if the cache still holds exactly the conversation it describes."""
+        turn = self._last_turn
+        if turn is None or not self._engine.consistent:
+            return None
+        return turn if turn.fingerprint == self._engine.history.fingerprint().hex() else None
+
+    def _answer_chat(
+        self,
+        plan: _ChatPlan,
+        template_stops: list[str],
+        stream: bool,
+        cancel: CancelCheck | None,
+        sampling: dict[str, Any],
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        max_tokens = sampling.pop("max_tokens", None)
         check_max_tokens(max_tokens)
-        stops = check_stop(stop)
-        params = sampling_params(
-            self.n_vocab,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            logit_bias=logit_bias,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-        )
-        prompt, template_stops, has_bos = self._formatter().prompt(msgs)
-        tokens = continuation_tokens(
-            self._last_turn if self._engine.consistent else None,
-            msgs,
-            prompt,
-            lambda t: self.tokenize(t, add_bos=False, special=True),
-        )
-        if tokens is None:
-            tokens = self.tokenize(prompt, add_bos=not has_bos, special=True)
-        self._last_turn = None
+        stops = check_stop(sampling.pop("stop", None))
+        params = sampling_params(self.n_vocab, **{**_CHAT_DEFAULTS, **sampling})
+        if plan.pending is not None:  # continue on the cache: the undecoded answer token, then the new text
+            new = plan.pending + self.tokenize(plan.text, add_bos=False, special=True)
+            cached, reset = len(self._engine.history), False
+        else:
+            new = self.tokenize(plan.text, add_bos=not plan.has_bos, special=True)
+            cached, reset = 0, True
+        n_prompt = cached + len(new)
+        self._last_turn = None  # the cache is about to change
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
         chunks = self._remember_turn(
-            self._stream(tokens, params, max_tokens, stops + template_stops, cancel=cancel), msgs, prompt, tokens
+            self._stream(new, params, max_tokens, stops + template_stops, reset, cancel, cached), plan, n_prompt
         )
         if stream:
             return shapes.chat_chunks(meta, chunks)
         text, finish, n_out = shapes.collect(chunks)
-        return shapes.chat_completion(meta, text, finish, self.usage(len(tokens), n_out))
+        return shapes.chat_completion(meta, text, finish, self.usage(n_prompt, n_out))
 
     def _remember_turn(
-        self,
-        chunks: Iterator[GenerationChunk],
-        msgs: list[dict[str, Any]],
-        prompt: str,
-        tokens: list[int],
+        self, chunks: Iterator[GenerationChunk], plan: _ChatPlan, n_prompt: int
     ) -> Iterator[GenerationChunk]:
         """Pass chunks through; once the answer is complete, remember the turn for the next request.
         An answer cut by a stop string is not remembered: its text no longer matches its tokens."""
         text, out, cut = "", [], False
+
+        def remember() -> None:
+            history = self._engine.history
+            undecoded = n_prompt + len(out) - len(history)  # the last answer token, when the length ran out
+            self._last_turn = ChatTurn.after_answer(
+                plan.digest_before,
+                plan.n_before,
+                plan.own,
+                text,
+                list(out[len(out) - undecoded :]) if undecoded > 0 else [],
+                history.fingerprint(),
+                plan.conversation_id,
+            )
+
         try:
             for c in chunks:
                 text, out, cut = text + c.text, c.tokens, c.finish == "stop_string"
                 if c.finish is not None and not cut:
-                    self._last_turn = ChatTurn(
-                        msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + out
-                    )
+                    remember()
                 yield c
         except GeneratorExit:  # the caller stopped the answer early: the next turn can still continue on it
             if self._engine.consistent and not cut:
-                self._last_turn = ChatTurn(
-                    msgs + [{"role": "assistant", "content": text}], prompt, text, tokens + list(out)
-                )
+                remember()
             raise
 
     # -- state -------------------------------------------------------------------------------
@@ -414,6 +536,50 @@ class Llama:
 
     def reset(self) -> None:
         self._engine.reset()
+        self._last_turn = None
+
+    # -- sessions ----------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        if self._session_identity is None:
+            m = self._model
+            self._session_identity = {
+                "model": session_file.model_identity(
+                    m.path, m.meta("general.architecture") or "", m.info.n_layer, m.info.n_vocab
+                ),
+                "policy": session_file.policy_identity(self.policy),
+                "kv_budget": self.kv_budget,
+                "n_ctx": self._engine.n_ctx,
+                "n_ubatch": self._engine.config.n_ubatch,
+            }
+        return self._session_identity
+
+    def save_state(self) -> SavedConversation:
+        """The conversation in memory: the cache's sequence, the scorer's state and the chat turn. Its size
+        is set by the budget (llama.cpp writes only live cells), not by the conversation's length."""
+        return SavedConversation(self._identity(), engine_snapshot.capture(self._engine), self._last_turn)
+
+    def load_state(self, state: SavedConversation) -> None:
+        """Put back a save_state(). ValueError, with the running state untouched, when it was saved with
+        another model, policy or budget, or cannot be restored."""
+        why = session_file.mismatch(state.identity, self._identity())
+        if why is not None:
+            raise ValueError(f"cannot load this conversation: {why}")
+        engine_snapshot.restore(self._engine, state.snapshot)
+        self._last_turn = state.turn
+
+    def save_session(self, path: str | Path) -> int:
+        """Write the conversation to path atomically (temp file + rename); returns the file's size in bytes."""
+        return session_file.write(path, self.save_state())
+
+    def load_session(self, path: str | Path) -> None:
+        """Resume a save_session() file: the next chat turn (continue_chat or create_chat_completion with the
+        whole conversation) decodes only its own tokens. FileNotFoundError, or ValueError naming the problem
+        (another model, policy or budget; a damaged or truncated file), with the running state untouched."""
+        conv = session_file.read(path)
+        why = session_file.mismatch(conv.identity, self._identity())
+        if why is not None:
+            raise ValueError(f"cannot load session {str(path)!r}: {why}")
+        self.load_state(conv)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -105,6 +105,20 @@ class NativeScorer:
     def reset(self) -> None:
         self._lib.pme_reset(self._state)
 
+    # -- sessions (native/pme_session.c) ---------------------------------------------------------
+    def save_state(self) -> bytes:
+        """The live cells' positions and scores, in cell order (how llama.cpp writes a sequence's state)."""
+        n = self._check(self._lib.pme_session_size(self._state), "save scorer state")
+        buf = self._ffi.new("char[]", max(n, 1))
+        self._check(self._lib.pme_session_save(self._state, buf, n), "save scorer state")
+        return bytes(self._ffi.buffer(buf, n))
+
+    def load_state(self, data: bytes) -> None:
+        """Restore save_state(); ValueError (state untouched) when data does not fit this scorer."""
+        buf = self._ffi.from_buffer("char[]", data) if data else self._ffi.new("char[]", 1)
+        if self._lib.pme_session_load(self._state, buf, len(data)) < 0:
+            raise ValueError(self._ffi.string(self._lib.pme_last_error(self._state)).decode())
+
     def close(self) -> None:
         if self._state is not None:
             self._lib.pme_free(self._state)

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..generation_record import GenerationCancelled
 from ..llama import Llama
+from .conversations import ConversationStore
 from .schemas import ChatRequest, CompletionRequest
 from .worker import ModelWorker, QueueFull, RequestControl
 
@@ -141,17 +142,23 @@ def create_app(
     max_tokens_limit: int = 8192,
     max_body_bytes: int = 1 << 20,
     request_timeout: float | None = 600.0,
+    max_sessions: int = 4,
+    session_dir: str | Path | None = None,
 ) -> ServedApp:
     """The FastAPI app wrapped in the request-body limit (an ASGI app: serve it with uvicorn or TestClient).
 
     max_tokens_limit: the most tokens one answer may have, and the bound of a request that sets none.
     request_timeout: seconds a request may run, queue time included (None: no limit); past it the
-    generation stops and the client gets a 408."""
+    generation stops and the client gets a 408.
+    max_sessions: chat conversations kept, the one in the cache included; a request that continues any of
+    them decodes only its new messages. session_dir: where least-recently-used ones go instead of being
+    dropped."""
     if max_tokens_limit < 1:
         raise ValueError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     if request_timeout is not None and not request_timeout > 0:
         raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout}")
     worker = ModelWorker(max_queue)
+    store = ConversationStore(llm, max_sessions, session_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -186,6 +193,7 @@ def create_app(
             "model": model_id,
             "busy": worker.busy,
             "queued": worker.queued,
+            "sessions": {"kept": store.kept, "on_disk": store.on_disk, "bytes": store.bytes_kept()},
             "kv": llm.stats.as_dict(),
         }
 
@@ -294,17 +302,20 @@ def create_app(
         s = llm.stats
         return {"X-KV-Cells": str(s.cells_in_use), "X-KV-Evicted": str(s.tokens_evicted), "X-KV-Budget": str(s.budget)}
 
-    def with_usage(chunks: Iterator[dict[str, Any]], include: bool) -> Iterator[dict[str, Any]]:
+    def conversation_usage(source: str) -> dict[str, Any]:
+        """Which kept conversation a chat request continued ("cache", "memory", "disk") or started ("new")."""
+        return {"id": llm.conversation_id, "resumed_from": source}
+
+    def with_usage(chunks: Iterator[dict[str, Any]], include: bool, extra: Any = None) -> Iterator[dict[str, Any]]:
         last = None
         for c in chunks:
             last = c
             yield c
         if include and last is not None:
-            yield {
-                **last,
-                "choices": [],
-                "usage": llm.usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens),
-            }
+            usage = llm.usage(llm.last_timings.prompt_tokens, llm.last_timings.completion_tokens)
+            if extra is not None:
+                usage["conversation"] = extra()
+            yield {**last, "choices": [], "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -314,6 +325,7 @@ def create_app(
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool, ctl: RequestControl) -> Any:
+            store.stash_live()  # a plain completion replaces the cache: keep the conversation it held
             out = llm.create_completion(req.prompt, stream=stream, cancel=ctl, **kw)
             return with_usage(out, include) if stream else out
 
@@ -330,8 +342,12 @@ def create_app(
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool, ctl: RequestControl) -> Any:
+            source = store.activate(msgs)
             out = llm.create_chat_completion(msgs, stream=stream, cancel=ctl, **kw)
-            return with_usage(out, include) if stream else out
+            if stream:
+                return with_usage(out, include, lambda: conversation_usage(source))
+            out["usage"]["conversation"] = conversation_usage(source)
+            return out
 
         return await respond(request, make, req.stream, kv_headers)
 
