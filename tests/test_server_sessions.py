@@ -12,7 +12,7 @@ def test_two_clients_alternating_each_decode_only_their_new_messages(gqa_model, 
     try:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         talks = {name: [{"role": "user", "content": f"I am {name}. " * 30}] for name in ("ann", "bob")}
-        ids = {}
+        ids, seen = {}, {}
         for rnd in range(3):
             for name, msgs in talks.items():
                 r = c.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0, logit_bias=BAN)
@@ -25,7 +25,9 @@ def test_two_clients_alternating_each_decode_only_their_new_messages(gqa_model, 
                 else:
                     # the other client ran in between: this one's state came back from memory
                     assert conv == {"id": ids[name], "resumed_from": "memory"}
-                    assert usage["prompt_tokens"] - cached < 30, usage  # only the new message's tokens
+                    # everything of the previous turn, its answer included, was cached: only new messages decoded
+                    assert cached >= seen[name] - 1, usage
+                seen[name] = usage["prompt_tokens"] + usage["completion_tokens"]
                 msgs += [{"role": "assistant", "content": r.choices[0].message.content}]
                 msgs += [{"role": "user", "content": f"round {rnd}, go on"}]
         assert ids["ann"] != ids["bob"]
@@ -51,7 +53,7 @@ def test_least_recently_used_conversations_go_to_the_session_dir_and_come_back(g
         r = c.chat.completions.create(model="x", messages=ann, max_tokens=5, temperature=0, logit_bias=BAN)
         usage = r.model_dump()["usage"]
         assert usage["conversation"]["resumed_from"] == "disk"
-        assert usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"] < 20
+        assert usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] / 2
     finally:
         proc.terminate()
         proc.wait(10)
