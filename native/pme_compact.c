@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
-    if (st->failed) {
+    if (!st || st->failed) {
         return -1;
     }
     if (!llama_memory) {

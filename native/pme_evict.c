@@ -10,7 +10,7 @@ static int contains(const int32_t * sorted, int32_t n, int32_t v) {
 }
 
 int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos) {
-    if (st->failed) {
+    if (!st || st->failed) {
         return -1;
     }
     if (!llama_memory) {
@@ -48,7 +48,11 @@ int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_
 
 /* Roll the sequence back to from_pos (a chat turn that diverged from the cached history). */
 int pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos) {
-    if (st->failed) {
+    if (!st || st->failed) {
+        return -1;
+    }
+    if (!llama_memory || from_pos < 0) {
+        pme_set_error(st, "pme_truncate: llama_memory %p, from_pos %d", llama_memory, from_pos);
         return -1;
     }
     if (!llama_memory_seq_rm((llama_memory_t) llama_memory, seq_id, from_pos, -1)) {
@@ -67,6 +71,9 @@ int pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t fr
 }
 
 int32_t pme_min_live_tail(const pme_state * st, int32_t next_pos) {
+    if (!st || next_pos < 0) {
+        return -1;
+    }
     /* mark which of the last positions are live, walking down from next_pos - 1 */
     int32_t   p    = next_pos;
     int32_t   span = st->cfg.n_cells < next_pos ? st->cfg.n_cells : next_pos;

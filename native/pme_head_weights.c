@@ -18,6 +18,10 @@ int pme_set_head_weights(pme_state * st, const float * w, int32_t n) {
     if (!st) {
         return -1;
     }
+    if (n < 0) {
+        pme_set_error(st, "pme_set_head_weights: n=%d", n);
+        return -1;
+    }
     if (!w || n == 0) {
         free(st->head_w);
         st->head_w = NULL;
@@ -83,7 +87,7 @@ void pme_calib_resolve(pme_state * st) {
 }
 
 int pme_calibration_scores(const pme_state * st, float * out, int32_t cap) {
-    if (!st || !out) {
+    if (!st || !out || cap < 0) {
         return -1;
     }
     const int32_t n = n_heads_total(st) < cap ? n_heads_total(st) : cap;

@@ -121,6 +121,9 @@ void pme_free(pme_state * st) {
 }
 
 void pme_reset(pme_state * st) {
+    if (!st) {
+        return;
+    }
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         st->cell_pos[c] = -1;
     }
@@ -160,6 +163,9 @@ void pme_cell_free(pme_state * st, int32_t cell) {
 }
 
 void pme_get_stats(const pme_state * st, pme_stats * out) {
+    if (!st || !out) {
+        return;
+    }
     out->cells_in_use   = st->n_live;
     out->peak_cells     = st->peak;
     out->tokens_evicted = st->evicted;
@@ -170,13 +176,20 @@ void pme_get_stats(const pme_state * st, pme_stats * out) {
 }
 
 int pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap) {
+    if (!st || !out || cap < 0) {
+        return -1;
+    }
     int32_t n = st->cfg.n_cells < cap ? st->cfg.n_cells : cap;
     memcpy(out, st->cell_pos, (size_t) n * sizeof(int32_t));
     return n;
 }
 
 int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int32_t flags) {
-    if (st->failed) {
+    if (!st || st->failed) {
+        return -1;
+    }
+    if (!pos) {
+        pme_set_error(st, "pme_begin_ubatch: pos is NULL");
         return -1;
     }
     if (n_tokens <= 0 || n_tokens > st->cfg.max_ubatch) {
@@ -196,7 +209,7 @@ int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int3
 }
 
 int pme_end_ubatch(pme_state * st) {
-    if (st->failed) {
+    if (!st || st->failed) {
         return -1;
     }
     if (st->ub_n == 0) {

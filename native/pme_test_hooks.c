@@ -4,7 +4,10 @@
 #include <string.h>
 
 int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n) {
-    if (n > st->cfg.n_cells) {
+    if (!st || (!pos_per_cell && n > 0)) {
+        return -1;
+    }
+    if (n < 0 || n > st->cfg.n_cells) {
         pme_set_error(st, "pme_test_set_cells: %d cells > n_cells %d", n, st->cfg.n_cells);
         return -1;
     }
@@ -18,6 +21,13 @@ int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n) 
 }
 
 int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head) {
+    if (!st) {
+        return -1;
+    }
+    if (!attn || n_kv < 1) {
+        pme_set_error(st, "pme_test_observe: attn %p, n_kv %d", (const void *) attn, n_kv);
+        return -1;
+    }
     if (st->ub_n == 0) {
         pme_set_error(st, "pme_test_observe: call pme_begin_ubatch first");
         return -1;
@@ -30,10 +40,16 @@ int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n
 }
 
 int pme_test_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap) {
+    if (!st || !out_pos || cap < 0) {
+        return -1;
+    }
     return pme_policy_select(st, next_pos, out_pos, cap);
 }
 
 int pme_test_scores(const pme_state * st, float * out, int32_t cap) {
+    if (!st || !out || cap < 0) {
+        return -1;
+    }
     const int32_t n = st->cfg.n_cells < cap ? st->cfg.n_cells : cap;
     memcpy(out, st->score, (size_t) n * sizeof(float));
     return n;

@@ -9,6 +9,7 @@ from pathlib import Path
 import llama_cpp.llama_cpp as C
 
 from . import llama_log
+from .gguf_check import check_metadata
 
 GGUF_MAGIC = b"GGUF"
 _llama_model_default_params = C.llama_model_default_params  # bound once: tests substitute the module's name
@@ -37,6 +38,7 @@ def check_gguf_path(model_path: str | Path) -> Path:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ValueError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {str(path)!r}")
+    check_metadata(path)  # what llama.cpp would abort on rather than refuse
     return path
 
 
