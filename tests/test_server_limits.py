@@ -117,3 +117,13 @@ def test_sigterm_during_a_long_generation_ends_the_server_within_10_s(gqa_model)
             except OSError:  # the connection closed as the server went away: also an answer
                 continue
             assert code == 503 and body["error"]["code"] == "shutting_down"
+
+
+def test_a_short_load_run_gets_no_5xx_and_the_server_survives(gqa_model):
+    from pymorph_edge.bench.load_run import run_load
+
+    result = run_load(gqa_model, clients=4, seconds=8, kv_budget=128, max_tokens=12)
+    s = result["summary"]
+    assert s["status_5xx"] == 0 and s["connection_errors"] == 0, s
+    assert s["ok"] >= 8 and s["abandoned"] >= 0
+    assert result["server_alive_at_end"] and result["health_at_end"]["busy"] == 0
