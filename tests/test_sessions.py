@@ -209,3 +209,27 @@ def test_cli_chat_session_resumes_after_a_restart(gqa_model, tmp_path):
     turn = [ln for ln in second.splitlines() if ln.startswith("[turn 1]")][0]
     fields = dict(kv.split("=") for kv in turn.split()[2:] if "=" in kv)
     assert int(fields["cached"]) > int(fields["prompt"]) / 2  # the first run's turns were not decoded again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2_path", "gemma_path"])
+def test_real_models_restore_into_llama_cpps_cells_and_continue_identically(model, request):
+    # SmolLM2: one global cache; Gemma 3: iSWA, whose sliding-window cache is restored alongside
+    path = request.getfixturevalue(model)
+    budget = 640 if model == "gemma_path" else 256  # Gemma's budget must exceed its 512-token window
+    cfg = dict(kv_budget=budget, config=EngineConfig(n_ubatch=128))
+    story = "Tell me a long story about a lighthouse keeper and the sea. " * 12
+    with Llama(path, **cfg) as a, Llama(path, **cfg) as b:
+        kw = dict(
+            max_tokens=160, temperature=0, logit_bias={t: -1e9 for t in range(a.n_vocab) if a.is_end_of_generation(t)}
+        )
+        a.create_chat_completion([{"role": "user", "content": story}], **kw)
+        a.continue_chat([{"role": "user", "content": "Go on."}], **kw)
+        assert a.stats.tokens_evicted > 0
+        b.load_state(a.save_state())
+        assert [p for p in b.engine.cell_positions() if p >= 0] == llama_cell_positions(b.engine.ctx)
+        kw["max_tokens"] = 24
+        ra = a.continue_chat([{"role": "user", "content": "And then?"}], **kw)
+        rb = b.continue_chat([{"role": "user", "content": "And then?"}], **kw)
+        assert ra["choices"][0]["message"]["content"] == rb["choices"][0]["message"]["content"]
+        assert rb["usage"]["prompt_tokens_details"]["cached_tokens"] > 300
