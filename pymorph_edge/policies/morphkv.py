@@ -28,7 +28,7 @@ class MorphKV(KVPolicy):
     window: int = 32
     fusion: str = "sum"
     aggregate: str = "mean"
-    prefill_decay: float = 0.95
+    prefill_decay: float = 1.0  # chosen on the SmolLM2 tuning set (benchmarks/results/scoring-smollm2-decay)
     pool_radius: int = 1
     pool_after: int = 6
     head_weights: str = "induction"
