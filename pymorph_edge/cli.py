@@ -291,9 +291,13 @@ def _chat(args: argparse.Namespace) -> int:
             )
             # the cache holds the conversation: send only the new message (after a restart there is nothing
             # else to send); when it does not (an interrupted prefill reset it), the whole conversation
+            stream = None
             if llm.has_conversation:
-                stream = llm.continue_chat([message], **sampling)
-            else:
+                try:
+                    stream = llm.continue_chat([message], **sampling)
+                except ValueError as exc:  # e.g. a built-in (C string) template cut an answer at a NUL byte
+                    logging.getLogger(__name__).info("cannot continue on the cache (%s): sending the whole chat", exc)
+            if stream is None:
                 stream = llm.create_chat_completion([*messages, message], **sampling)
             messages.append(message)
             # Ctrl-C during an answer only raises a flag: the answer stops between two tokens, so the
