@@ -81,7 +81,14 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
         st->group_mapped[g]     = 0;
         /* the node is a view of the whole cache, so ne[1] = its cells; iSWA models have a smaller
          * sliding-window cache, and the scored one has n_cells cells */
-        if (t->ne[1] == st->cfg.n_cells && st->main_group < 0) {
+        if (t->ne[1] == st->cfg.n_cells) {
+            if (st->main_group >= 0) {
+                /* two caches of n_cells cells (an iSWA model whose sliding-window cache came out as large as
+                 * the base one): the cell map could follow the wrong one, so refuse rather than guess */
+                pme_set_error(st, "two KV caches have %d cells; cannot tell which one the budget bounds",
+                              st->cfg.n_cells);
+                return;
+            }
             st->main_group = g;
         }
     }

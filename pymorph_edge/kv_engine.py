@@ -28,6 +28,18 @@ def _padded(n: int) -> int:
     return (n + 255) // 256 * 256  # llama.cpp pads n_ctx to 256 cells
 
 
+def _apart_from_swa_cache(n_ctx: int, n_swa: int, n_ubatch: int) -> int:
+    """Cells for the base cache of an iSWA model, never as many as its sliding-window cache.
+
+    llama.cpp sizes the sliding-window cache pad(min(base cells, n_swa + n_ubatch)) (llama_kv_cache_iswa), and
+    the native scorer tells the two caches apart by their cell count. At kv_budget 640 and n_ubatch 128 on
+    Gemma 3 both came to 768 cells, and the scorer mapped the sliding-window cache's cells (found by
+    tests/test_sessions.py: llama.cpp kept 13 positions the scorer thought evicted). One more padding step
+    (256 cells of the few global layers) keeps them apart."""
+    base = _padded(n_ctx)
+    return base + 256 if _padded(min(base, n_swa + n_ubatch)) == base else n_ctx
+
+
 class KVEngine:
     """One llama.cpp context whose KV cache never holds more than kv_budget + n_ubatch cells.
 
@@ -58,6 +70,8 @@ class KVEngine:
         threads = config.n_threads or os.cpu_count() or 1
         cp.n_threads = cp.n_threads_batch = threads
         native_scored = kv_budget is not None and not policy.shifts
+        if native_scored and model.info.n_swa > 0:
+            cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, model.info.n_swa, config.n_ubatch)
         if native_scored:
             cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED  # kq_soft_max exists only without it
             cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx

@@ -218,7 +218,7 @@ def test_real_models_restore_into_llama_cpps_cells_and_continue_identically(mode
     path = request.getfixturevalue(model)
     budget = 640 if model == "gemma_path" else 256  # Gemma's budget must exceed its 512-token window
     cfg = dict(kv_budget=budget, config=EngineConfig(n_ubatch=128))
-    story = "Tell me a long story about a lighthouse keeper and the sea. " * 12
+    story = "Tell me a long story about a lighthouse keeper and the sea. " * 40  # past the budget: evictions
     with Llama(path, **cfg) as a, Llama(path, **cfg) as b:
         kw = dict(
             max_tokens=160, temperature=0, logit_bias={t: -1e9 for t in range(a.n_vocab) if a.is_end_of_generation(t)}
