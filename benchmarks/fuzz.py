@@ -12,29 +12,14 @@ import random
 import shlex
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from pymorph_edge.bench.gguf_fuzz import campaign
 from pymorph_edge.bench.load_run import start_server
-from pymorph_edge.bench.request_fuzz import request_bodies
+from pymorph_edge.bench.request_fuzz import post_body, request_bodies
 from pymorph_edge.default_model import resolve_model
 from pymorph_edge.synthetic_gguf import write_synthetic_llama
-
-
-def post(port: int, path: str, body: bytes) -> int:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.read()
-        return e.code
 
 
 def main() -> int:
@@ -59,7 +44,7 @@ def main() -> int:
         codes: Counter[int] = Counter()
         fails = []
         for i, (path, body) in enumerate(request_bodies(random.Random(a.seed), a.requests)):
-            code = post(port, path, body)
+            code = post_body(port, path, body)
             codes[code] += 1
             if code >= 500:
                 fails.append({"i": i, "path": path, "body": body.decode("utf-8", "replace")[:500], "status": code})

@@ -6,7 +6,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from test_server import start_server
 
 from pymorph_edge.bench.gguf_fuzz import campaign
-from pymorph_edge.bench.request_fuzz import request_bodies
+from pymorph_edge.bench.request_fuzz import post_body, request_bodies
 
 
 def test_damaged_ggufs_load_or_give_a_value_error(gqa_model, tmp_path):
@@ -43,25 +42,12 @@ def test_a_duplicate_token_is_refused_before_llama_cpp_aborts(gqa_model, tmp_pat
         Llama(str(bad), kv_budget=None)
 
 
-def post_raw(port, path, body: bytes):
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.read()
-        return e.code
-
-
 def test_generated_requests_get_2xx_or_4xx_never_5xx(gqa_model):
     proc, port = start_server(gqa_model, "--max-tokens-limit", "8")
     try:
         statuses = {}
         for i, (path, body) in enumerate(request_bodies(random.Random(11), 160)):
-            code = post_raw(port, path, body)
+            code = post_body(port, path, body, timeout=60)
             statuses.setdefault(code, []).append(i)
             assert code < 500, (code, path, body[:300])
         assert statuses.get(200) and len(statuses) > 1  # both valid and invalid bodies were generated

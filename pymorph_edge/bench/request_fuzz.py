@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,3 +112,17 @@ def request_bodies(rng: random.Random, n: int) -> Iterator[tuple[str, bytes]]:
         if rng.random() < 0.1:
             body[_text(rng) or "extra"] = rng.choice(ODD_VALUES)
         yield path, json.dumps(body).encode()
+
+
+def post_body(port: int, path: str, body: bytes, timeout: float = 120) -> int:
+    """POST raw bytes as JSON to the local server; the HTTP status, error statuses included."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code
