@@ -1,7 +1,8 @@
 /* llama.cpp graph eval callback: learns cell -> position from the SET_ROWS nodes that write K,
- * and reads each scored layer's kq_soft_max after it is computed.
+ * and reads each scored layer's kq_soft_max after it is computed, or with flash attention on, recomputes
+ * the attention rows from the FLASH_ATTN_EXT node's sources (pme_fattn.c).
  *
- * Only kq_soft_max nodes of the scored cache answer true at ask-time: every true splits the graph
+ * Only the attention nodes of the scored cache answer true at ask-time: every true splits the graph
  * and costs a synchronisation, so everything else is read from inputs, which are set before compute. */
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -11,7 +12,7 @@
 #include <string.h>
 
 /* "<prefix><digits>[ suffix]" -> layer index, or -1 */
-static int parse_layer(const char * name, const char * prefix) {
+int pme_parse_layer(const char * name, const char * prefix) {
     const size_t n = strlen(prefix);
     if (strncmp(name, prefix, n) != 0) {
         return -1;
@@ -27,31 +28,28 @@ static int parse_layer(const char * name, const char * prefix) {
     return (*p == 0 || *p == ' ') ? il : -1;
 }
 
-static const void * host_or_copy(pme_state * st, const struct ggml_tensor * t, void * small_buf, size_t small_cap) {
+const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot) {
     if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
         return t->data;
     }
-    /* GPU backends: copy the tensor out through the backend API */
+    /* GPU backends: copy the tensor out through the backend API, one buffer per slot so that several
+     * sources of one node can be held at once */
     const size_t nbytes = ggml_nbytes(t);
-    void *       dst    = small_buf;
-    if (nbytes > small_cap) {
-        if (nbytes > st->dev_copy_cap) {
-            float * p = realloc(st->dev_copy, nbytes);
-            if (!p) {
-                pme_set_error(st, "out of memory copying %s (%zu bytes)", t->name, nbytes);
-                return NULL;
-            }
-            st->dev_copy     = p;
-            st->dev_copy_cap = nbytes;
+    if (nbytes > st->dev_copy_cap[slot]) {
+        void * p = realloc(st->dev_copy[slot], nbytes);
+        if (!p) {
+            pme_set_error(st, "out of memory copying %s (%zu bytes)", t->name, nbytes);
+            return NULL;
         }
-        dst = st->dev_copy;
+        st->dev_copy[slot]     = p;
+        st->dev_copy_cap[slot] = nbytes;
     }
-    ggml_backend_tensor_get(t, dst, 0, nbytes);
-    return dst;
+    ggml_backend_tensor_get(t, st->dev_copy[slot], 0, nbytes);
+    return st->dev_copy[slot];
 }
 
 static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
-    const int il = parse_layer(t->name, "cache_k_l");
+    const int il = pme_parse_layer(t->name, "cache_k_l");
     if (il < 0) {
         return; /* V writes carry the same indices */
     }
@@ -101,7 +99,7 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
         pme_set_error(st, "%s: %lld indices for a %d-token ubatch", t->name, (long long) idx->ne[0], st->ub_n);
         return;
     }
-    const int64_t * cells = host_or_copy(st, idx, st->idx_copy, (size_t) st->cfg.max_ubatch * sizeof(int64_t));
+    const int64_t * cells = pme_host_or_copy(st, idx, 0);
     if (!cells) {
         return;
     }
@@ -117,7 +115,25 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
 }
 
 static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
-    const int il = parse_layer(t->name, "kq_soft_max-");
+    const int il = pme_parse_layer(t->name, "kq_soft_max-");
+    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
+        return false;
+    }
+    return st->layer_group[il] == st->main_group;
+}
+
+/* the layer of a flash attention node: its K source is a view of the cache tensor "cache_k_l<il>" */
+static int fattn_layer(const struct ggml_tensor * t) {
+    const struct ggml_tensor * k = t->src[1];
+    if (!k) {
+        return -1;
+    }
+    const struct ggml_tensor * root = k->view_src ? k->view_src : k;
+    return pme_parse_layer(root->name, "cache_k_l");
+}
+
+static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {
+    const int il = fattn_layer(t);
     if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
         return false;
     }
@@ -130,11 +146,14 @@ static void on_softmax(pme_state * st, const struct ggml_tensor * t) {
                       (long long) t->ne[3]);
         return;
     }
-    const float * attn = host_or_copy(st, t, NULL, 0);
+    const float * attn = pme_host_or_copy(st, t, 0);
     if (!attn) {
         return;
     }
-    st->cur_layer = parse_layer(t->name, "kq_soft_max-"); /* wants_softmax checked it is in range */
+    st->cur_layer = pme_parse_layer(t->name, "kq_soft_max-"); /* wants_softmax checked it is in range */
+    if (st->fa_check && pme_check_softmax(st, t, attn) != 0) {
+        return;
+    }
     pme_fold_softmax(st, attn, t->ne[0], t->ne[1], t->ne[2], t->nb[1], t->nb[2]);
 }
 
@@ -151,10 +170,19 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         if (t->op == GGML_OP_SOFT_MAX) {
             return wants_softmax(st, t);
         }
+        if (t->op == GGML_OP_FLASH_ATTN_EXT) {
+            return wants_fattn(st, t);
+        }
         return false;
     }
     if (st && !st->failed && st->ub_n > 0) {
-        on_softmax(st, t);
+        if (t->op == GGML_OP_FLASH_ATTN_EXT) {
+            const int il  = fattn_layer(t); /* wants_fattn checked it is in range */
+            st->cur_layer = il;
+            pme_fold_fattn(st, t, il);
+        } else {
+            on_softmax(st, t);
+        }
     }
     /* never abort the graph: errors surface after llama_decode returns, through pme_end_ubatch */
     return true;

@@ -5,6 +5,7 @@
 
 #define PME_MAX_GROUPS 4 /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
 #define PME_ERR_LEN    256
+#define PME_COPY_SLOTS 6
 
 /* pos: llama.cpp position (what seq_rm takes); lpos: logical position, never renumbered (pooling) */
 typedef struct pme_candidate {
@@ -33,7 +34,6 @@ struct pme_state {
     int32_t      n_groups;
     int32_t      main_group;                   /* group whose cache has n_cells cells, -1 until seen */
     uint8_t      group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
-    int64_t *    idx_copy;                     /* (max_ubatch) k_idxs read from a non-host buffer */
 
     /* current ubatch */
     int32_t * ub_pos;       /* (max_ubatch) positions in ubatch order */
@@ -69,9 +69,27 @@ struct pme_state {
     pme_candidate * cand;       /* (n_cells) eviction candidates */
     int32_t *       victim_pos; /* (n_cells) */
 
-    /* copy buffer for softmax tensors outside host memory (GPU backends) */
-    float * dev_copy;
-    size_t  dev_copy_cap;
+    /* copy buffers for tensors outside host memory (GPU backends), one per source of a node */
+    void * dev_copy[PME_COPY_SLOTS];
+    size_t dev_copy_cap[PME_COPY_SLOTS];
+
+    /* flash attention scoring scratch (pme_fattn.c), grown on first use */
+    void *  fa_k;    /* (n_kv, d) one KV head's K rows as float */
+    size_t  fa_k_cap;
+    void *  fa_rows; /* (q_per_kv, n_tokens, n_kv) one group's attention rows */
+    size_t  fa_rows_cap;
+    void *  fa_mask; /* (n_kv) one mask row as float */
+    size_t  fa_mask_cap;
+    void *  fa_q;    /* (d) one query row, plus its rounding scratch */
+    size_t  fa_q_cap;
+    /* check mode (pme_test_fattn_check): output rebuilt from the rows vs flash attention's own */
+    int32_t fa_check;
+    int32_t fa_check_nodes;
+    float   fa_check_err; /* max |output - rebuilt| */
+    float   fa_check_mag; /* max |rebuilt| (flash attention), max weight (softmax) */
+    float   fa_check_rel; /* softmax: max relative difference over weights above 1e-3 */
+    void *  fa_check_v;   /* (n_kv + 1, dv) V rows as float, plus one accumulator row */
+    size_t  fa_check_v_cap;
 
     int32_t failed;
     char    err[PME_ERR_LEN];
@@ -97,9 +115,17 @@ static inline int32_t pme_lower_bound(const int32_t * sorted, int32_t n, int32_t
     return lo;
 }
 
-void pme_set_error(pme_state * st, const char * fmt, ...);
-void pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
-void pme_cell_free(pme_state * st, int32_t cell);
+struct ggml_tensor;
+
+void         pme_set_error(pme_state * st, const char * fmt, ...);
+int          pme_parse_layer(const char * name, const char * prefix); /* "<prefix><digits>[ suffix]" -> il or -1 */
+const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot);
+/* flash attention on: recompute layer's attention rows from the FLASH_ATTN_EXT node t and fold them */
+int          pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer);
+/* check mode with flash attention off: recompute the softmax node t's rows the flash attention way, compare */
+int          pme_check_softmax(pme_state * st, const struct ggml_tensor * t, const float * attn);
+void         pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
+void         pme_cell_free(pme_state * st, int32_t cell);
 
 /* scores: fold one layer's softmax (n_head, n_tokens, n_kv) into the ubatch accumulators */
 int  pme_fold_softmax(pme_state *   st,
@@ -109,6 +135,16 @@ int  pme_fold_softmax(pme_state *   st,
                       int64_t       n_head,
                       size_t        nb1,
                       size_t        nb2);
+/* the same in parts, for attention computed one KV head's group at a time (pme_fattn.c): begin checks the
+ * shape, each group's attn starts at its first query head, and the caller counts the layer in ub_layers */
+int  pme_fold_begin(pme_state * st, int64_t n_kv, int64_t n_tokens, int64_t n_head);
+void pme_fold_group(pme_state *   st,
+                    const float * attn,
+                    int64_t       n_kv,
+                    int64_t       n_tokens,
+                    int32_t       g,
+                    size_t        nb1,
+                    size_t        nb2);
 void pme_ubatch_reset_acc(pme_state * st);
 void pme_ubatch_finish_acc(pme_state * st);
 void pme_calib_resolve(pme_state * st);

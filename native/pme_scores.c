@@ -32,19 +32,18 @@ static inline void fold(float * acc, const float * v, int64_t n, int agg) {
     }
 }
 
-/* out[c] = w * sum over the query heads of KV head g, for token row t */
+/* out[c] = w * sum over the query heads of one KV head's group, for token row t; attn starts at the group's first head */
 static void group_row(const pme_state * st,
                       const float *     attn,
                       int64_t           n_kv,
                       int64_t           t,
-                      int32_t           g,
                       size_t            nb1,
                       size_t            nb2,
                       float             w,
                       float *           out) {
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
     memset(out, 0, (size_t) n_kv * sizeof(float));
-    for (int32_t q = g * q_per_kv; q < (g + 1) * q_per_kv; ++q) {
+    for (int32_t q = 0; q < q_per_kv; ++q) {
         const float * row = (const float *) ((const char *) attn + t * nb1 + q * nb2);
         for (int64_t c = 0; c < n_kv; ++c) {
             out[c] += row[c];
@@ -57,6 +56,70 @@ static void group_row(const pme_state * st,
     }
 }
 
+int pme_fold_begin(pme_state * st, int64_t n_kv, int64_t n_tokens, int64_t n_head) {
+    if (n_tokens != st->ub_n) {
+        pme_set_error(st, "attention has %lld token rows but the ubatch has %d", (long long) n_tokens, st->ub_n);
+        return -1;
+    }
+    if (n_head != st->cfg.n_head) {
+        pme_set_error(st, "attention has %lld heads, expected %d", (long long) n_head, st->cfg.n_head);
+        return -1;
+    }
+    if (n_kv > st->cfg.n_cells) {
+        pme_set_error(st, "attention spans %lld cells but the cache has %d", (long long) n_kv, st->cfg.n_cells);
+        return -1;
+    }
+    if (st->calib_armed == 1) {
+        pme_calib_resolve(st);
+    }
+    return 0;
+}
+
+void pme_fold_group(pme_state *   st,
+                    const float * attn,
+                    int64_t       n_kv,
+                    int64_t       n_tokens,
+                    int32_t       g,
+                    size_t        nb1,
+                    size_t        nb2) {
+    const int     agg      = st->cfg.aggregate;
+    const size_t  nc       = (size_t) st->cfg.n_cells;
+    float *       tmp      = st->tmp;
+    const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
+    const int     prompt   = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
+    const int32_t hi       = st->cur_layer * st->cfg.n_head_kv + g;
+    /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
+     * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),
+     * because the next token depends on the local heads they mute. So prompt ubatches only. */
+    const float   w        = (st->head_w && prompt) ? st->head_w[hi] : 1.0f;
+    /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
+    for (int32_t r = 0; r < st->ub_rows; ++r) {
+        const int64_t t = n_tokens - st->ub_rows + r;
+        group_row(st, attn, n_kv, t, nb1, nb2, w, tmp);
+        fold(st->ub_row_acc + (size_t) r * nc, tmp, n_kv, agg);
+    }
+    /* persistent score: max over every row of the ubatch, so a token attended once in its own
+     * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
+    float * best  = st->score; /* scratch: selection recomputes score before reading it */
+    float * total = st->row_sum;
+    memset(best, 0, (size_t) n_kv * sizeof(float));
+    memset(total, 0, (size_t) n_kv * sizeof(float));
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        group_row(st, attn, n_kv, t, nb1, nb2, w, tmp);
+        if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= 0 && st->calib_cell[t] < n_kv) {
+            st->calib_acc[hi] += tmp[st->calib_cell[t]] / (w * (float) q_per_kv);
+        }
+        for (int64_t c = 0; c < n_kv; ++c) {
+            if (tmp[c] > best[c]) {
+                best[c] = tmp[c];
+            }
+            total[c] += tmp[c];
+        }
+    }
+    fold(st->ub_chunk_acc, best, n_kv, agg);
+    fold(st->ub_sum_acc, total, n_kv, agg);
+}
+
 int pme_fold_softmax(pme_state *   st,
                      const float * attn,
                      int64_t       n_kv,
@@ -64,61 +127,13 @@ int pme_fold_softmax(pme_state *   st,
                      int64_t       n_head,
                      size_t        nb1,
                      size_t        nb2) {
-    if (n_tokens != st->ub_n) {
-        pme_set_error(st, "softmax has %lld token rows but the ubatch has %d", (long long) n_tokens, st->ub_n);
+    if (pme_fold_begin(st, n_kv, n_tokens, n_head) != 0) {
         return -1;
-    }
-    if (n_head != st->cfg.n_head) {
-        pme_set_error(st, "softmax has %lld heads, expected %d", (long long) n_head, st->cfg.n_head);
-        return -1;
-    }
-    if (n_kv > st->cfg.n_cells) {
-        pme_set_error(st, "softmax spans %lld cells but the cache has %d", (long long) n_kv, st->cfg.n_cells);
-        return -1;
-    }
-    const int    agg = st->cfg.aggregate;
-    const size_t nc  = (size_t) st->cfg.n_cells;
-    float *      tmp = st->tmp;
-
-    if (st->calib_armed == 1) {
-        pme_calib_resolve(st);
     }
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
-    const int     prompt   = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
     for (int32_t g = 0; g < st->cfg.n_head_kv; ++g) {
-        const int32_t hi = st->cur_layer * st->cfg.n_head_kv + g;
-        /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
-         * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),
-         * because the next token depends on the local heads they mute. So prompt ubatches only. */
-        const float   w  = (st->head_w && prompt) ? st->head_w[hi] : 1.0f;
-        /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
-        for (int32_t r = 0; r < st->ub_rows; ++r) {
-            const int64_t t = n_tokens - st->ub_rows + r;
-            group_row(st, attn, n_kv, t, g, nb1, nb2, w, tmp);
-            fold(st->ub_row_acc + (size_t) r * nc, tmp, n_kv, agg);
-        }
-        /* persistent score: max over every row of the ubatch, so a token attended once in its own
-         * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
-        {
-            float * best  = st->score; /* scratch: selection recomputes score before reading it */
-            float * total = st->row_sum;
-            memset(best, 0, (size_t) n_kv * sizeof(float));
-            memset(total, 0, (size_t) n_kv * sizeof(float));
-            for (int64_t t = 0; t < n_tokens; ++t) {
-                group_row(st, attn, n_kv, t, g, nb1, nb2, w, tmp);
-                if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= 0 && st->calib_cell[t] < n_kv) {
-                    st->calib_acc[hi] += tmp[st->calib_cell[t]] / (w * (float) q_per_kv);
-                }
-                for (int64_t c = 0; c < n_kv; ++c) {
-                    if (tmp[c] > best[c]) {
-                        best[c] = tmp[c];
-                    }
-                    total[c] += tmp[c];
-                }
-            }
-            fold(st->ub_chunk_acc, best, n_kv, agg);
-            fold(st->ub_sum_acc, total, n_kv, agg);
-        }
+        pme_fold_group(st, (const float *) ((const char *) attn + (size_t) (g * q_per_kv) * nb2), n_kv, n_tokens, g,
+                       nb1, nb2);
     }
     st->ub_layers++;
     return 0;

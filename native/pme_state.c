@@ -68,7 +68,6 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->cell_lpos    = malloc(nc * sizeof(int64_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
     st->ub_pos       = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
-    st->idx_copy     = malloc((size_t) cfg->max_ubatch * sizeof(int64_t));
     st->ub_row_acc   = calloc(w * nc, sizeof(float));
     st->ub_chunk_acc = calloc(nc, sizeof(float));
     st->ub_sum_acc   = calloc(nc, sizeof(float));
@@ -82,9 +81,9 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->calib_target = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_cell   = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
-    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->idx_copy || !st->ub_row_acc ||
-        !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score ||
-        !st->cand || !st->victim_pos || !st->calib_target || !st->calib_cell || !st->calib_acc) {
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->ub_row_acc || !st->ub_chunk_acc ||
+        !st->ub_sum_acc || !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand ||
+        !st->victim_pos || !st->calib_target || !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -97,7 +96,14 @@ void pme_free(pme_state * st) {
     if (!st) {
         return;
     }
-    free(st->dev_copy);
+    for (int i = 0; i < PME_COPY_SLOTS; ++i) {
+        free(st->dev_copy[i]);
+    }
+    free(st->fa_k);
+    free(st->fa_rows);
+    free(st->fa_mask);
+    free(st->fa_q);
+    free(st->fa_check_v);
     free(st->head_w);
     free(st->calib_acc);
     free(st->calib_cell);
@@ -112,7 +118,6 @@ void pme_free(pme_state * st) {
     free(st->ub_sum_acc);
     free(st->ub_chunk_acc);
     free(st->ub_row_acc);
-    free(st->idx_copy);
     free(st->ub_pos);
     free(st->layer_group);
     free(st->cell_lpos);
@@ -223,7 +228,8 @@ int pme_end_ubatch(pme_state * st) {
         return -1;
     }
     if (st->ub_layers == 0 && st->ops->needs_attention) {
-        pme_set_error(st, "pme_end_ubatch: no kq_soft_max node was read; flash attention must be off for scoring");
+        pme_set_error(st,
+                      "pme_end_ubatch: no attention node (kq_soft_max or flash attention) of a scored layer was read");
         return -1;
     }
     pme_ubatch_finish_acc(st);

@@ -54,3 +54,19 @@ int pme_test_scores(const pme_state * st, float * out, int32_t cap) {
     memcpy(out, st->score, (size_t) n * sizeof(float));
     return n;
 }
+
+int pme_test_fattn_check(pme_state * st, int32_t enable, float * out) {
+    if (!st || !out) {
+        return -1;
+    }
+    if (enable && !st->fa_check) {
+        st->fa_check_err = st->fa_check_mag = st->fa_check_rel = 0.0f;
+        st->fa_check_nodes                                     = 0;
+    }
+    st->fa_check = enable != 0;
+    out[0]       = st->fa_check_err;
+    out[1]       = st->fa_check_mag;
+    out[2]       = st->fa_check_rel;
+    out[3]       = (float) st->fa_check_nodes;
+    return 0;
+}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .kv_cache_types import KV_TYPES
 from .policies import POLICIES
 
 DEFAULT_PROMPT = "Write a very long story about a lighthouse."
@@ -60,6 +61,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=512,
         help="prompt chunk size (default 512); smaller chunks shrink llama.cpp's compute buffer and the "
         "kv_budget + n_ubatch ceiling on small devices",
+    )
+    p.add_argument(
+        "--flash-attn",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="flash attention (default auto: on for a quantized V cache, else the measured best for this setup)",
+    )
+    p.add_argument(
+        "--type-k",
+        default="f16",
+        choices=list(KV_TYPES),
+        help="K cache element type, as llama.cpp's -ctk (default f16)",
+    )
+    p.add_argument(
+        "--type-v",
+        default="f16",
+        choices=list(KV_TYPES),
+        help="V cache element type, as llama.cpp's -ctv (default f16); a quantized one needs flash attention",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
 
@@ -195,7 +214,15 @@ def _open_model(args: argparse.Namespace):
 
     path = resolve_model(args.model)
     policy = "full" if args.kv_budget is None else args.policy
-    config = EngineConfig(n_ubatch=args.n_ubatch, n_ctx=args.n_ctx, n_threads=args.threads)
+    flash_attn = {"auto": None, "on": True, "off": False}[args.flash_attn]
+    config = EngineConfig(
+        n_ubatch=args.n_ubatch,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        flash_attn=flash_attn,
+        type_k=args.type_k,
+        type_v=args.type_v,
+    )
     return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion, config=config)
 
 

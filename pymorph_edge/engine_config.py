@@ -9,6 +9,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
+from .kv_cache_types import FLOAT_TYPES, check_flash_attn, check_kv_type
 from .model_file import LoadedModel
 from .policies import KVPolicy
 
@@ -20,7 +21,9 @@ class EngineConfig:
     n_ubatch: int = 512  # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
     n_ctx: int | None = None  # full cache only: context size (default 4096); bounded runs derive it
     n_threads: int | None = None  # default: all cores
-    flash_attn: bool = False  # full cache only: scoring policies need the softmax node
+    flash_attn: bool | None = None  # None: on where it pays (resolve_flash_attn); a quantized type_v needs it
+    type_k: str = "f16"  # K cache element type, llama.cpp's names: f16, bf16, q8_0, q4_0, ... (kv_cache_types)
+    type_v: str = "f16"  # V cache element type; a quantized one needs flash attention
     n_gpu_layers: int = 0
     swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
     max_span: int | None = (
@@ -34,10 +37,29 @@ class EngineConfig:
             raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+        if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
+            raise ValueError(f"flash_attn must be True, False or None, got {self.flash_attn!r}")
+        self.type_k = check_kv_type("type_k", self.type_k)
+        self.type_v = check_kv_type("type_v", self.type_v)
+        check_flash_attn(self.type_k, self.type_v, self.flash_attn)
         if self.max_span is not None and (
             isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
         ):
             raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
+
+
+# With a budget and flash_attn unset: measured on this project's 2-core CPU machine (benchmarks/results/fattn-*)
+FLASH_ATTN_WHEN_BOUNDED = False
+
+
+def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
+    """Whether the context runs flash attention: as set, else on for a quantized V cache (llama.cpp needs it),
+    else FLASH_ATTN_WHEN_BOUNDED for a scored budget, else off like llama_cpp.Llama."""
+    if config.flash_attn is not None:
+        return config.flash_attn
+    if config.type_v not in FLOAT_TYPES:
+        return True
+    return FLASH_ATTN_WHEN_BOUNDED if bounded_scoring else False
 
 
 def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:
@@ -83,7 +105,8 @@ def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None
 
 
 def merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
-    """The shortcut arguments (n_ctx, n_threads, flash_attn) merged into config; a clash is a ValueError."""
+    """The shortcut arguments (n_ctx, n_threads, flash_attn, type_k, type_v) merged into config; a clash is a
+    ValueError."""
     given = {k: v for k, v in given.items() if v is not None}
     if config is None:
         return EngineConfig(**given)

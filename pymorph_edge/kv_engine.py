@@ -9,8 +9,9 @@ from collections.abc import Callable, Sequence
 import llama_cpp.llama_cpp as C
 
 from .context_shifter import ContextShifter
-from .engine_config import EngineConfig, can_compact, default_max_span, validate_budget
+from .engine_config import EngineConfig, can_compact, default_max_span, resolve_flash_attn, validate_budget
 from .head_calibration import calibrate_head_weights
+from .kv_cache_types import check_head_size, ggml_type, row_bytes
 from .llama_log import KVSizeCapture
 from .model_file import LoadedModel
 from .native_scorer import NativeScorer
@@ -72,14 +73,16 @@ class KVEngine:
         native_scored = kv_budget is not None and not policy.shifts
         if native_scored and model.info.n_swa > 0:
             cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, model.info.n_swa, config.n_ubatch)
+        # scoring reads kq_soft_max with flash attention off, and recomputes the rows from the flash attention
+        # node's sources with it on (native/pme_fattn.c); never "auto", so the scorer knows which it gets
+        self.flash_attn = resolve_flash_attn(config, native_scored)
+        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        check_head_size("type_k", config.type_k, model.info.n_embd_k_gqa // model.info.n_head_kv)
+        check_head_size("type_v", config.type_v, model.info.n_embd_v_gqa // model.info.n_head_kv)
+        cp.type_k, cp.type_v = ggml_type(config.type_k), ggml_type(config.type_v)
         if native_scored:
-            cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED  # kq_soft_max exists only without it
             cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx
         else:
-            # like llama_cpp.Llama, so a full-cache run compares like for like
-            cp.flash_attn_type = (
-                C.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
             # swa_full as llama_cpp.Llama; context shift needs it too: llama.cpp shifts an iSWA cache only when its
             # sliding-window cache is as large as the base one (llama_kv_cache_iswa::get_can_shift), which at
             # n_ctx = kv_budget costs little
@@ -94,7 +97,9 @@ class KVEngine:
         if not self.ctx:
             self._free_scorer()
             raise RuntimeError(f"llama.cpp could not create a context with n_ctx={cp.n_ctx} for {str(model.path)!r}")
-        self.kv_bytes = cap.total_bytes(model.info.n_embd_k_gqa, model.info.n_embd_v_gqa)
+        self.kv_bytes = cap.total_bytes(
+            row_bytes(config.type_k, model.info.n_embd_k_gqa), row_bytes(config.type_v, model.info.n_embd_v_gqa)
+        )
         self.n_ctx = C.llama_n_ctx(self.ctx)
         if self.scorer is not None and self.n_ctx != self.scorer.n_cells:
             self.close()

@@ -65,6 +65,8 @@ class Llama:
     KVPolicy instance. window: the policy's recent window (default: its own, 32 for MorphKV);
     fusion ("sum" or "max", MorphKV) and aggregate ("mean" or "max": MorphKV, H2O, TOVA, SnapKV) default to the
     policy's own; passing one to a policy that does not use it is a ValueError.
+    flash_attn (None: on where it pays, and always for a quantized V cache), type_k / type_v (KV cache element
+    types by llama.cpp's names: "f16" default, "q8_0", "q4_0", ...): see EngineConfig.
     """
 
     def __init__(
@@ -79,7 +81,9 @@ class Llama:
         config: EngineConfig | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
+        type_k: str | None = None,
+        type_v: str | None = None,
         chat_template: str | None = None,
     ) -> None:
         self._engine: KVEngine | None = None
@@ -91,11 +95,9 @@ class Llama:
             policy = make_policy(policy, **params)
         elif not isinstance(policy, KVPolicy):
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
-        config = merge_config(config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn or None)
-        if kv_budget is not None and config.flash_attn:
-            raise ValueError(
-                "flash_attn=True needs kv_budget=None: scoring reads the attention softmax, which flash attention never materialises"
-            )
+        config = merge_config(
+            config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v
+        )
         self._model = LoadedModel(model_path, n_gpu_layers=config.n_gpu_layers)
         try:
             self._engine = KVEngine(self._model, kv_budget, policy, config)

@@ -65,15 +65,9 @@ class KVSizeCapture:
         _capture = None
         _lock.release()
 
-    def total_bytes(self, k_elems_per_cell_layer: int, v_elems_per_cell_layer: int) -> int:
-        """Exact bytes from cells x layers, given the K and V elements per cell and layer (n_embd_k_gqa, n_embd_v_gqa).
-
-        The MiB figure in the log is rounded to 0.01 MiB, so it is used only for cache types with blocks."""
-        width = {"f32": 4, "f16": 2, "bf16": 2}
-        total = 0
-        for mib, cells, layers, kt, vt in self.sizes:
-            if kt in width and vt in width:
-                total += cells * layers * (k_elems_per_cell_layer * width[kt] + v_elems_per_cell_layer * width[vt])
-            else:
-                total += int(round(mib * 1024 * 1024))
-        return total
+    def total_bytes(self, k_bytes_per_cell_layer: int, v_bytes_per_cell_layer: int) -> int:
+        """Exact bytes from cells x layers, given the K and V bytes per cell and layer
+        (kv_cache_types.row_bytes of n_embd_k_gqa / n_embd_v_gqa): the log's MiB is rounded to 0.01 MiB."""
+        return sum(
+            cells * layers * (k_bytes_per_cell_layer + v_bytes_per_cell_layer) for _, cells, layers, _, _ in self.sizes
+        )

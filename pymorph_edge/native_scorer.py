@@ -97,6 +97,20 @@ class NativeScorer:
         n = self._lib.pme_cell_positions(self._state, out, self.n_cells)
         return list(out[0:n])
 
+    def scores(self) -> list[float]:
+        """Each cell's selection score from the last eviction pass (higher = kept), for tests and probes."""
+        out = self._ffi.new("float[]", self.n_cells)
+        n = self._check(self._lib.pme_test_scores(self._state, out, self.n_cells), "scores")
+        return list(out[0:n])
+
+    def fattn_check(self, enable: bool) -> dict[str, float]:
+        """Test hook (pme_test_fattn_check in pme.h): while enabled, flash attention nodes have their output rebuilt
+        from the recomputed rows, and softmax nodes their rows recomputed the flash attention way. Returns the
+        differences found since it was enabled."""
+        out = self._ffi.new("float[4]")
+        self._check(self._lib.pme_test_fattn_check(self._state, int(enable), out), "fattn check")
+        return {"max_abs": float(out[0]), "max_ref": float(out[1]), "max_rel": float(out[2]), "nodes": int(out[3])}
+
     def stats(self) -> dict[str, int]:
         self._lib.pme_get_stats(self._state, self._stats)
         s = self._stats

@@ -51,7 +51,12 @@ def test_impossible_budget(mha_model, budget, match):
         ({"fusion": "mean"}, "fusion must be one of"),
         ({"aggregate": "sum"}, "aggregate must be one of"),
         ({"policy": "h3o"}, "unknown policy 'h3o'"),
-        ({"flash_attn": True}, "flash_attn=True needs kv_budget=None"),
+        ({"type_v": "q8_0", "flash_attn": False}, "type_v='q8_0' needs flash attention"),
+        ({"type_k": "q3_k"}, "type_k must be one of f16, "),
+        ({"type_v": 8}, "type_v must be one of"),
+        ({"flash_attn": "yes"}, "flash_attn must be True, False or None, got 'yes'"),
+        # the synthetic MHA model's heads are 16 wide: no whole 32-element blocks
+        ({"type_k": "q8_0"}, "type_k='q8_0' stores 32-element blocks, which do not divide this model's head size 16"),
     ],
 )
 def test_bad_parameters(mha_model, kwargs, match):

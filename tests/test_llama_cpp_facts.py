@@ -136,6 +136,45 @@ def test_flash_attention_has_no_softmax_node(gqa_model):
     model.close()
 
 
+def _ggml_op_name(op: int) -> str:
+    lib = next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
+    ggml = ctypes.CDLL(str(lib))
+    ggml.ggml_op_name.restype = ctypes.c_char_p
+    ggml.ggml_op_name.argtypes = [ctypes.c_int]
+    return ggml.ggml_op_name(op).decode()
+
+
+def test_flash_attention_node_sources(gqa_model):
+    """native/pme_fattn.c relies on this: with flash attention on, each layer has one FLASH_ATTN_EXT node whose
+    src[0] is Q (f32), src[1] a view of "cache_k_l<il>", src[3] the f16 mask, and op_params[0] the scale.
+    That the sources still hold their data when the callback runs is tested in test_flash_attn_scoring.py."""
+    model = LoadedModel(gqa_model)
+    seen = {}
+
+    def cb(t, ask, _ud):
+        tt = ctypes.cast(t, ctypes.POINTER(Tensor)).contents
+        if ask and _ggml_op_name(tt.op) == "FLASH_ATTN_EXT":
+            q, k, mask = tt.src[0].contents, tt.src[1].contents, tt.src[3].contents
+            root = ctypes.cast(k.view_src, ctypes.POINTER(Tensor)).contents.name.decode()
+            scale = ctypes.cast(ctypes.pointer(tt.op_params), ctypes.POINTER(ctypes.c_float))[0]
+            seen[root] = (q.type, k.type, mask.type, tuple(q.ne), tuple(k.ne), scale)
+        return False
+
+    spy = GraphSpy()
+    spy.cb = C.ggml_backend_sched_eval_callback(cb)
+    ctx = _context(model, spy, flash=True)
+    assert _decode(ctx, list(range(3, 20)), 0) == 0
+    head = 64 // 8  # the synthetic GQA model: n_embd 64, 8 query heads, 2 KV heads
+    assert set(seen) == {"cache_k_l0", "cache_k_l1"}
+    for q_type, k_type, mask_type, q_ne, k_ne, scale in seen.values():
+        assert (q_type, k_type, mask_type) == (0, 1, 1)  # f32 Q, f16 K cache, f16 mask
+        assert q_ne == (head, 17, 8, 1)  # (d, n_tokens, n_head): a permuted view
+        assert k_ne == (head, 256, 2, 1)  # (d, n_kv, n_head_kv)
+        assert scale == pytest.approx(head**-0.5)
+    C.llama_free(ctx)
+    model.close()
+
+
 def test_decode_fails_only_when_no_cell_is_free(gqa_model):
     model = LoadedModel(gqa_model)
     spy = GraphSpy()

@@ -1,0 +1,314 @@
+/* Attention rows with flash attention on.
+ *
+ * Flash attention never materialises softmax(QK^T), so for each scored layer the callback asks for the
+ * GGML_OP_FLASH_ATTN_EXT node and recomputes, from that node's own sources, the rows the policies read:
+ *   src[0] Q    (d, n_tokens, n_head)     f32, a permuted view
+ *   src[1] K    (d, n_kv, n_head_kv)      a view of the K cache, f16/bf16/f32 or quantized
+ *   src[3] mask (n_kv, n_tokens_pad, 1|n_head) f16, -inf where a token may not look
+ *   src[4] sinks (n_head) f32 or NULL
+ *   op_params: scale, max_bias (ALiBi), logit_softcap
+ * ggml-alloc never runs FLASH_ATTN_EXT in place, and the callback runs right after the node, so the
+ * sources are still intact (tests/test_llama_cpp_facts.py recomputes the node's output from them).
+ *
+ * The arithmetic follows ggml-cpu's flash attention: Q is rounded to the type K is multiplied in (f16 for
+ * an f16 cache, q8_0 for q8_0/q4_0), the scale goes inside the softcap, ALiBi slopes scale the mask.
+ * Rows are computed one KV head's group at a time so the scratch is (q_per_kv, n_tokens, n_kv), not the
+ * whole layer's (n_head, n_tokens, n_kv) that flash attention exists to avoid. */
+#include "ggml.h"
+#include "pme_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* the type ggml-cpu converts Q to before its K dot products (ggml-cpu.c type_traits_cpu[].vec_dot_type) */
+static enum ggml_type query_type_for(enum ggml_type k) {
+    switch (k) {
+        case GGML_TYPE_F16:
+        case GGML_TYPE_BF16:
+        case GGML_TYPE_F32:
+            return k;
+        case GGML_TYPE_Q4_0:
+        case GGML_TYPE_Q5_0:
+        case GGML_TYPE_Q8_0:
+        case GGML_TYPE_IQ4_NL:
+            return GGML_TYPE_Q8_0;
+        case GGML_TYPE_Q4_1:
+        case GGML_TYPE_Q5_1:
+            return GGML_TYPE_Q8_1;
+        default:
+            return GGML_TYPE_COUNT; /* not a KV cache type llama.cpp offers */
+    }
+}
+
+static void * grow(pme_state * st, void ** buf, size_t * cap, size_t need, const char * what) {
+    if (need > *cap) {
+        void * p = realloc(*buf, need);
+        if (!p) {
+            pme_set_error(st, "out of memory for %s (%zu bytes)", what, need);
+            return NULL;
+        }
+        *buf = p;
+        *cap = need;
+    }
+    return *buf;
+}
+
+/* q rounded as ggml-cpu rounds it; scratch holds one row of the query type */
+static void round_query(enum ggml_type qt, float * q, int64_t d, void * scratch) {
+    if (qt == GGML_TYPE_F32) {
+        return;
+    }
+    if (qt == GGML_TYPE_F16) {
+        for (int64_t i = 0; i < d; ++i) {
+            q[i] = ggml_fp16_to_fp32(ggml_fp32_to_fp16(q[i]));
+        }
+        return;
+    }
+    if (qt == GGML_TYPE_BF16) {
+        for (int64_t i = 0; i < d; ++i) {
+            q[i] = ggml_bf16_to_fp32(ggml_fp32_to_bf16(q[i]));
+        }
+        return;
+    }
+    const struct ggml_type_traits * tr = ggml_get_type_traits(qt);
+    if (tr->from_float_ref && tr->to_float && d % tr->blck_size == 0) {
+        tr->from_float_ref(q, scratch, d);
+        tr->to_float(scratch, q, d);
+    }
+}
+
+static inline float dot(const float * restrict a, const float * restrict b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) {
+        s += a[i] * b[i];
+    }
+    return s;
+}
+
+/* Check mode (pme_test_fattn_check): rebuild the node's output sum_c A[c] V[c] from the recomputed rows of
+ * one group and compare it with what flash attention wrote, which holds only if Q, K, V and the mask were
+ * intact and the rows are right */
+static int check_output(pme_state *                st,
+                        const struct ggml_tensor * t,
+                        const float *              rows,
+                        int64_t                    g,
+                        int64_t                    q_per_kv,
+                        int64_t                    n_tokens,
+                        int64_t                    n_kv) {
+    const struct ggml_tensor *      v   = t->src[2];
+    const struct ggml_tensor *      o   = t;
+    const struct ggml_type_traits * vtr = ggml_get_type_traits(v->type);
+    if (!vtr->to_float || v->nb[0] != ggml_type_size(v->type) || o->nb[0] != sizeof(float)) {
+        pme_set_error(st, "fattn check: unsupported V (%s) or output layout", ggml_type_name(v->type));
+        return -1;
+    }
+    const int64_t dv = v->ne[0];
+    const char *  vd = pme_host_or_copy(st, v, 4); /* slots 0-3 hold the scoring sources */
+    const char *  od = vd ? pme_host_or_copy(st, o, 5) : NULL;
+    float *       vrow =
+        grow(st, &st->fa_check_v, &st->fa_check_v_cap, (size_t) (n_kv + 1) * (size_t) dv * sizeof(float), "V rows");
+    if (!od || !vrow) {
+        return -1;
+    }
+    float * acc = vrow + n_kv * dv;
+    for (int64_t c = 0; c < n_kv; ++c) {
+        vtr->to_float(vd + c * v->nb[1] + g * v->nb[2], vrow + c * dv, dv);
+    }
+    for (int64_t j = 0; j < q_per_kv; ++j) {
+        const int64_t h = g * q_per_kv + j;
+        for (int64_t tk = 0; tk < n_tokens; ++tk) {
+            const float * a = rows + (j * n_tokens + tk) * n_kv;
+            memset(acc, 0, (size_t) dv * sizeof(float));
+            for (int64_t c = 0; c < n_kv; ++c) {
+                if (a[c] != 0.0f) {
+                    for (int64_t i = 0; i < dv; ++i) {
+                        acc[i] += a[c] * vrow[c * dv + i];
+                    }
+                }
+            }
+            /* output ne = (dv, n_head, n_tokens) */
+            const float * out = (const float *) (od + h * o->nb[1] + tk * o->nb[2]);
+            for (int64_t i = 0; i < dv; ++i) {
+                const float err = fabsf(out[i] - acc[i]), mag = fabsf(acc[i]);
+                st->fa_check_err = err > st->fa_check_err ? err : st->fa_check_err;
+                st->fa_check_mag = mag > st->fa_check_mag ? mag : st->fa_check_mag;
+            }
+        }
+    }
+    st->fa_check_nodes++;
+    return 0;
+}
+
+/* the attention inputs of one layer, from a flash attention node or (check mode) a softmax node's ancestors */
+typedef struct attn_job {
+    const struct ggml_tensor *q, *k, *mask, *sinks;
+    const char *              qd, *kd, *md, *sd; /* their data in host memory */
+    float                     scale, max_bias, softcap;
+    int64_t                   d, n_tokens, n_head, n_kv, n_head_kv, q_per_kv;
+    enum ggml_type            qt;
+    float *                   kbuf, *abuf, *mrow, *qrow;
+} attn_job;
+
+static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
+    const struct ggml_tensor *q = j->q, *k = j->k, *mask = j->mask, *sinks = j->sinks;
+    if (!q || !k || q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || q->ne[3] != 1 || k->ne[3] != 1 ||
+        k->ne[0] != q->ne[0] || k->nb[0] != ggml_type_size(k->type) ||
+        (mask && mask->type != GGML_TYPE_F16 && mask->type != GGML_TYPE_F32) ||
+        (sinks && sinks->type != GGML_TYPE_F32)) {
+        pme_set_error(st, "attention of layer %d: unexpected sources (q type %d, k type %d)", layer,
+                      q ? (int) q->type : -1, k ? (int) k->type : -1);
+        return -1;
+    }
+    j->d = q->ne[0], j->n_tokens = q->ne[1], j->n_head = q->ne[2], j->n_kv = k->ne[1], j->n_head_kv = k->ne[2];
+    if (j->n_head_kv != st->cfg.n_head_kv || j->n_head % j->n_head_kv != 0) {
+        pme_set_error(st, "attention of layer %d has %lld KV heads, expected %d", layer, (long long) j->n_head_kv,
+                      st->cfg.n_head_kv);
+        return -1;
+    }
+    j->q_per_kv = j->n_head / j->n_head_kv;
+    j->qt       = query_type_for(k->type);
+    if (j->qt == GGML_TYPE_COUNT || !ggml_get_type_traits(k->type)->to_float) {
+        pme_set_error(st, "flash attention scoring does not support a %s K cache", ggml_type_name(k->type));
+        return -1;
+    }
+    /* each source from host memory, or copied out of a GPU buffer into its own slot */
+    j->qd = pme_host_or_copy(st, q, 0);
+    j->kd = j->qd ? pme_host_or_copy(st, k, 1) : NULL;
+    j->md = (j->kd && mask) ? pme_host_or_copy(st, mask, 2) : NULL;
+    j->sd = (j->kd && sinks) ? pme_host_or_copy(st, sinks, 3) : NULL;
+    if (!j->kd || (mask && !j->md) || (sinks && !j->sd)) {
+        return -1;
+    }
+    const int64_t d = j->d, n_kv = j->n_kv;
+    j->kbuf = grow(st, &st->fa_k, &st->fa_k_cap, (size_t) (n_kv * d) * sizeof(float), "K rows");
+    j->abuf = grow(st, &st->fa_rows, &st->fa_rows_cap, (size_t) (j->q_per_kv * j->n_tokens * n_kv) * sizeof(float),
+                   "attention rows");
+    j->mrow = grow(st, &st->fa_mask, &st->fa_mask_cap, (size_t) n_kv * sizeof(float), "mask row");
+    j->qrow = grow(st, &st->fa_q, &st->fa_q_cap, (size_t) (2 * d + 64) * sizeof(float), "query row");
+    return (j->kbuf && j->abuf && j->mrow && j->qrow) ? 0 : -1;
+}
+
+/* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv) */
+static void attn_rows(const attn_job * j, int64_t g) {
+    const struct ggml_tensor *      q = j->q, *k = j->k, *mask = j->mask;
+    const struct ggml_type_traits * ktr = ggml_get_type_traits(k->type);
+    const int64_t                   d = j->d, n_kv = j->n_kv, n_tokens = j->n_tokens;
+    float *                         kbuf = j->kbuf, *mrow = j->mrow, *qrow = j->qrow;
+    void *                          qscratch = qrow + d;
+
+    const uint32_t n_head_log2 = 1u << (uint32_t) floorf(log2f((float) j->n_head));
+    const float    m0          = powf(2.0f, -j->max_bias / (float) n_head_log2);
+    const float    m1          = powf(2.0f, -(j->max_bias / 2.0f) / (float) n_head_log2);
+
+    for (int64_t c = 0; c < n_kv; ++c) {
+        ktr->to_float(j->kd + c * k->nb[1] + g * k->nb[2], kbuf + c * d, d);
+    }
+    for (int64_t tk = 0; tk < n_tokens; ++tk) {
+        for (int64_t jh = 0; jh < j->q_per_kv; ++jh) {
+            const int64_t h     = g * j->q_per_kv + jh;
+            const float   slope = j->max_bias > 0.0f ?
+                                      (h < (int64_t) n_head_log2 ? powf(m0, (float) (h + 1)) :
+                                                                   powf(m1, (float) (2 * (h - n_head_log2) + 1))) :
+                                      1.0f;
+            if (j->md && (jh == 0 || mask->ne[2] > 1)) {
+                const char * mp = j->md + tk * mask->nb[1] + (h % mask->ne[2]) * mask->nb[2];
+                for (int64_t c = 0; c < n_kv; ++c) {
+                    mrow[c] = mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) mp)[c]) :
+                                                            ((const float *) mp)[c];
+                }
+            }
+            memcpy(qrow, j->qd + tk * q->nb[1] + h * q->nb[2], (size_t) d * sizeof(float));
+            round_query(j->qt, qrow, d, qscratch);
+
+            float * out = j->abuf + (jh * n_tokens + tk) * n_kv;
+            float   M   = -INFINITY;
+            for (int64_t c = 0; c < n_kv; ++c) {
+                const float mv = j->md ? slope * mrow[c] : 0.0f;
+                if (mv == -INFINITY) {
+                    out[c] = -INFINITY;
+                    continue;
+                }
+                float s = dot(qrow, kbuf + c * d, d) * j->scale;
+                if (j->softcap != 0.0f) {
+                    s = j->softcap * tanhf(s);
+                }
+                s += mv;
+                out[c] = s;
+                M      = s > M ? s : M;
+            }
+            const float sink = j->sd ? ((const float *) j->sd)[h] : -INFINITY;
+            M                = sink > M ? sink : M;
+            float S          = j->sd ? expf(sink - M) : 0.0f;
+            for (int64_t c = 0; c < n_kv; ++c) {
+                const float e = out[c] == -INFINITY ? 0.0f : expf(out[c] - M);
+                out[c]        = e;
+                S += e;
+            }
+            const float inv = S > 0.0f ? 1.0f / S : 0.0f;
+            for (int64_t c = 0; c < n_kv; ++c) {
+                out[c] *= inv;
+            }
+        }
+    }
+}
+
+int pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer) {
+    attn_job j = { .q = t->src[0], .k = t->src[1], .mask = t->src[3], .sinks = t->src[4] };
+    float    params[3];
+    memcpy(params, t->op_params, sizeof params);
+    j.softcap  = params[2];
+    j.scale    = j.softcap != 0.0f ? params[0] / j.softcap : params[0]; /* ggml-cpu: the scale goes inside tanh */
+    j.max_bias = params[1];
+    if (attn_prepare(st, &j, layer) != 0 || pme_fold_begin(st, j.n_kv, j.n_tokens, j.n_head) != 0) {
+        return -1;
+    }
+    for (int64_t g = 0; g < j.n_head_kv; ++g) {
+        attn_rows(&j, g);
+        if (st->fa_check && check_output(st, t, j.abuf, g, j.q_per_kv, j.n_tokens, j.n_kv) != 0) {
+            return -1;
+        }
+        /* rows laid out (q_per_kv, n_tokens, n_kv), as the softmax node's (n_head, n_tokens, n_kv) */
+        pme_fold_group(st, j.abuf, j.n_kv, j.n_tokens, (int32_t) g, (size_t) j.n_kv * sizeof(float),
+                       (size_t) (j.n_tokens * j.n_kv) * sizeof(float));
+    }
+    st->ub_layers++;
+    return 0;
+}
+
+int pme_check_softmax(pme_state * st, const struct ggml_tensor * t, const float * attn) {
+    /* the softmax path's kq = mul_mat(K view, Q) sits right under kq_soft_max when there is no softcap or bias */
+    const struct ggml_tensor * kq = t->src[0];
+    if (!kq || kq->op != GGML_OP_MUL_MAT) {
+        pme_set_error(st, "%s: the check needs kq = mul_mat(K, Q) right under the softmax", t->name);
+        return -1;
+    }
+    attn_job j = { .q = kq->src[1], .k = kq->src[0], .mask = t->src[1], .sinks = t->src[2] };
+    float    params[2];
+    memcpy(params, t->op_params, sizeof params);
+    j.scale = params[0], j.max_bias = params[1], j.softcap = 0.0f;
+    if (attn_prepare(st, &j, st->cur_layer) != 0) {
+        return -1;
+    }
+    for (int64_t g = 0; g < j.n_head_kv; ++g) {
+        attn_rows(&j, g);
+        for (int64_t jh = 0; jh < j.q_per_kv; ++jh) {
+            for (int64_t tk = 0; tk < j.n_tokens; ++tk) {
+                const float * mine = j.abuf + (jh * j.n_tokens + tk) * j.n_kv;
+                const float * ref =
+                    (const float *) ((const char *) attn + tk * t->nb[1] + (g * j.q_per_kv + jh) * t->nb[2]);
+                for (int64_t c = 0; c < j.n_kv; ++c) {
+                    const float err  = fabsf(mine[c] - ref[c]);
+                    st->fa_check_err = err > st->fa_check_err ? err : st->fa_check_err;
+                    st->fa_check_mag = ref[c] > st->fa_check_mag ? ref[c] : st->fa_check_mag;
+                    if (ref[c] > 1e-3f && err / ref[c] > st->fa_check_rel) {
+                        st->fa_check_rel = err / ref[c];
+                    }
+                }
+            }
+        }
+    }
+    st->fa_check_nodes++;
+    return 0;
+}

@@ -1,0 +1,121 @@
+"""Scoring with flash attention on (native/pme_fattn.c), and quantized KV caches under a budget.
+
+With flash attention on there is no kq_soft_max node: the scorer recomputes the attention rows from the
+FLASH_ATTN_EXT node's Q, K and mask. These tests pin that the recomputation is the model's own attention
+(the node's output rebuilt from it), that it scores as the softmax path does, and that quantized caches
+keep the ceiling with exact byte counts."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pymorph_edge import Llama
+from pymorph_edge.bench.passkey import answer, filler_repeats_for, make_case
+from pymorph_edge.engine_config import FLASH_ATTN_WHEN_BOUNDED, EngineConfig
+from pymorph_edge.synthetic_gguf import write_synthetic_llama
+
+PROMPT = [(i * 7919) % 200 + 10 for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def wide_gqa(synthetic_dir):
+    """GQA with 32-wide heads, so that q8_0/q4_0 blocks fit (the session fixtures' heads are 8 and 16 wide)."""
+    return str(write_synthetic_llama(synthetic_dir / "gqa-wide.gguf", n_head=8, n_head_kv=2, n_embd=256))
+
+
+@pytest.fixture(scope="module")
+def one_layer_gqa(synthetic_dir):
+    """One layer: Q and K depend only on the tokens, so flash attention on and off see identical inputs."""
+    return str(write_synthetic_llama(synthetic_dir / "gqa-1l.gguf", n_head=8, n_head_kv=2, n_embd=256, n_layer=1))
+
+
+def _run(path: str, budget: int = 64, n: int = 30, **cfg):
+    llm = Llama(path, kv_budget=budget, config=EngineConfig(n_ubatch=32, **cfg))
+    check = llm.engine.scorer.fattn_check(True)
+    out = list(itertools.islice(llm.generate(PROMPT, temp=0.0), n))
+    check = llm.engine.scorer.fattn_check(False)
+    result = {
+        "tokens": out,
+        "scores": np.array(llm.engine.scorer.scores()),
+        "kept": sorted(p for p in llm.engine.scorer.cell_positions() if p >= 0),
+        "check": check,
+        "stats": llm.stats,
+    }
+    llm.close()
+    return result
+
+
+@pytest.mark.parametrize("kv_type, tol", [("f16", 2e-3), ("q8_0", 1e-4), ("q4_0", 1e-4)])
+def test_recomputed_rows_rebuild_the_flash_attention_output(wide_gqa, kv_type, tol):
+    """The fact the path rests on: when the callback runs, the node's Q, K, V and mask still hold what flash
+    attention read, and softmax(scale QK^T + mask) from them, times V, is the node's own output (f16 V is
+    accumulated in f16 by ggml-cpu, hence the looser bound)."""
+    r = _run(wide_gqa, flash_attn=True, type_k=kv_type, type_v=kv_type)
+    c = r["check"]
+    assert c["nodes"] >= 2 * 30  # both layers, every decode
+    assert c["max_abs"] <= tol * c["max_ref"], c
+    assert r["stats"].layers_scored == 2
+    assert r["stats"].peak_cells <= 64 + 32 and r["stats"].tokens_evicted > 0
+
+
+def test_flash_attention_scores_match_the_softmax_path(one_layer_gqa):
+    """Flash attention on vs off over a real decode with evictions: the same tokens, per-cell scores within 1e-3
+    relative, and the same keep-set."""
+    off = _run(one_layer_gqa, flash_attn=False)
+    on = _run(one_layer_gqa, flash_attn=True)
+    assert on["tokens"] == off["tokens"]
+    live = off["scores"] > 1e-6
+    rel = np.abs(on["scores"][live] - off["scores"][live]) / off["scores"][live]
+    assert rel.max() <= 1e-3, rel.max()
+    assert on["kept"] == off["kept"]
+    assert on["stats"].tokens_evicted == off["stats"].tokens_evicted > 0
+
+
+def test_softmax_rows_recomputed_the_flash_attention_way(wide_gqa):
+    """The same arithmetic run on the softmax path's own Q and K (check mode) reproduces kq_soft_max, on every
+    layer of every decode: the two paths differ only in where Q and K come from."""
+    c = _run(wide_gqa, flash_attn=False)["check"]
+    assert c["nodes"] >= 2 * 30
+    assert c["max_rel"] <= 1e-3 and c["max_abs"] <= 1e-4, c
+
+
+def test_quantized_cache_bytes_are_exact(wide_gqa):
+    """kv_bytes counts blocks exactly: q8_0 stores 34 bytes per 32 elements, q4_0 18, f16 64."""
+    sizes = {}
+    for t in ("f16", "q8_0", "q4_0"):
+        with Llama(wide_gqa, kv_budget=64, type_k=t, type_v=t) as llm:
+            sizes[t] = llm.stats.kv_bytes
+            # a quantized V turns it on; f16 follows the measured default for a budget
+            assert llm.engine.flash_attn == (t != "f16" or FLASH_ATTN_WHEN_BOUNDED)
+    assert sizes["q8_0"] * 64 == sizes["f16"] * 34
+    assert sizes["q4_0"] * 64 == sizes["f16"] * 18
+    with Llama(wide_gqa, kv_budget=64, type_k="q8_0", flash_attn=False) as llm:  # a quantized K alone: no FA needed
+        assert not llm.engine.flash_attn
+        assert llm.stats.kv_bytes * 128 == sizes["f16"] * (34 + 64)
+
+
+@pytest.mark.slow
+def test_gemma_scores_the_same_both_ways_and_q8_keeps_a_passkey(gemma_path):
+    """Gemma 3 (iSWA: only the 3 global layers are scored) at budget 1024 with a prompt of 2x the budget: the
+    flash-attention arithmetic reproduces the softmax path's rows on the same Q and K; with flash attention on and
+    a q8_0 cache the node's output is rebuilt from the rows, the key is still answered, and kv_bytes halves."""
+    results = {}
+    for name, cfg in {
+        "softmax": {"flash_attn": False},
+        "q8_0": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0"},
+    }.items():
+        with Llama(gemma_path, kv_budget=1024, **cfg) as llm:
+            llm.engine.scorer.fattn_check(True)
+            case = make_case(filler_repeats_for(llm, 2 * 1024 + 200), 0.3, 101)
+            ok, text = answer(llm, case)
+            results[name] = (ok, llm.engine.scorer.fattn_check(False), llm.stats)
+            assert ok, (name, text)
+            assert llm.stats.peak_cells <= 1024 + 512
+    soft, q8 = results["softmax"][1], results["q8_0"][1]
+    assert soft["nodes"] > 0 and soft["max_rel"] <= 1e-3, soft
+    assert q8["nodes"] > 0 and q8["max_abs"] <= 5e-3 * q8["max_ref"], q8
+    ratio = results["q8_0"][2].kv_bytes / results["softmax"][2].kv_bytes
+    assert ratio == pytest.approx(34 / 64)
