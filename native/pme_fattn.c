@@ -20,6 +20,27 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#    include <omp.h>
+
+static int pme_max_threads(void) {
+    return omp_get_max_threads();
+}
+
+static int pme_thread_num(void) {
+    return omp_get_thread_num();
+}
+#else
+static int pme_max_threads(void) {
+    return 1;
+}
+
+static int pme_thread_num(void) {
+    return 0;
+}
+#endif
+
+#define PME_FA_MAX_Q 64 /* query heads per KV head */
 
 /* the type ggml-cpu converts Q to before its K dot products (ggml-cpu.c type_traits_cpu[].vec_dot_type) */
 static enum ggml_type query_type_for(enum ggml_type k) {
@@ -148,7 +169,8 @@ typedef struct attn_job {
     float                     scale, max_bias, softcap;
     int64_t                   d, n_tokens, n_head, n_kv, n_head_kv, q_per_kv;
     enum ggml_type            qt;
-    float *                   kbuf, *abuf, *mrow, *qrow;
+    float *                   kbuf, *abuf, *mrow, *qrow; /* mrow and qrow: n_threads scratch copies */
+    int                       n_threads;
 } attn_job;
 
 static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
@@ -168,7 +190,12 @@ static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
         return -1;
     }
     j->q_per_kv = j->n_head / j->n_head_kv;
-    j->qt       = query_type_for(k->type);
+    if (j->q_per_kv > PME_FA_MAX_Q) {
+        pme_set_error(st, "attention of layer %d: %lld query heads per KV head (at most %d)", layer,
+                      (long long) j->q_per_kv, PME_FA_MAX_Q);
+        return -1;
+    }
+    j->qt = query_type_for(k->type);
     if (j->qt == GGML_TYPE_COUNT || !ggml_get_type_traits(k->type)->to_float) {
         pme_set_error(st, "flash attention scoring does not support a %s K cache", ggml_type_name(k->type));
         return -1;
@@ -182,75 +209,140 @@ static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
         return -1;
     }
     const int64_t d = j->d, n_kv = j->n_kv;
-    j->kbuf = grow(st, &st->fa_k, &st->fa_k_cap, (size_t) (n_kv * d) * sizeof(float), "K rows");
-    j->abuf = grow(st, &st->fa_rows, &st->fa_rows_cap, (size_t) (j->q_per_kv * j->n_tokens * n_kv) * sizeof(float),
-                   "attention rows");
-    j->mrow = grow(st, &st->fa_mask, &st->fa_mask_cap, (size_t) n_kv * sizeof(float), "mask row");
-    j->qrow = grow(st, &st->fa_q, &st->fa_q_cap, (size_t) (2 * d + 64) * sizeof(float), "query row");
+    j->kbuf      = grow(st, &st->fa_k, &st->fa_k_cap, (size_t) (n_kv * d) * sizeof(float), "K rows");
+    j->abuf      = grow(st, &st->fa_rows, &st->fa_rows_cap, (size_t) (j->q_per_kv * j->n_tokens * n_kv) * sizeof(float),
+                        "attention rows");
+    j->n_threads = pme_max_threads();
+    const size_t T = (size_t) j->n_threads;
+    j->mrow = grow(st, &st->fa_mask, &st->fa_mask_cap, T * (size_t) (j->q_per_kv * n_kv) * sizeof(float), "mask rows");
+    j->qrow =
+        grow(st, &st->fa_q, &st->fa_q_cap, T * (size_t) ((j->q_per_kv + 1) * d + 64) * sizeof(float), "query rows");
     return (j->kbuf && j->abuf && j->mrow && j->qrow) ? 0 : -1;
 }
 
-/* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv) */
-static void attn_rows(const attn_job * j, int64_t g) {
-    const struct ggml_tensor *      q = j->q, *k = j->k, *mask = j->mask;
-    const struct ggml_type_traits * ktr = ggml_get_type_traits(k->type);
-    const int64_t                   d = j->d, n_kv = j->n_kv, n_tokens = j->n_tokens;
-    float *                         kbuf = j->kbuf, *mrow = j->mrow, *qrow = j->qrow;
-    void *                          qscratch = qrow + d;
+/* per-thread scratch for one token row: the group's query rows (nq, d) plus rounding space, its mask rows */
+typedef struct row_scratch {
+    float * qrows;
+    float * mrow;
+} row_scratch;
 
+static row_scratch scratch_of(const attn_job * j, int th) {
+    row_scratch r = { j->qrow + (size_t) th * (size_t) ((j->q_per_kv + 1) * j->d + 64),
+                      j->mrow + (size_t) th * (size_t) (j->q_per_kv * j->n_kv) };
+    return r;
+}
+
+/* query rows of token tk (rounded as ggml-cpu rounds them) and its mask row(s) */
+static void row_prepare(const attn_job * j, int64_t g, int64_t tk, int shared_mask, row_scratch r) {
+    const struct ggml_tensor *q = j->q, *mask = j->mask;
+    const int64_t             d = j->d, nq = j->q_per_kv, n_kv = j->n_kv;
+    for (int64_t jh = 0; jh < nq; ++jh) {
+        float * qr = r.qrows + jh * d;
+        memcpy(qr, j->qd + tk * q->nb[1] + (g * nq + jh) * q->nb[2], (size_t) d * sizeof(float));
+        round_query(j->qt, qr, d, r.qrows + nq * d);
+    }
+    for (int64_t jh = 0; j->md && jh < (shared_mask ? 1 : nq); ++jh) {
+        const char * mp  = j->md + tk * mask->nb[1] + ((g * nq + jh) % mask->ne[2]) * mask->nb[2];
+        float *      dst = r.mrow + jh * n_kv;
+        for (int64_t c = 0; c < n_kv; ++c) {
+            dst[c] = mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) mp)[c]) :
+                                                   ((const float *) mp)[c];
+        }
+    }
+}
+
+/* logits of token tk for cells [c0, c1), every head of the group, into abuf (-inf where masked) */
+static void row_logits(const attn_job * j,
+                       int64_t          g,
+                       int64_t          tk,
+                       int              shared_mask,
+                       const float *    slope,
+                       pme_kdot_fn      kdot,
+                       row_scratch      r,
+                       int64_t          c0,
+                       int64_t          c1) {
+    const struct ggml_tensor * k = j->k;
+    const int64_t              d = j->d, nq = j->q_per_kv, n_kv = j->n_kv, n_tokens = j->n_tokens;
+    const char *               kg = j->kd + g * k->nb[2];
+    float                      s[PME_FA_MAX_Q];
+    for (int64_t c = c0; c < c1; ++c) {
+        /* a cell every head of the row masks (shared mask) costs no dot product */
+        if (j->md && shared_mask && r.mrow[c] == -INFINITY) {
+            for (int64_t jh = 0; jh < nq; ++jh) {
+                j->abuf[(jh * n_tokens + tk) * n_kv + c] = -INFINITY;
+            }
+            continue;
+        }
+        if (kdot) {
+            kdot(r.qrows, nq, kg + c * k->nb[1], d, s);
+        } else {
+            for (int64_t jh = 0; jh < nq; ++jh) {
+                s[jh] = dot(r.qrows + jh * d, j->kbuf + c * d, d);
+            }
+        }
+        for (int64_t jh = 0; jh < nq; ++jh) {
+            float x = s[jh] * j->scale;
+            if (j->softcap != 0.0f) {
+                x = j->softcap * tanhf(x);
+            }
+            const float mv = j->md ? slope[jh] * r.mrow[(shared_mask ? 0 : jh * n_kv) + c] : 0.0f;
+            j->abuf[(jh * n_tokens + tk) * n_kv + c] = mv == -INFINITY ? -INFINITY : x + mv;
+        }
+    }
+}
+
+static void row_softmax(const attn_job * j, int64_t g, int64_t tk) {
+    for (int64_t jh = 0; jh < j->q_per_kv; ++jh) {
+        const float sink = j->sd ? ((const float *) j->sd)[g * j->q_per_kv + jh] : -INFINITY;
+        pme_softmax_row(j->abuf + (jh * j->n_tokens + tk) * j->n_kv, j->n_kv, sink);
+    }
+}
+
+/* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv).
+ * The callback runs on llama.cpp's main thread while the CPU backend's OpenMP workers wait, so the work is
+ * shared among them: by token rows for a prompt chunk, by cells for a decode step. */
+static void attn_rows(const attn_job * j, int64_t g) {
+    const struct ggml_tensor *      k   = j->k;
+    const struct ggml_type_traits * ktr = ggml_get_type_traits(k->type);
+    const int64_t                   d = j->d, n_kv = j->n_kv, n_tokens = j->n_tokens, nq = j->q_per_kv;
+    const pme_kdot_fn               kdot = pme_kdot_pick(k->type, d);
+
+    if (!kdot) {
+        const char * kg = j->kd + g * k->nb[2];
+        for (int64_t c = 0; c < n_kv; ++c) {
+            ktr->to_float(kg + c * k->nb[1], j->kbuf + c * d, d);
+        }
+    }
     const uint32_t n_head_log2 = 1u << (uint32_t) floorf(log2f((float) j->n_head));
     const float    m0          = powf(2.0f, -j->max_bias / (float) n_head_log2);
     const float    m1          = powf(2.0f, -(j->max_bias / 2.0f) / (float) n_head_log2);
-
-    for (int64_t c = 0; c < n_kv; ++c) {
-        ktr->to_float(j->kd + c * k->nb[1] + g * k->nb[2], kbuf + c * d, d);
+    float          slope[PME_FA_MAX_Q];
+    for (int64_t jh = 0; jh < nq; ++jh) {
+        const int64_t h = g * nq + jh;
+        slope[jh] = j->max_bias > 0.0f ? (h < (int64_t) n_head_log2 ? powf(m0, (float) (h + 1)) :
+                                                                      powf(m1, (float) (2 * (h - n_head_log2) + 1))) :
+                                         1.0f;
     }
-    for (int64_t tk = 0; tk < n_tokens; ++tk) {
-        for (int64_t jh = 0; jh < j->q_per_kv; ++jh) {
-            const int64_t h     = g * j->q_per_kv + jh;
-            const float   slope = j->max_bias > 0.0f ?
-                                      (h < (int64_t) n_head_log2 ? powf(m0, (float) (h + 1)) :
-                                                                   powf(m1, (float) (2 * (h - n_head_log2) + 1))) :
-                                      1.0f;
-            if (j->md && (jh == 0 || mask->ne[2] > 1)) {
-                const char * mp = j->md + tk * mask->nb[1] + (h % mask->ne[2]) * mask->nb[2];
-                for (int64_t c = 0; c < n_kv; ++c) {
-                    mrow[c] = mask->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) mp)[c]) :
-                                                            ((const float *) mp)[c];
-                }
-            }
-            memcpy(qrow, j->qd + tk * q->nb[1] + h * q->nb[2], (size_t) d * sizeof(float));
-            round_query(j->qt, qrow, d, qscratch);
+    /* one mask row serves every head unless the mask has a head dimension (then each head reads its own) */
+    const int shared_mask = !j->md || j->mask->ne[2] == 1;
 
-            float * out = j->abuf + (jh * n_tokens + tk) * n_kv;
-            float   M   = -INFINITY;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                const float mv = j->md ? slope * mrow[c] : 0.0f;
-                if (mv == -INFINITY) {
-                    out[c] = -INFINITY;
-                    continue;
-                }
-                float s = dot(qrow, kbuf + c * d, d) * j->scale;
-                if (j->softcap != 0.0f) {
-                    s = j->softcap * tanhf(s);
-                }
-                s += mv;
-                out[c] = s;
-                M      = s > M ? s : M;
-            }
-            const float sink = j->sd ? ((const float *) j->sd)[h] : -INFINITY;
-            M                = sink > M ? sink : M;
-            float S          = j->sd ? expf(sink - M) : 0.0f;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                const float e = out[c] == -INFINITY ? 0.0f : expf(out[c] - M);
-                out[c]        = e;
-                S += e;
-            }
-            const float inv = S > 0.0f ? 1.0f / S : 0.0f;
-            for (int64_t c = 0; c < n_kv; ++c) {
-                out[c] *= inv;
-            }
+    if (n_tokens == 1) {
+        const row_scratch r = scratch_of(j, 0);
+        row_prepare(j, g, 0, shared_mask, r);
+        const int64_t blk = 128, n_blk = (n_kv + blk - 1) / blk;
+#pragma omp parallel for schedule(static) num_threads(j->n_threads) if (j->n_threads > 1 && n_blk > 1)
+        for (int64_t b = 0; b < n_blk; ++b) {
+            row_logits(j, g, 0, shared_mask, slope, kdot, r, b * blk, (b + 1) * blk < n_kv ? (b + 1) * blk : n_kv);
         }
+        row_softmax(j, g, 0);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(j->n_threads) if (j->n_threads > 1)
+    for (int64_t tk = 0; tk < n_tokens; ++tk) {
+        const row_scratch r = scratch_of(j, pme_thread_num());
+        row_prepare(j, g, tk, shared_mask, r);
+        row_logits(j, g, tk, shared_mask, slope, kdot, r, 0, n_kv);
+        row_softmax(j, g, tk);
     }
 }
 

@@ -20,7 +20,13 @@ LICENSES = Path("/usr/share/common-licenses")
 def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx_needed: int) -> Llama:
     """A Llama for one policy spec. The full cache and SnapKV get n_ctx_needed cells; raises ValueError
     (the reason is reported in the results) when the policy cannot run on this model."""
-    params = {k: v for k, v in spec.items() if k not in ("name", "label", "swa_full", "max_span")}
+    # engine settings a spec may carry; the rest are the policy's own parameters. "budget" overrides the
+    # config's for this spec (equal-bytes comparisons: a q8_0 cache at about twice the f16 budget), while
+    # prompt lengths stay multiples of the config's budget so every spec answers the same prompts
+    engine_keys = ("name", "label", "swa_full", "max_span", "flash_attn", "type_k", "type_v", "budget")
+    params = {k: v for k, v in spec.items() if k not in engine_keys}
+    kv = {k: spec[k] for k in ("flash_attn", "type_k", "type_v") if k in spec}
+    budget = spec.get("budget", budget)
     name = spec["name"]
     if name == "snapkv":
         params.setdefault("n_ctx", max(n_ctx_needed, budget + n_ubatch))
@@ -30,10 +36,13 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
             model,
             kv_budget=None,
             policy=policy,
-            config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full")),
+            config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full"), **kv),
         )
     return Llama(
-        model, kv_budget=budget, policy=policy, config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span"))
+        model,
+        kv_budget=budget,
+        policy=policy,
+        config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span"), **kv),
     )
 
 

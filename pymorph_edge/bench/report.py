@@ -86,16 +86,21 @@ def markdown(results: dict[str, Any]) -> str:
     if "passkey" in t:
         out += ["", "## Passkey accuracy by prompt length (multiples of the budget)", ""]
         mults = cfg["passkey_multipliers"]
-        out += ["| policy | " + " | ".join(f"{m}x" for m in mults) + " |", "| --- |" + " --- |" * len(mults)]
+        out += [
+            "| policy | KV MiB | flash attn | " + " | ".join(f"{m}x" for m in mults) + " |",
+            "| --- | --- | --- |" + " --- |" * len(mults),
+        ]
         for r in t["passkey"]:
             if "trials" not in r:
                 continue
+            kv = f"{r['kv_bytes'] / 2**20:.2f}" if "kv_bytes" in r else "n/a"
+            fa = {True: "on", False: "off"}.get(r.get("flash_attn"), "n/a")
             accs = [
                 sum(x["correct"] for x in r["trials"] if x["multiplier"] == m)
                 / max(1, sum(1 for x in r["trials"] if x["multiplier"] == m))
                 for m in mults
             ]
-            out.append(f"| {r['policy']} | " + " | ".join(f"{a:.0%}" for a in accs) + " |")
+            out.append(f"| {r['policy']} | {kv} | {fa} | " + " | ".join(f"{a:.0%}" for a in accs) + " |")
     if "fidelity" in t:
         out += ["", "## Fidelity to the full cache by output segment (top-1 agreement / mean KL)", ""]
         rows = [r for r in t["fidelity"] if "segments" in r]

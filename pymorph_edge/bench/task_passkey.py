@@ -34,7 +34,14 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[], N
                     }
                 )
                 tick()
+        kv_bytes, flash_attn = llm.stats.kv_bytes, llm.engine.flash_attn
     finally:
         llm.close()
     acc = sum(t["correct"] for t in trials) / len(trials)
-    return {"policy": policy_label(spec), "accuracy": acc, "trials": trials}
+    return {
+        "policy": policy_label(spec),
+        "accuracy": acc,
+        "trials": trials,
+        "kv_bytes": kv_bytes,
+        "flash_attn": flash_attn,
+    }
