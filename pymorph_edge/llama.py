@@ -552,6 +552,12 @@ class Llama:
                 "kv_budget": self.kv_budget,
                 "n_ctx": self._engine.n_ctx,
                 "n_ubatch": self._engine.config.n_ubatch,
+                # llama.cpp's state holds K/V in the cache's types, V transposed unless flash attention is on
+                "kv_cache": {
+                    "type_k": self._engine.config.type_k,
+                    "type_v": self._engine.config.type_v,
+                    "flash_attn": self._engine.flash_attn,
+                },
             }
         return self._session_identity
 

@@ -65,10 +65,15 @@ def mismatch(saved: dict[str, Any], running: dict[str, Any]) -> str | None:
     if saved.get("model") != running["model"]:
         s, r = saved.get("model") or {}, running["model"]
         return f"it was saved with model {s.get('file')!r} ({s.get('size')} bytes), this is {r['file']!r} ({r['size']} bytes)"
-    for key in ("policy", "kv_budget", "n_ctx", "n_ubatch"):
-        if saved.get(key) != running[key]:
-            return f"it was saved with {key}={saved.get(key)!r}, this model runs {key}={running[key]!r}"
+    for key in ("policy", "kv_budget", "n_ctx", "n_ubatch", "kv_cache"):
+        was = saved.get(key, KV_CACHE_BEFORE_TYPES if key == "kv_cache" else None)
+        if was != running[key]:
+            return f"it was saved with {key}={was!r}, this model runs {key}={running[key]!r}"
     return None
+
+
+# files written before cache types could be chosen: f16 K and V, flash attention off (V stored transposed)
+KV_CACHE_BEFORE_TYPES = {"type_k": "f16", "type_v": "f16", "flash_attn": False}
 
 
 def write(path: str | Path, conv: SavedConversation) -> int:
@@ -133,6 +138,7 @@ def read(path: str | Path) -> SavedConversation:
         )
         turn = ChatTurn.from_json(header["turn"]) if header["turn"] is not None else None
         identity = {k: header[k] for k in ("model", "policy", "kv_budget", "n_ctx", "n_ubatch")}
+        identity["kv_cache"] = header.get("kv_cache", KV_CACHE_BEFORE_TYPES)
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{where} has a malformed header: {exc!r}") from None
     except ValueError as exc:

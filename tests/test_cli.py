@@ -56,6 +56,40 @@ def test_budget_too_small_is_a_clear_error(gqa_model):
     assert r.returncode == 2 and "kv_budget=8 must be larger" in r.stderr
 
 
+def test_cache_types_and_flash_attention_from_the_command_line(gqa_model, synthetic_dir):
+    from pymorph_edge.synthetic_gguf import write_synthetic_llama
+
+    wide = str(write_synthetic_llama(synthetic_dir / "cli-wide.gguf", n_head=8, n_head_kv=2, n_embd=256))
+    r = run(
+        "generate",
+        "-m",
+        wide,
+        "--kv-budget",
+        "64",
+        "--n-ubatch",
+        "32",
+        "--type-k",
+        "q8_0",
+        "--type-v",
+        "q8_0",
+        "-p",
+        "hello " * 80,
+        "-n",
+        "20",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+    )
+    assert r.returncode == 0, r.stderr
+    stats = dict(re.findall(r"(\w+)=([\w.]+)", [x for x in r.stderr.splitlines() if x.startswith("[stats]")][-1]))
+    assert int(stats["peak_kv_cells"]) <= 64 + 32 and int(stats["evictions"]) > 0
+    # a quantized V needs flash attention; an unknown type is refused by the parser
+    r = run("generate", "-m", wide, "--type-v", "q4_0", "--flash-attn", "off", "-p", "hi")
+    assert r.returncode == 2 and "type_v='q4_0' needs flash attention" in r.stderr
+    r = run("generate", "-m", gqa_model, "--type-k", "q3_k", "-p", "hi")
+    assert r.returncode == 2 and "--type-k" in r.stderr and "q3_k" in r.stderr
+
+
 def test_chat_through_a_pipe_keeps_the_ceiling_and_reuses_the_cache(gqa_model):
     turns = "\n".join(["hello there"] * 4) + "\n"
     r = subprocess.run(

@@ -175,6 +175,25 @@ def test_flash_attention_node_sources(gqa_model):
     model.close()
 
 
+@pytest.mark.parametrize("kv_type, tol", [("f16", 2e-3), ("q8_0", 1e-4), ("q4_0", 1e-4)])
+def test_flash_attention_sources_are_intact_when_the_callback_runs(synthetic_dir, kv_type, tol):
+    """The fact the path rests on: when the callback runs, the node's Q, K, V and mask still hold what flash
+    attention read, and softmax(scale QK^T + mask) from them, times V, is the node's own output (f16 V is
+    accumulated in f16 by ggml-cpu, hence the looser bound)."""
+    from test_flash_attn_scoring import _run
+
+    from pymorph_edge.synthetic_gguf import write_synthetic_llama
+
+    # heads 32 wide, so that q8_0/q4_0 blocks fit
+    wide = str(write_synthetic_llama(synthetic_dir / "facts-wide.gguf", n_head=8, n_head_kv=2, n_embd=256))
+    r = _run(wide, flash_attn=True, type_k=kv_type, type_v=kv_type)
+    c = r["check"]
+    assert c["nodes"] >= 2 * 30  # both layers, every decode
+    assert c["max_abs"] <= tol * c["max_ref"], c
+    assert r["stats"].layers_scored == 2
+    assert r["stats"].peak_cells <= 64 + 32 and r["stats"].tokens_evicted > 0
+
+
 def test_decode_fails_only_when_no_cell_is_free(gqa_model):
     model = LoadedModel(gqa_model)
     spy = GraphSpy()

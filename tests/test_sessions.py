@@ -122,6 +122,8 @@ def assert_untouched(llm, before):
         (dict(kv_budget=128, policy="tova", config=EngineConfig(n_ubatch=32)), "policy="),
         (dict(kv_budget=128, window=16, config=EngineConfig(n_ubatch=32)), "policy="),
         (dict(kv_budget=128, config=EngineConfig(n_ubatch=64)), "n_ubatch=32"),
+        # flash attention stores V untransposed: llama.cpp's state would not fit
+        (dict(kv_budget=128, config=EngineConfig(n_ubatch=32, flash_attn=True)), "kv_cache="),
     ],
 )
 def test_a_session_for_another_setup_is_refused_and_nothing_changes(gqa_model, saved, other, message):
