@@ -46,6 +46,7 @@ typedef struct pme_config {
     int32_t n_sink;         /* first positions never evicted (StreamingLLM's attention sinks) */
     int32_t pool_after;     /* a token also scores as high as any of the this many tokens before it */
     int32_t prefill_probe;  /* 1: prompt chunks are scored by a probe of the prompt's last tokens (MorphKV) */
+    float   forget;         /* H2O: the cumulative score is multiplied by this once per token observed (1: the paper) */
 } pme_config;
 
 typedef struct pme_stats {

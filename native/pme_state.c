@@ -55,6 +55,10 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
         write_err(err, err_len, "pme_create: n_sink < 0");
         return NULL;
     }
+    if (cfg->policy == PME_POLICY_H2O && !(cfg->forget > 0.0f && cfg->forget <= 1.0f)) {
+        write_err(err, err_len, "pme_create: H2O needs forget in (0, 1]");
+        return NULL;
+    }
 
     pme_state * st = calloc(1, sizeof *st);
     if (!st) {

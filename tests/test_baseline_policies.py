@@ -23,9 +23,9 @@ def row(values, n_kv=16):
     return a
 
 
-def two_steps(policy):
+def two_steps(policy, **kw):
     # step 1: cell 0 gets a spike (0.9); step 2: cell 1 gets 0.5 and cell 0 nothing. Others stay busy.
-    st = state(policy, budget=7, window=1)
+    st = state(policy, budget=7, window=1, **kw)
     st.set_cells(list(range(8)) + [-1] * 8)
     busy = {c: 1.0 for c in range(2, 7)}
     st.step(row({0: 0.9, **busy}), [6], prefill=False)
@@ -38,6 +38,26 @@ def two_steps(policy):
 def test_h2o_accumulates_and_tova_looks_only_at_the_current_token():
     assert two_steps(H2O) == [1]  # cumulative: cell 0 (0.9) outranks cell 1 (0.5)
     assert two_steps(TOVA) == [0]  # current token ignores cell 0
+
+
+def test_h2o_forget_fades_old_attention():
+    # 0.9 faded once by 0.5 is 0.45 < 0.5: the spike of the step before no longer outranks cell 1
+    assert two_steps(H2O, forget=0.5) == [0]
+    assert two_steps(H2O, forget=0.6) == [1]  # 0.54 > 0.5
+
+
+def test_h2o_forget_fades_the_old_sum_once_per_token_of_a_prompt_chunk():
+    st = state(H2O, budget=7, window=1, forget=0.5)
+    st.set_cells(list(range(8)) + [-1] * 8)
+    busy = {c: 1.0 for c in range(2, 7)}
+    st.step(row({0: 1.0, **busy}), [5], prefill=False)
+    chunk = np.zeros((1, 2, 16), dtype=np.float32)
+    chunk[0, :, 2:7] = 1.0
+    chunk[0, 0, 1] = 0.3
+    st.step(chunk, [6, 7], prefill=1)
+    # cell 0's 1.0 fades by 0.5 per token of the chunk: 0.25 < 0.3 (faded once per chunk it would be 0.5)
+    assert st.select(next_pos=8) == [0]
+    st.close()
 
 
 def test_streaming_keeps_sinks_and_evicts_the_oldest_regardless_of_attention():

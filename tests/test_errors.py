@@ -3,6 +3,7 @@
 import pytest
 
 from pymorph_edge import EngineConfig, Llama, MorphKV
+from pymorph_edge.policies import make_policy
 
 
 def test_missing_file(tmp_path):
@@ -147,6 +148,9 @@ def test_settings_a_policy_or_config_would_ignore_are_errors(mha_model):
         Llama(mha_model, kv_budget=64, policy="h2o", fusion="max")
     with pytest.raises(ValueError, match="bad parameters for policy 'streaming'"):
         Llama(mha_model, kv_budget=64, policy="streaming", aggregate="max")
+    for forget in (0, 1.5, "0.9", True):
+        with pytest.raises(ValueError, match=f"forget must be a number in \\(0, 1\\], got {forget!r}"):
+            make_policy("h2o", forget=forget)
     with pytest.raises(ValueError, match="contradicts config"):
         Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ctx=512))
     with Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ubatch=64)) as llm:

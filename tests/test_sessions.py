@@ -235,3 +235,17 @@ def test_real_models_restore_into_llama_cpps_cells_and_continue_identically(mode
         rb = b.continue_chat([{"role": "user", "content": "And then?"}], **kw)
         assert ra["choices"][0]["message"]["content"] == rb["choices"][0]["message"]["content"]
         assert rb["usage"]["prompt_tokens_details"]["cached_tokens"] > 300
+
+
+def test_h2o_sessions_from_before_forget_read_as_the_plain_sum():
+    from pymorph_edge.policies import make_policy
+    from pymorph_edge.session_file import mismatch, policy_identity
+
+    old = {"name": "h2o", "window": 64, "aggregate": "mean"}  # written before H2O had `forget`
+    running = {"model": None, "policy": None, "kv_budget": 128, "n_ctx": 256, "n_ubatch": 32, "kv_cache": None}
+    saved = {**running, "policy": old, "kv_cache": {"type_k": "f16", "type_v": "f16", "flash_attn": False}}
+    running["kv_cache"] = saved["kv_cache"]
+    plain = policy_identity(make_policy("h2o", window=64, forget=1.0))
+    assert mismatch(saved, {**running, "policy": plain}) is None
+    faded = policy_identity(make_policy("h2o", window=64, forget=0.99))
+    assert "policy=" in mismatch(saved, {**running, "policy": faded})

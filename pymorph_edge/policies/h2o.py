@@ -21,12 +21,15 @@ class H2O(AttentionWindowPolicy):
     name = "h2o"
     native_kind = "PME_POLICY_H2O"
     window: int | None = None  # type: ignore[assignment]  # None: half the budget, as in the paper
+    forget: float = 1.0  # per-token fade of the cumulative score (A2SF); 1.0 is the paper's plain sum
 
     def __post_init__(self) -> None:
         if self.window is not None:
             super().__post_init__()
         else:
             check_aggregate(self.aggregate)
+        if isinstance(self.forget, bool) or not isinstance(self.forget, (int, float)) or not 0.0 < self.forget <= 1.0:
+            raise ValueError(f"forget must be a number in (0, 1], got {self.forget!r}")
 
     def for_budget(self, kv_budget: int) -> H2O:
         return self if self.window is not None else replace(self, window=max(1, kv_budget // 2))
@@ -36,3 +39,6 @@ class H2O(AttentionWindowPolicy):
         if self.window is None:
             raise RuntimeError("H2O's window is half the budget: call for_budget(kv_budget) first")
         return self.window
+
+    def native_fields(self) -> dict[str, int | float | str]:
+        return {**super().native_fields(), "forget": float(self.forget)}
