@@ -47,6 +47,7 @@ typedef struct pme_config {
     int32_t pool_after;     /* a token also scores as high as any of the this many tokens before it */
     int32_t prefill_probe;  /* 1: prompt chunks are scored by a probe of the prompt's last tokens (MorphKV) */
     float   forget;         /* H2O: the cumulative score is multiplied by this once per token observed (1: the paper) */
+    int32_t pool_prompt_only; /* 1: pool only when evicting after a prompt chunk; decode steps rank raw scores */
 } pme_config;
 
 typedef struct pme_stats {

@@ -69,6 +69,8 @@ def mismatch(saved: dict[str, Any], running: dict[str, Any]) -> str | None:
         was = saved.get(key, KV_CACHE_BEFORE_TYPES if key == "kv_cache" else None)
         if key == "policy" and isinstance(was, dict) and was.get("name") == "h2o":
             was = {"forget": H2O_BEFORE_FORGET, **was}
+        if key == "policy" and isinstance(was, dict) and was.get("name") == "morphkv":
+            was = {"pool_decode": MORPHKV_BEFORE_POOL_DECODE, **was}
         if was != running[key]:
             return f"it was saved with {key}={was!r}, this model runs {key}={running[key]!r}"
     return None
@@ -76,6 +78,9 @@ def mismatch(saved: dict[str, Any], running: dict[str, Any]) -> str | None:
 
 # H2O files written before its scores could fade summed plainly
 H2O_BEFORE_FORGET = 1.0
+
+# MorphKV files written before pooling was limited to prompt evictions pooled at every decode step
+MORPHKV_BEFORE_POOL_DECODE = True
 
 # files written before cache types could be chosen: f16 K and V, flash attention off (V stored transposed)
 KV_CACHE_BEFORE_TYPES = {"type_k": "f16", "type_v": "f16", "flash_attn": False}

@@ -21,11 +21,12 @@ class NativeState:
         n_sink=0,
         pool=0,
         forget=1.0,
+        pool_prompt_only=0,
     ):
         self.ffi, self.lib = native()
         cfg = self.ffi.new("pme_config *")
         cfg.policy, cfg.budget, cfg.window, cfg.fusion, cfg.aggregate = policy, budget, window, fusion, aggregate
-        cfg.n_sink, cfg.pool_radius = n_sink, pool
+        cfg.n_sink, cfg.pool_radius, cfg.pool_prompt_only = n_sink, pool, pool_prompt_only
         cfg.prefill_decay, cfg.forget = decay, forget
         cfg.protect_recent = window if protect is None else protect
         cfg.n_cells, cfg.n_head, cfg.n_head_kv, cfg.n_layer, cfg.max_ubatch = n_cells, n_head, n_head_kv, 4, 64

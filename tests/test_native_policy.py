@@ -145,3 +145,29 @@ def test_eviction_count_brings_cache_to_budget(fusion):
     assert len(victims) == 30 and len(set(victims)) == 30
     assert max(victims) < 46
     st.close()
+
+
+SCORES = {0: 0.5, 1: 0.4, 2: 0.3, 3: 0.01, 4: 1.0, 5: 0.02, 6: 0.2, 7: 0.25}
+
+
+@pytest.mark.parametrize("prompt_only", [1, 0])
+def test_decode_steps_pool_only_when_asked(prompt_only):
+    # cell 4 is what the window attends to most; pooling (radius 1) lends its score to cells 3 and 5,
+    # which on their own are the two lowest. MorphKV pools at decode only with pool_decode=True.
+    st = NativeState(n_cells=16, budget=6, window=2, pool=1, pool_prompt_only=prompt_only)
+    fill(st, 10)
+    for p in (8, 9):
+        st.step(row(16, SCORES), [p], prefill=False)
+    victims = set(st.select(next_pos=10))
+    assert victims == ({3, 5, 6, 7} if prompt_only else {0, 2, 6, 7})
+    st.close()
+
+
+def test_prompt_evictions_pool_even_when_decode_steps_do_not():
+    st = NativeState(n_cells=16, budget=6, window=2, pool=1, pool_prompt_only=1)
+    fill(st, 10)
+    chunk = np.concatenate([row(16, SCORES), row(16, SCORES)], axis=1)  # a 2-token prompt chunk at 8, 9
+    st.step(chunk, [8, 9], prefill=True)
+    victims = set(st.select(next_pos=10))
+    assert victims == {0, 2, 6, 7}  # 3 and 5 ride on cell 4's score
+    st.close()

@@ -44,7 +44,9 @@ def test_a_prompt_within_the_cache_needs_no_probe(gqa_model):
         assert llm.stats.ubatches == -(-250 // 96)  # chunks only: nothing was evicted before the last
 
 
-@pytest.mark.parametrize("bad", [{"prefill_probe": 1}, {"pool_after": -1}, {"head_weights": "learned"}])
+@pytest.mark.parametrize(
+    "bad", [{"prefill_probe": 1}, {"pool_decode": "yes"}, {"pool_after": -1}, {"head_weights": "learned"}]
+)
 def test_bad_probe_and_head_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         MorphKV(**bad)

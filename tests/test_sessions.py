@@ -249,3 +249,21 @@ def test_h2o_sessions_from_before_forget_read_as_the_plain_sum():
     assert mismatch(saved, {**running, "policy": plain}) is None
     faded = policy_identity(make_policy("h2o", window=64, forget=0.99))
     assert "policy=" in mismatch(saved, {**running, "policy": faded})
+
+
+def test_morphkv_sessions_from_before_pool_decode_read_as_pooling_at_every_step():
+    import dataclasses
+
+    from pymorph_edge.policies import make_policy
+    from pymorph_edge.session_file import mismatch, policy_identity
+
+    old = policy_identity(make_policy("morphkv", pool_decode=True))
+    del old["pool_decode"]  # written before MorphKV had `pool_decode`: it pooled at every decode step
+    cache = {"type_k": "f16", "type_v": "f16", "flash_attn": False}
+    running = {"model": None, "policy": None, "kv_budget": 128, "n_ctx": 256, "n_ubatch": 32, "kv_cache": cache}
+    saved = {**running, "policy": old}
+    pooled = policy_identity(make_policy("morphkv", pool_decode=True))
+    assert mismatch(saved, {**running, "policy": pooled}) is None
+    default = policy_identity(make_policy("morphkv"))
+    assert not dataclasses.asdict(make_policy("morphkv"))["pool_decode"]
+    assert "policy=" in mismatch(saved, {**running, "policy": default})

@@ -10,7 +10,10 @@ Long prompts are prefilled in ubatch chunks. During prefill a token's score pers
 chunks as max(prefill_decay * old, new), where new is the highest attention any query of the
 chunk gave it, so a fact stated early survives until the question that needs it arrives.
 With `pool_radius` > 0 a token's score is the max over positions within that radius (SnapKV's
-pooling), so a multi-token fact, such as a number split into digit tokens, is kept whole.
+pooling), so a multi-token fact, such as a number split into digit tokens, is kept whole. Pooling
+applies when evicting after prompt chunks; `pool_decode=True` pools at every decode step as well,
+which spends cells on neighbours of what the answer attends to (ppl 1.212x the full cache against
+1.136x without, SmolLM2 at budget 256).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class MorphKV(KVPolicy):
     pool_after: int = 6
     head_weights: str = "induction"
     prefill_probe: bool = True
+    pool_decode: bool = False
 
     name = "morphkv"
 
@@ -47,8 +51,9 @@ class MorphKV(KVPolicy):
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.head_weights not in HEAD_WEIGHTS:
             raise ValueError(f"head_weights must be one of {HEAD_WEIGHTS}, got {self.head_weights!r}")
-        if not isinstance(self.prefill_probe, bool):
-            raise ValueError(f"prefill_probe must be a bool, got {self.prefill_probe!r}")
+        for name in ("prefill_probe", "pool_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not (0.0 <= float(self.prefill_decay) <= 1.0):
             raise ValueError(f"prefill_decay must be in [0, 1], got {self.prefill_decay!r}")
 
@@ -74,4 +79,5 @@ class MorphKV(KVPolicy):
             "pool_radius": self.pool_radius,
             "pool_after": self.pool_after,
             "prefill_probe": int(self.prefill_probe),
+            "pool_prompt_only": int(not self.pool_decode),
         }
