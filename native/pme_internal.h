@@ -171,6 +171,12 @@ int                    pme_policy_always(const pme_state * st);
 void                   pme_policy_observe(pme_state * st);
 int                    pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
 void                   pme_policy_forget_cell(pme_state * st, int32_t cell);
-void                   pme_policy_reset(pme_state * st);
+
+/* whether the last ubatch was part of a prompt (a chunk or a probe) rather than a decode step */
+static inline int pme_ub_is_prompt(const pme_state * st) {
+    return (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
+}
+
+void pme_policy_reset(pme_state * st);
 
 #endif

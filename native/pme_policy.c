@@ -105,8 +105,7 @@ int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32
     /* Pooling keeps a prompt's facts whole for the question that comes later; at a decode step the cells it
      * lends to a high scorer's neighbours are taken from the context the next tokens need (it cost MorphKV
      * ppl 1.212x against 1.136x at budget 256 on SmolLM2, benchmarks/results/smollm2-135m-b256-ppl-ablation) */
-    const int prompt = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
-    if ((st->cfg.pool_radius > 0 || st->cfg.pool_after > 0) && (prompt || !st->cfg.pool_prompt_only)) {
+    if ((st->cfg.pool_radius > 0 || st->cfg.pool_after > 0) && (pme_ub_is_prompt(st) || !st->cfg.pool_prompt_only)) {
         pool_scores(st->cand, n_cand, st->cfg.pool_radius, st->cfg.pool_after, st->tmp);
     }
     qsort(st->cand, (size_t) n_cand, sizeof(pme_candidate), by_score_then_age);

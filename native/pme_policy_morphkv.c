@@ -29,7 +29,7 @@ static void morphkv_observe(pme_state * st) {
 
 static void morphkv_score(pme_state * st) {
     const size_t nc     = (size_t) st->cfg.n_cells;
-    const int    prompt = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
+    const int    prompt = pme_ub_is_prompt(st);
     if (prompt && !st->cfg.prefill_probe) {
         memcpy(st->score, st->pscore, nc * sizeof(float));
         return;

@@ -86,7 +86,7 @@ void pme_fold_group(pme_state *   st,
     const size_t  nc       = (size_t) st->cfg.n_cells;
     float *       tmp      = st->tmp;
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
-    const int     prompt   = (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
+    const int     prompt   = pme_ub_is_prompt(st);
     const int32_t hi       = st->cur_layer * st->cfg.n_head_kv + g;
     /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
      * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),

@@ -67,20 +67,16 @@ def mismatch(saved: dict[str, Any], running: dict[str, Any]) -> str | None:
         return f"it was saved with model {s.get('file')!r} ({s.get('size')} bytes), this is {r['file']!r} ({r['size']} bytes)"
     for key in ("policy", "kv_budget", "n_ctx", "n_ubatch", "kv_cache"):
         was = saved.get(key, KV_CACHE_BEFORE_TYPES if key == "kv_cache" else None)
-        if key == "policy" and isinstance(was, dict) and was.get("name") == "h2o":
-            was = {"forget": H2O_BEFORE_FORGET, **was}
-        if key == "policy" and isinstance(was, dict) and was.get("name") == "morphkv":
-            was = {"pool_decode": MORPHKV_BEFORE_POOL_DECODE, **was}
+        if key == "policy" and isinstance(was, dict):
+            was = {**POLICY_FIELDS_BEFORE.get(was.get("name"), {}), **was}
         if was != running[key]:
             return f"it was saved with {key}={was!r}, this model runs {key}={running[key]!r}"
     return None
 
 
-# H2O files written before its scores could fade summed plainly
-H2O_BEFORE_FORGET = 1.0
-
-# MorphKV files written before pooling was limited to prompt evictions pooled at every decode step
-MORPHKV_BEFORE_POOL_DECODE = True
+# policy settings added after files were written, with the value those older files behaved as: H2O summed
+# plainly before its scores could fade; MorphKV pooled at every decode step before pooling was limited to prompts
+POLICY_FIELDS_BEFORE: dict[str, dict[str, Any]] = {"h2o": {"forget": 1.0}, "morphkv": {"pool_decode": True}}
 
 # files written before cache types could be chosen: f16 K and V, flash attention off (V stored transposed)
 KV_CACHE_BEFORE_TYPES = {"type_k": "f16", "type_v": "f16", "flash_attn": False}
