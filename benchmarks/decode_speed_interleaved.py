@@ -12,7 +12,7 @@ import statistics
 import time
 
 from pymorph_edge import Llama
-from pymorph_edge.default_model import default_model_path
+from pymorph_edge.model.default_model import default_model_path
 
 
 def measure(model: str, policy: str, budget: int, tokens: int) -> float:

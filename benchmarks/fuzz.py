@@ -18,8 +18,8 @@ from pathlib import Path
 from pymorph_edge.bench.gguf_fuzz import campaign
 from pymorph_edge.bench.load_run import start_server
 from pymorph_edge.bench.request_fuzz import post_body, request_bodies
-from pymorph_edge.default_model import resolve_model
-from pymorph_edge.synthetic_gguf import write_synthetic_llama
+from pymorph_edge.model.default_model import resolve_model
+from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pymorph_edge.bench.load_run import run_load, write_report
-from pymorph_edge.default_model import resolve_model
+from pymorph_edge.model.default_model import resolve_model
 
 
 def main() -> int:

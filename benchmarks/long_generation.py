@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pymorph_edge import Llama
-from pymorph_edge.default_model import default_model_path
+from pymorph_edge.model.default_model import default_model_path
 
 PROMPT = "Write a very long story about a lighthouse."
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pymorph_edge import Llama
 from pymorph_edge.bench.passkey import HELDOUT, TUNING, answer, answer_chat, filler_repeats_for, make_case
-from pymorph_edge.default_model import resolve_model
+from pymorph_edge.model.default_model import resolve_model
 from pymorph_edge.policies import make_policy
 
 

@@ -11,7 +11,7 @@ import time
 
 from pymorph_edge import Llama, MorphKV
 from pymorph_edge.bench.passkey import answer, filler_repeats_for, make_case
-from pymorph_edge.default_model import default_model_path
+from pymorph_edge.model.default_model import default_model_path
 
 
 def main() -> None:

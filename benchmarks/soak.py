@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pymorph_edge import Llama
-from pymorph_edge.default_model import resolve_model
+from pymorph_edge.model.default_model import resolve_model
 
 PROMPT = "Write a very long story about a lighthouse keeper and the ships she guides through the storms."
 EVERY = 1000

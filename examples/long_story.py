@@ -6,7 +6,7 @@ usage: python examples/long_story.py [MODEL.gguf]   (default: Gemma 3 270M from 
 import sys
 
 from pymorph_edge import Llama
-from pymorph_edge.default_model import default_model_path
+from pymorph_edge.model.default_model import default_model_path
 
 model = sys.argv[1] if len(sys.argv) > 1 else default_model_path()
 with Llama(model, kv_budget=1024) as llm:

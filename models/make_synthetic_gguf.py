@@ -6,7 +6,7 @@ usage: python models/make_synthetic_gguf.py OUT_DIR   -> OUT_DIR/synthetic-mha.g
 import sys
 from pathlib import Path
 
-from pymorph_edge.synthetic_gguf import write_synthetic_llama
+from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "models/cache")

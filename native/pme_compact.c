@@ -56,6 +56,10 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
             st->cell_pos[c] = pme_lower_bound(live, n, st->cell_pos[c]);
         }
     }
+    if (st->pin_hi > st->pin_lo) { /* the recalled block moves with its cells */
+        st->pin_lo = pme_lower_bound(live, n, st->pin_lo);
+        st->pin_hi = pme_lower_bound(live, n, st->pin_hi);
+    }
     const int32_t shift = next_pos - n;
     st->lpos_offset += shift; /* tokens decoded from now on keep their logical position */
     st->compactions++;

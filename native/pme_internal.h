@@ -28,6 +28,11 @@ struct pme_state {
     int64_t   lpos_offset; /* logical position - llama.cpp position, for tokens decoded since the last compaction */
     int64_t * cell_lpos;   /* (n_cells) logical position of each live cell: compaction leaves it alone */
 
+    /* pins (pme_pins.c): positions [0, pin_prefix) and [pin_lo, pin_hi) are never evicted */
+    int32_t pin_prefix; /* the first tokens (n_keep, a system prompt), on top of cfg.n_sink */
+    int32_t pin_lo;     /* a recalled block, until the text it was recalled for is decoded */
+    int32_t pin_hi;
+
     /* layer -> cache group, learned from each graph's SET_ROWS nodes */
     int8_t *     layer_group; /* (n_layer) group index, -1 unknown */
     const void * group_idx_tensor[PME_MAX_GROUPS];
@@ -179,4 +184,5 @@ static inline int pme_ub_is_prompt(const pme_state * st) {
 
 void pme_policy_reset(pme_state * st);
 
+int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
 #endif

@@ -98,7 +98,7 @@ int pme_policy_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32
     int32_t       n_cand       = 0;
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         const int32_t p = st->cell_pos[c];
-        if (p >= st->cfg.n_sink && p < protect_from) {
+        if (p >= st->cfg.n_sink && p < protect_from && !pme_is_pinned(st, p)) {
             st->cand[n_cand++] = (pme_candidate) { st->score[c], p, st->cell_lpos[c] };
         }
     }

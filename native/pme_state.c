@@ -141,6 +141,7 @@ void pme_reset(pme_state * st) {
     st->main_group = -1;
     st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = st->compactions = 0;
     st->lpos_offset                                                                        = 0;
+    st->pin_lo = st->pin_hi = 0; /* n_keep (pin_prefix) is a setting and stays */
     st->ub_n = st->ub_layers = st->ub_rows = 0;
     st->failed                             = 0;
     st->err[0]                             = 0;

@@ -1,10 +1,10 @@
 """pymorph_edge: GGUF models through llama.cpp with a KV cache that never grows (MorphKV)."""
 
-from .engine_config import EngineConfig
-from .generation_record import GenerationCancelled
-from .llama import Llama, Timings
-from .policies import H2O, TOVA, ContextShift, FullCache, KVPolicy, MorphKV, SnapKV, StreamingLLM
-from .stats import KVStats
+from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.engine.stats import KVStats
+from pymorph_edge.generation.generation_record import GenerationCancelled
+from pymorph_edge.llama import Llama, Timings
+from pymorph_edge.policies import H2O, TOVA, ContextShift, FullCache, KVPolicy, MorphKV, SnapKV, StreamingLLM
 
 __all__ = [
     "Llama",

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .kv_cache_types import KV_TYPES
-from .policies import POLICIES
+from pymorph_edge.engine.kv_cache_types import KV_TYPES
+from pymorph_edge.engine.stats import KVStats
+from pymorph_edge.policies import POLICIES
 
 DEFAULT_PROMPT = "Write a very long story about a lighthouse."
 
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.config import BenchConfig
-    from .bench.runner import run
+    from pymorph_edge.bench.config import BenchConfig
+    from pymorph_edge.bench.runner import run
 
     cfg = (
         BenchConfig.load(args.config)
@@ -208,9 +209,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _open_model(args: argparse.Namespace):
-    from .default_model import resolve_model
-    from .engine_config import EngineConfig
-    from .llama import Llama
+    from pymorph_edge.engine.engine_config import EngineConfig
+    from pymorph_edge.llama import Llama
+    from pymorph_edge.model.default_model import resolve_model
 
     path = resolve_model(args.model)
     policy = "full" if args.kv_budget is None else args.policy
@@ -277,7 +278,28 @@ def _generate(args: argparse.Namespace) -> int:
             f"decode={t.decode_tok_s:.1f} tok/s peak_kv_cells={s.peak_cells} kv_cells={s.cells_in_use} "
             f"kv_bytes={s.kv_bytes} evictions={s.tokens_evicted} budget={s.budget} finish={finish}\n"
         )
+        sys.stderr.write(summary(t.completion_tokens, t.prompt_tokens, s, llm.engine.config.n_ubatch))
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def summary(generated: int, prompt: int, s: KVStats, n_ubatch: int) -> str:
+    """What the cache did, in words a newcomer reads at once: the cells stayed flat while the answer grew."""
+    if s.budget is None:
+        cells = f"{s.cells_in_use} cells in use (full cache, no budget: one cell per token)"
+    else:
+        cells = f"{s.cells_in_use} cells in use, peak {s.peak_cells} (ceiling: budget {s.budget} + n_ubatch {n_ubatch})"
+    return (
+        "--- KV cache summary ---\n"
+        f"  tokens generated : {generated} (prompt {prompt})\n"
+        f"  cache            : {cells}\n"
+        f"  tokens evicted   : {s.tokens_evicted}\n"
+        f"  KV memory        : {_mib(s.kv_bytes)} allocated, fixed; a full cache would need "
+        f"{_mib(s.full_cache_bytes)} for the whole text, and more with every token\n"
+    )
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -364,7 +386,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.request_timeout < 0:
         raise ValueError(f"--request-timeout must be >= 0 seconds, got {args.request_timeout}")
-    from .server import create_app, serve
+    from pymorph_edge.server import create_app, serve
 
     with _open_model(args) as llm:
         app = create_app(

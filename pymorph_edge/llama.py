@@ -16,19 +16,31 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
-from . import engine_snapshot, session_file
-from . import openai_shapes as shapes
-from .chat import ChatFormatter, ChatTurn, extends, messages_digest, text_after_answer, validate_messages
-from .engine_config import EngineConfig, merge_config
-from .generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
-from .kv_engine import KVEngine
-from .model_file import LoadedModel
-from .policies import KVPolicy, make_policy
-from .request_params import check_max_tokens, check_stop, sampling_params
-from .sampling import Sampler, SamplingParams
-from .session_file import SavedConversation
-from .stats import KVStats
-from .text_output import TextAssembler
+from pymorph_edge.engine import engine_snapshot
+from pymorph_edge.engine.engine_config import EngineConfig, merge_config
+from pymorph_edge.engine.kv_engine import KVEngine
+from pymorph_edge.engine.recall import Wrap, recall_before
+from pymorph_edge.engine.stats import KVStats
+from pymorph_edge.generation import openai_shapes as shapes
+from pymorph_edge.generation.chat import (
+    ChatFormatter,
+    ChatTurn,
+    extends,
+    messages_digest,
+    text_after_answer,
+    validate_messages,
+)
+from pymorph_edge.generation.generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
+from pymorph_edge.generation.request_params import check_max_tokens, check_stop, sampling_params
+from pymorph_edge.generation.sampling import Sampler, SamplingParams
+from pymorph_edge.generation.text_output import TextAssembler
+from pymorph_edge.model.model_file import LoadedModel
+from pymorph_edge.policies import KVPolicy, make_policy
+from pymorph_edge.sessions import session_file
+from pymorph_edge.sessions.session_file import SavedConversation
+
+# what a recalled chat message says it is: text the user or the model wrote earlier in this conversation
+RECALLED_PREFIX = "(From earlier in this conversation:) "
 
 _CHAT_DEFAULTS: dict[str, Any] = dict(
     temperature=0.2,
@@ -55,6 +67,16 @@ class _ChatPlan:
     text: str
     conversation_id: str | None  # the continued conversation's; None starts one
     has_bos: bool = False
+    recall: _Recall | None = None  # how evicted text is placed before this turn (None: it is not recalled)
+
+
+@dataclass
+class _Recall:
+    """How a request takes recalled text: after `skip` leading tokens of the new text (an undecoded answer token),
+    wrapped by `wrap` (None: the raw token ids, for completions)."""
+
+    wrap: Wrap | None = None
+    skip: int = 0
 
 
 class Llama:
@@ -85,6 +107,8 @@ class Llama:
         type_k: str | None = None,
         type_v: str | None = None,
         chat_template: str | None = None,
+        keep: int | str = 0,
+        recall: bool | None = None,
     ) -> None:
         self._engine: KVEngine | None = None
         self._model: LoadedModel | None = None
@@ -95,8 +119,18 @@ class Llama:
             policy = make_policy(policy, **params)
         elif not isinstance(policy, KVPolicy):
             raise ValueError(f"policy must be a policy name or a KVPolicy, got {policy!r}")
+        if keep != "system" and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError(f"keep must be a non-negative int (the first tokens) or 'system', got {keep!r}")
+        self._keep_system = keep == "system"
         config = merge_config(
-            config, n_ctx=n_ctx, n_threads=n_threads, flash_attn=flash_attn, type_k=type_k, type_v=type_v
+            config,
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            flash_attn=flash_attn,
+            type_k=type_k,
+            type_v=type_v,
+            n_keep=keep if isinstance(keep, int) and keep else None,
+            recall=recall,
         )
         self._model = LoadedModel(model_path, n_gpu_layers=config.n_gpu_layers)
         try:
@@ -114,6 +148,7 @@ class Llama:
         self._session_identity: dict[str, Any] | None = None
         # called as prefill_progress(done, total) while a prompt is decoded; the CLI shows a tqdm bar
         self.prefill_progress: Callable[[int, int], None] | None = None
+        self._piece_cache: dict[int, str] = {}
 
     # -- tokens ---------------------------------------------------------------------------
     @property
@@ -162,6 +197,13 @@ class Llama:
             n = C.llama_token_to_piece(self._model.vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
+    def _piece_text(self, token: int) -> str:
+        """A token's text, memoised: recall reads the text of every evicted token at each request."""
+        text = self._piece_cache.get(token)
+        if text is None:
+            text = self._piece_cache[token] = self._piece(token).decode("utf-8", "replace")
+        return text
+
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
         return b"".join(self._piece(int(t), special) for t in tokens)
 
@@ -208,6 +250,7 @@ class Llama:
         reset: bool,
         cancel: CancelCheck | None = None,
         cached: int = 0,
+        recall: _Recall | None = None,
     ) -> Iterator[int]:
         """reset=True: reuse the cached prefix the prompt shares with the history (llama_cpp.Llama does the
         same); reset=False: append the tokens to whatever the cache holds, `cached` tokens of the prompt
@@ -219,11 +262,22 @@ class Llama:
         t0 = time.perf_counter()
         if reset:
             new = tokens[engine.reuse_prefix(tokens) :]
+            extends = len(new) < len(tokens)
         else:
             if not engine.consistent:
                 engine.reset()
-            new = tokens
-        engine.decode(new, progress=self._prefill_progress(cancel))
+            new, extends = tokens, engine.n_past > 0
+        recalled = 0
+        if extends and recall is not None and engine.recall_enabled:
+            if recall.skip:
+                engine.decode(new[: recall.skip], logits_last=False)
+                new = new[recall.skip :]
+            recalled = recall_before(engine, new, self._piece_text, recall.wrap)
+        try:
+            engine.decode(new, progress=self._prefill_progress(cancel))
+        finally:
+            if recalled:
+                engine.release_pin()
         self.last_timings = Timings(
             prompt_tokens=cached + len(tokens),
             prefill_s=time.perf_counter() - t0,
@@ -276,13 +330,14 @@ class Llama:
         reset: bool = True,
         cancel: CancelCheck | None = None,
         cached: int = 0,
+        recall: _Recall | None = None,
     ) -> Iterator[GenerationChunk]:
         """Yield the answer as GenerationChunks; the last one carries the finish."""
         if self._engine.full and max_tokens is None:
             max_tokens = max(self._engine.n_ctx - len(prompt_tokens), 1)
         text = TextAssembler(stop)
         out: list[int] = []
-        for tok in self._generate(prompt_tokens, params, reset, cancel, cached):
+        for tok in self._generate(prompt_tokens, params, reset, cancel, cached, recall):
             if self.is_end_of_generation(tok):
                 yield GenerationChunk(text.finish(), tok, "end_of_generation", out)
                 return
@@ -334,7 +389,7 @@ class Llama:
         )
         tokens = self._prompt_tokens(prompt)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
-        chunks = self._stream(tokens, params, max_tokens, stops, cancel=cancel)
+        chunks = self._stream(tokens, params, max_tokens, stops, cancel=cancel, recall=_Recall())
         if stream:
             return shapes.completion_chunks(meta, chunks)
         text, finish, n_out = shapes.collect(chunks)
@@ -396,10 +451,19 @@ class Llama:
                 suffix = None  # the template renders the full conversation differently from its last exchange
         if suffix is not None:
             assert turn is not None
+            own = msgs[turn.n_messages :]
             plan = _ChatPlan(
-                turn.digest, turn.n_messages, msgs[turn.n_messages :], turn.pending, suffix, turn.conversation_id
+                turn.digest,
+                turn.n_messages,
+                own,
+                turn.pending,
+                suffix,
+                turn.conversation_id,
+                recall=self._chat_recall(turn, own, suffix),
             )
         else:
+            if self._keep_system:
+                self._engine.set_keep(self._system_prompt_tokens(msgs))
             n_before = max((i + 1 for i, m in enumerate(msgs) if m["role"] == "assistant"), default=0)
             plan = _ChatPlan(messages_digest(msgs[:n_before]), n_before, msgs[n_before:], None, prompt, None, has_bos)
         return self._answer_chat(
@@ -445,8 +509,45 @@ class Llama:
         if suffix is None:
             raise ValueError("this chat template does not render the previous answer as a prefix of the next turn")
         _, template_stops, _ = fmt.prompt(list(turn.tail) + msgs)
-        plan = _ChatPlan(turn.digest, turn.n_messages, msgs, turn.pending, suffix, turn.conversation_id)
+        plan = _ChatPlan(
+            turn.digest,
+            turn.n_messages,
+            msgs,
+            turn.pending,
+            suffix,
+            turn.conversation_id,
+            recall=self._chat_recall(turn, msgs, suffix),
+        )
         return self._answer_chat(plan, template_stops, stream, cancel, sampling)
+
+    def _system_prompt_tokens(self, msgs: list[dict[str, Any]]) -> int:
+        """Tokens of the prompt up to the end of its system message (0 without one): what keep="system" pins.
+        Found as the tokens two renderings share that differ only in the first user message."""
+        if not msgs or msgs[0]["role"] != "system":
+            return 0
+        fmt = self._formatter()
+        a, _, _ = fmt.prompt([msgs[0], {"role": "user", "content": "a"}])
+        b, _, _ = fmt.prompt([msgs[0], {"role": "user", "content": "b"}])
+        ta, tb = self.tokenize(a, special=True), self.tokenize(b, special=True)
+        n = 0
+        while n < min(len(ta), len(tb)) and ta[n] == tb[n]:
+            n += 1
+        return n
+
+    def _chat_recall(self, turn: ChatTurn, new: list[dict[str, Any]], suffix: str) -> _Recall:
+        """Recalled text goes in as a user message of the model's own template, just before the new messages,
+        so the conversation stays well formed. Not placed at all when the template renders it otherwise."""
+        fmt = self._formatter()
+
+        def wrap(raw: list[int]) -> list[int] | None:
+            text = self.detokenize(raw).decode("utf-8", "replace").strip()
+            msg = {"role": "user", "content": RECALLED_PREFIX + text}
+            with_recall = text_after_answer(turn, [msg, *new], fmt)
+            if with_recall is None or not with_recall.endswith(suffix) or len(with_recall) == len(suffix):
+                return None
+            return self.tokenize(with_recall[: len(with_recall) - len(suffix)], add_bos=False, special=True)
+
+        return _Recall(wrap, skip=len(turn.pending))
 
     @property
     def conversation_id(self) -> str | None:
@@ -488,7 +589,9 @@ class Llama:
         self._last_turn = None  # the cache is about to change
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_path}
         chunks = self._remember_turn(
-            self._stream(new, params, max_tokens, stops + template_stops, reset, cancel, cached), plan, n_prompt
+            self._stream(new, params, max_tokens, stops + template_stops, reset, cancel, cached, plan.recall),
+            plan,
+            n_prompt,
         )
         if stream:
             return shapes.chat_chunks(meta, chunks)

@@ -1,6 +1,6 @@
 import pytest
 
-from pymorph_edge.synthetic_gguf import write_synthetic_llama
+from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +20,13 @@ def gqa_model(synthetic_dir):
 
 @pytest.fixture(scope="session")
 def gemma_path():
-    from pymorph_edge.default_model import gemma3_model_path
+    from pymorph_edge.model.default_model import gemma3_model_path
 
     return str(gemma3_model_path())
 
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from pymorph_edge.default_model import smollm2_model_path
+    from pymorph_edge.model.default_model import smollm2_model_path
 
     return str(smollm2_model_path())

@@ -57,7 +57,7 @@ def test_budget_too_small_is_a_clear_error(gqa_model):
 
 
 def test_cache_types_and_flash_attention_from_the_command_line(gqa_model, synthetic_dir):
-    from pymorph_edge.synthetic_gguf import write_synthetic_llama
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
     wide = str(write_synthetic_llama(synthetic_dir / "cli-wide.gguf", n_head=8, n_head_kv=2, n_embd=256))
     r = run(

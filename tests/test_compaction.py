@@ -9,8 +9,8 @@ from kv_introspect import llama_cell_positions
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.bench.common import last_logprobs
+from pymorph_edge.engine.token_history import BLOCK
 from pymorph_edge.policies import make_policy
-from pymorph_edge.token_history import BLOCK
 
 
 def native_in_cell_order(eng):

@@ -14,8 +14,8 @@ import pytest
 
 from pymorph_edge import Llama
 from pymorph_edge.bench.passkey import answer, filler_repeats_for, make_case
-from pymorph_edge.engine_config import FLASH_ATTN_WHEN_BOUNDED, EngineConfig
-from pymorph_edge.synthetic_gguf import write_synthetic_llama
+from pymorph_edge.engine.engine_config import FLASH_ATTN_WHEN_BOUNDED, EngineConfig
+from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 PROMPT = [(i * 7919) % 200 + 10 for i in range(300)]
 

@@ -9,7 +9,7 @@ from pymorph_edge import Llama
 @pytest.fixture(autouse=True)
 def same_model_params(monkeypatch):
     """llama_cpp.Llama loads with the model parameters we use (no AMX repacking where it crashes)."""
-    from pymorph_edge.model_file import default_model_params
+    from pymorph_edge.model.model_file import default_model_params
 
     monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", default_model_params)
 

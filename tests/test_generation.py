@@ -69,7 +69,7 @@ def test_gemma_tokenize_detokenize_round_trip(gemma_path):
 
 
 def test_chat_without_template_on_unknown_architecture_is_a_clear_error(tmp_path):
-    from pymorph_edge.synthetic_gguf import write_synthetic_llama
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
     # the synthetic model is "llama", which maps to llama.cpp's built-in llama3 template
     p = write_synthetic_llama(tmp_path / "m.gguf")
@@ -80,7 +80,7 @@ def test_chat_without_template_on_unknown_architecture_is_a_clear_error(tmp_path
         with pytest.raises(ValueError, match="no chat here"):
             m.create_chat_completion([{"role": "user", "content": "hi"}])
     # an architecture without a built-in template and a GGUF without one: the error names it and the way out
-    from pymorph_edge.chat import ChatFormatter
+    from pymorph_edge.generation.chat import ChatFormatter
 
     with pytest.raises(ValueError, match=r"architecture 'rwkv7'\) has no chat template; pass chat_template="):
         ChatFormatter.for_model(None, "rwkv7", "<s>", "</s>")
@@ -132,7 +132,7 @@ def test_smollm2_passkey_survives_a_chat_prompt_of_4x_the_budget(smollm2_path):
 def test_penalties_reach_llama_cpp(gqa_model):
     """A huge presence penalty makes greedy decoding avoid every token of its last 64 (penalties crashed before:
     the pinned llama.cpp's llama_sampler_init_penalties takes n_vocab first)."""
-    from pymorph_edge.request_params import sampling_params
+    from pymorph_edge.generation.request_params import sampling_params
 
     with Llama(gqa_model, kv_budget=256) as m:
         ban = {m.token_eos(): -1e9}

@@ -8,7 +8,7 @@ import pytest
 from native_helpers import NativeState
 
 from pymorph_edge import Llama, MorphKV
-from pymorph_edge.head_calibration import copy_sequence, induction_scores
+from pymorph_edge.engine.head_calibration import copy_sequence, induction_scores
 
 
 def two_head_attention(n_kv, cell_a, cell_b, n_tokens=1):

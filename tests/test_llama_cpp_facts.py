@@ -12,7 +12,7 @@ import llama_cpp
 import llama_cpp.llama_cpp as C
 import pytest
 
-from pymorph_edge.model_file import LoadedModel
+from pymorph_edge.model.model_file import LoadedModel
 
 
 def test_pinned_version_and_installed_files():
@@ -182,7 +182,7 @@ def test_flash_attention_sources_are_intact_when_the_callback_runs(synthetic_dir
     accumulated in f16 by ggml-cpu, hence the looser bound)."""
     from test_flash_attn_scoring import _run
 
-    from pymorph_edge.synthetic_gguf import write_synthetic_llama
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
     # heads 32 wide, so that q8_0/q4_0 blocks fit
     wide = str(write_synthetic_llama(synthetic_dir / "facts-wide.gguf", n_head=8, n_head_kv=2, n_embd=256))

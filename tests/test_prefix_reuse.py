@@ -3,7 +3,7 @@
 from kv_introspect import llama_cell_positions
 
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.prefix_reuse import reusable_prefix
+from pymorph_edge.engine.prefix_reuse import reusable_prefix
 
 
 def test_reusable_prefix_rules():

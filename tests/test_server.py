@@ -159,6 +159,46 @@ def test_malformed_requests(server):
     assert code == 200
 
 
+def _raw_post(port, head: bytes, body_parts, pause_s=0.0):
+    """Send a request by hand (headers, then the body in parts with pauses) and return the status and JSON body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+            if pause_s:
+                time.sleep(pause_s)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_oversized_body_from_a_slow_sender_gets_its_413(server):
+    """The server reads and discards the rest of an oversized body before answering: a client still sending sees
+    the 413, not a connection reset (which a busy machine made likely when the server closed at once)."""
+    _, port = server
+    size = 2 << 20
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    ).encode()
+    parts = [b"x" * (size // 16)] * 16
+    status, body = _raw_post(port, head, parts, pause_s=0.05)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    assert str(size) in body["error"]["message"]
+
+
+def test_oversized_chunked_body_gets_its_413(server):
+    """No Content-Length (chunked transfer): the limit is found while reading, and the rest is drained."""
+    _, port = server
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    piece = b"y" * (256 << 10)
+    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    status, body = _raw_post(port, head, [chunk] * 8 + [b"0\r\n\r\n"], pause_s=0.02)
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+
+
 def test_concurrent_clients_get_complete_uncorrupted_answers(client):
     prompts = [f"client {i} says " + "abc" * i for i in range(6)]
 

@@ -10,7 +10,7 @@ import pytest
 from kv_introspect import llama_cell_positions
 
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.session_file import MAGIC
+from pymorph_edge.sessions.session_file import MAGIC
 
 CFG = dict(kv_budget=128, config=EngineConfig(n_ubatch=32))
 
@@ -239,7 +239,7 @@ def test_real_models_restore_into_llama_cpps_cells_and_continue_identically(mode
 
 def test_h2o_sessions_from_before_forget_read_as_the_plain_sum():
     from pymorph_edge.policies import make_policy
-    from pymorph_edge.session_file import mismatch, policy_identity
+    from pymorph_edge.sessions.session_file import mismatch, policy_identity
 
     old = {"name": "h2o", "window": 64, "aggregate": "mean"}  # written before H2O had `forget`
     running = {"model": None, "policy": None, "kv_budget": 128, "n_ctx": 256, "n_ubatch": 32, "kv_cache": None}
@@ -255,7 +255,7 @@ def test_morphkv_sessions_from_before_pool_decode_read_as_pooling_at_every_step(
     import dataclasses
 
     from pymorph_edge.policies import make_policy
-    from pymorph_edge.session_file import mismatch, policy_identity
+    from pymorph_edge.sessions.session_file import mismatch, policy_identity
 
     old = policy_identity(make_policy("morphkv", pool_decode=True))
     del old["pool_decode"]  # written before MorphKV had `pool_decode`: it pooled at every decode step

@@ -1,4 +1,4 @@
-from pymorph_edge.text_output import TextAssembler
+from pymorph_edge.generation.text_output import TextAssembler
 
 
 def feed_all(stop, pieces):
@@ -28,7 +28,7 @@ def test_incomplete_utf8_waits_for_its_continuation():
 
 
 def test_generation_chunk_maps_its_finish_to_openai_reasons():
-    from pymorph_edge.generation_record import GenerationChunk
+    from pymorph_edge.generation.generation_record import GenerationChunk
 
     assert GenerationChunk("a", 5).finish_reason is None
     assert GenerationChunk("", 2, "end_of_generation").finish_reason == "stop"

@@ -10,9 +10,9 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-from ..engine_config import EngineConfig
-from ..llama import Llama
-from ..policies import make_policy
+from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.llama import Llama
+from pymorph_edge.policies import make_policy
 
 LICENSES = Path("/usr/share/common-licenses")
 

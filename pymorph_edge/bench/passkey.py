@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..llama import Llama
+    from pymorph_edge.llama import Llama
 
 FILLER = (
     "A tide of gulls rose over the harbour wall. Nets dried on the stones. "

@@ -15,7 +15,7 @@ def _by_policy(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per policy: the figures of every task at the same budget."""
     t = results["tasks"]
-    from .config import policy_label
+    from pymorph_edge.bench.config import policy_label
 
     names = [policy_label(p) for p in results["config"]["policies"]]
     pk, pp, fi = (_by_policy(t.get(k, [])) for k in ("passkey", "ppl", "fidelity"))

@@ -12,21 +12,22 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pymorph_edge.bench.config import BenchConfig, policy_label
+
 from . import report, task_fidelity, task_longrun, task_memory_speed, task_passkey, task_ppl
-from .config import BenchConfig, policy_label
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: BenchConfig, out_dir: Path) -> str:
-    from ..default_model import PACKAGED_MODELS, default_model_path
+    from pymorph_edge.model.default_model import PACKAGED_MODELS, default_model_path
 
     if cfg.model == "default":
         return str(default_model_path())
     if cfg.model in PACKAGED_MODELS:
         return str(PACKAGED_MODELS[cfg.model]())
     if cfg.model == "synthetic":
-        from ..synthetic_gguf import write_synthetic_llama
+        from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
         return str(write_synthetic_llama(out_dir / "synthetic-gqa.gguf", n_head=8, n_head_kv=2, seed=cfg.seed))
     return cfg.model

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import last_logprobs, open_llm
-from .config import BenchConfig, policy_label
+from pymorph_edge.bench.common import last_logprobs, open_llm
+from pymorph_edge.bench.config import BenchConfig, policy_label
 
 TOP = 256
 PROMPT = (

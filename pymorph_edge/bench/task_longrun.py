@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import LICENSES, last_logprobs, open_llm
-from .config import BenchConfig, policy_label
+from pymorph_edge.bench.common import LICENSES, last_logprobs, open_llm
+from pymorph_edge.bench.config import BenchConfig, policy_label
 
 
 def long_text_files() -> list[Path]:

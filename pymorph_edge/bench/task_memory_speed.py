@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .common import open_llm
-from .config import BenchConfig, policy_label
+from pymorph_edge.bench.common import open_llm
+from pymorph_edge.bench.config import BenchConfig, policy_label
 
 _PROBE = r"""
 import json, resource, sys

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .common import open_llm
-from .config import BenchConfig, policy_label
-from .passkey import answer, answer_chat, filler_repeats_for, make_case
+from pymorph_edge.bench.common import open_llm
+from pymorph_edge.bench.config import BenchConfig, policy_label
+from pymorph_edge.bench.passkey import answer, answer_chat, filler_repeats_for, make_case
 
 
 def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[], None]) -> dict[str, Any]:

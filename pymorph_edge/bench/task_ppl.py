@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import default_texts, last_logprobs, open_llm
-from .config import BenchConfig, policy_label
+from pymorph_edge.bench.common import default_texts, last_logprobs, open_llm
+from pymorph_edge.bench.config import BenchConfig, policy_label
 
 
 def text_tokens(llm, path: Path, n: int) -> list[int]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from .base import KVPolicy
-from .context_shift import ContextShift
-from .full import FullCache
-from .h2o import H2O
-from .morphkv import MorphKV
-from .snapkv import SnapKV
-from .streaming import StreamingLLM
-from .tova import TOVA
+from pymorph_edge.policies.base import KVPolicy
+from pymorph_edge.policies.context_shift import ContextShift
+from pymorph_edge.policies.full import FullCache
+from pymorph_edge.policies.h2o import H2O
+from pymorph_edge.policies.morphkv import MorphKV
+from pymorph_edge.policies.snapkv import SnapKV
+from pymorph_edge.policies.streaming import StreamingLLM
+from pymorph_edge.policies.tova import TOVA
 
 POLICIES: dict[str, type[KVPolicy]] = {
     "morphkv": MorphKV,

@@ -13,6 +13,7 @@ class KVPolicy:
     evicts = True
     grows = False  # compresses the prompt only, then lets the cache grow (SnapKV)
     shifts = False  # handled by llama.cpp's context shift instead of the native scorer
+    recalls = False  # recall (engine/recall.py) on by default; every native policy can take it when asked
 
     @property
     def protected_recent(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy
+from pymorph_edge.policies.base import KVPolicy
 
 
 @dataclass

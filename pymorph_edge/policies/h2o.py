@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .base import AttentionWindowPolicy, check_aggregate
+from pymorph_edge.policies.base import AttentionWindowPolicy, check_aggregate
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
+from pymorph_edge.policies.base import AGGREGATES, KVPolicy, check_aggregate, check_positive_int
 
 FUSIONS = {"sum": "PME_FUSION_SUM", "max": "PME_FUSION_MAX"}
 HEAD_WEIGHTS = ("induction", "uniform")
@@ -39,6 +39,7 @@ class MorphKV(KVPolicy):
     pool_decode: bool = False
 
     name = "morphkv"
+    recalls = True  # measured: benchmarks/results/recall-*
 
     def __post_init__(self) -> None:
         check_positive_int("window", self.window)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AttentionWindowPolicy, check_positive_int
+from pymorph_edge.policies.base import AttentionWindowPolicy, check_positive_int
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import KVPolicy, check_positive_int
+from pymorph_edge.policies.base import KVPolicy, check_positive_int
 
 
 @dataclass

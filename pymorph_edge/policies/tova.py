@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AttentionWindowPolicy
+from pymorph_edge.policies.base import AttentionWindowPolicy
 
 
 @dataclass

@@ -22,11 +22,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..generation_record import GenerationCancelled
-from ..llama import Llama
-from .conversations import ConversationStore
-from .schemas import ChatRequest, CompletionRequest
-from .worker import ModelWorker, QueueFull, RequestControl
+from pymorph_edge.generation.generation_record import GenerationCancelled
+from pymorph_edge.llama import Llama
+from pymorph_edge.server.conversations import ConversationStore
+from pymorph_edge.server.schemas import ChatRequest, CompletionRequest
+from pymorph_edge.server.worker import ModelWorker, QueueFull, RequestControl
 
 logger = logging.getLogger(__name__)
 
@@ -45,29 +45,59 @@ def error_response(
     )
 
 
+# A client still sending when the server closes gets a TCP reset instead of the 413 (the kernel resets a socket
+# closed with unread data), so the rest of an oversized body is read and discarded first, up to these bounds.
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_TIMEOUT_S = 30.0
+
+
+async def drain_body(receive: Receive, max_bytes: int = DRAIN_MAX_BYTES, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Read and discard the request body until it ends, max_bytes were read, the client left, or timeout_s."""
+
+    async def read_all() -> None:
+        read = 0
+        while read <= max_bytes:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # http.disconnect
+            read += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(read_all(), timeout_s)
+
+
 class BodyLimit:
-    """Refuse request bodies over max_bytes with 413, whether or not Content-Length is sent."""
+    """Refuse request bodies over max_bytes with 413, whether or not Content-Length is sent. The body is drained
+    before the answer (see DRAIN_MAX_BYTES), so a client that is still sending reads the 413, not a reset."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str) -> None:
+        await drain_body(receive)
+        response = error_response(413, message, code="body_too_large")
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await error_response(
-                413,
-                f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit",
-                code="body_too_large",
-            )(scope, receive, send)
+            return await self._refuse(
+                scope, receive, send, f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit"
+            )
         seen = 0
+        ended = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, ended
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                ended = not msg.get("more_body", False)
                 if seen > self.max_bytes:
                     raise _TooLarge()
             return msg
@@ -75,9 +105,13 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await error_response(413, f"request body exceeds the {self.max_bytes}-byte limit", code="body_too_large")(
-                scope, receive, send
-            )
+            rest: Receive = receive
+            if ended:  # the whole body is read already: nothing left to drain
+
+                async def rest() -> Message:
+                    return {"type": "http.request", "body": b"", "more_body": False}
+
+            await self._refuse(scope, rest, send, f"request body exceeds the {self.max_bytes}-byte limit")
 
 
 class _TooLarge(Exception):

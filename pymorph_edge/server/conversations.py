@@ -14,10 +14,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .. import session_file
-from ..chat import extends, messages_digest, validate_messages
-from ..llama import Llama
-from ..session_file import SavedConversation
+from pymorph_edge.generation.chat import extends, messages_digest, validate_messages
+from pymorph_edge.llama import Llama
+from pymorph_edge.sessions import session_file
+from pymorph_edge.sessions.session_file import SavedConversation
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import uvicorn
 
-from .app import ServedApp
+from pymorph_edge.server.app import ServedApp
 
 SHUTDOWN_GRACE_S = 5  # after SIGTERM / Ctrl-C, open connections get this long before they are closed
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..generation_record import GenerationCancelled
+from pymorph_edge.generation.generation_record import GenerationCancelled
 
 
 class QueueFull(Exception):

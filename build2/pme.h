@@ -1,0 +1,132 @@
+/* pymorph_edge native API: MorphKV scoring inside llama.cpp's graph eval callback.
+ *
+ * The block between the CFFI markers is read verbatim by pymorph_edge/_native.py (cffi ABI mode),
+ * so it must stay plain C declarations: no macros, no includes, no llama/ggml types. */
+#ifndef PME_H
+#define PME_H
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* CFFI-BEGIN */
+enum pme_policy_kind {
+    PME_POLICY_MORPHKV   = 0,
+    PME_POLICY_H2O       = 1,
+    PME_POLICY_TOVA      = 2,
+    PME_POLICY_SNAPKV    = 3,
+    PME_POLICY_STREAMING = 4
+};
+
+enum pme_ubatch_flags {
+    PME_UB_PREFILL = 1, /* multi-token chunk */
+    PME_UB_LAST    = 2, /* last chunk of a prompt */
+    PME_UB_PROBE   = 4  /* the prompt's last tokens, decoded to score the cache and then removed */
+};
+
+enum pme_fusion { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };
+
+enum pme_aggregate { PME_AGG_MEAN = 0, PME_AGG_MAX = 1 };
+
+typedef struct pme_config {
+    int32_t policy;         /* enum pme_policy_kind */
+    int32_t budget;         /* cells kept after each eviction */
+    int32_t window;         /* W: most recent tokens, never evicted; their attention rows score the rest */
+    int32_t fusion;         /* enum pme_fusion: how the W rows combine */
+    int32_t aggregate;      /* enum pme_aggregate: how KV heads and layers combine into one score per cell */
+    float   prefill_decay;  /* prefill score persists across chunks as max(decay*old, new) */
+    int32_t protect_recent; /* positions >= next_pos - protect_recent are never evicted (max(W, n_swa)) */
+    int32_t n_cells;        /* cells of the (non-SWA) KV cache: llama_n_ctx */
+    int32_t n_head;         /* query heads */
+    int32_t n_head_kv;      /* KV heads (GQA groups) */
+    int32_t n_layer;        /* model layers, bounds the layer table */
+    int32_t max_ubatch;     /* largest ubatch the engine will submit */
+    int32_t pool_radius;    /* a token's score is the max over positions within this radius (0: off) */
+    int32_t n_sink;         /* first positions never evicted (StreamingLLM's attention sinks) */
+    int32_t pool_after;     /* a token also scores as high as any of the this many tokens before it */
+    int32_t prefill_probe;  /* 1: prompt chunks are scored by a probe of the prompt's last tokens (MorphKV) */
+    float   forget;         /* H2O: the cumulative score is multiplied by this once per token observed (1: the paper) */
+    int32_t pool_prompt_only; /* 1: pool only when evicting after a prompt chunk; decode steps rank raw scores */
+} pme_config;
+
+typedef struct pme_stats {
+    int64_t cells_in_use;   /* live cells of the scored cache */
+    int64_t peak_cells;     /* highest cells_in_use seen right after a decode */
+    int64_t tokens_evicted; /* positions removed with llama_memory_seq_rm */
+    int64_t evict_calls;    /* llama_memory_seq_rm calls (ranges) */
+    int64_t ubatches;       /* decodes observed */
+    int64_t layers_scored;  /* kq_soft_max nodes read during the last ubatch */
+    int64_t compactions;    /* pme_compact calls that renumbered positions */
+} pme_stats;
+
+typedef struct pme_state pme_state;
+
+int          pme_selfcheck(char * err, size_t err_len);
+const char * pme_build_info(void);
+const char * pme_built_for_version(void); /* llama-cpp-python version whose headers it was compiled against */
+void *       pme_eval_callback_ptr(void);
+
+pme_state *  pme_create(const pme_config * cfg, char * err, size_t err_len);
+void         pme_free(pme_state * st);
+void         pme_reset(pme_state * st);
+const char * pme_last_error(const pme_state * st);
+
+int     pme_begin_ubatch(pme_state *     st,
+                         const int32_t * pos,
+                         int32_t         n_tokens,
+                         int32_t         flags); /* flags: pme_ubatch_flags */
+int     pme_end_ubatch(pme_state * st);
+int     pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
+int     pme_truncate(pme_state * st,
+                     void *      llama_memory,
+                     int32_t     seq_id,
+                     int32_t     from_pos); /* drop positions >= from_pos */
+/* renumber live positions to 0..n_live-1 in order (llama_memory_seq_add); returns next_pos - n_live, the
+ * amount every position moved down by at the newest end, or -1 */
+int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
+int32_t pme_min_live_tail(const pme_state * st,
+                          int32_t           next_pos); /* smallest p with every position in [p, next_pos) live */
+void    pme_get_stats(const pme_state * st, pme_stats * out);
+/* Pins (pme_pins.c): positions [0, n_keep) and [lo, hi) are never evicted (hi <= lo: no range). Compaction
+ * carries the range along; pme_reset clears the range and keeps n_keep. Returns 0, or -1 on bad values. */
+int     pme_set_pins(pme_state * st, int32_t n_keep, int32_t lo, int32_t hi);
+/* A recalled block was just decoded at positions [pos0, pos0 + n): its cells take the logical positions
+ * lpos[0..n) they had before eviction, and the tokens decoded next keep theirs (the block takes no room in
+ * the logical sequence). Returns 0, or -1. */
+int     pme_mark_recalled(pme_state * st, int32_t pos0, int32_t n, const int64_t * lpos);
+/* logical position of each cell (-1 when free); returns n_cells, or -1 when cap is too small */
+int     pme_cell_lpos(const pme_state * st, int64_t * out, int32_t cap);
+int     pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);
+
+/* Per-head weights: scores of (layer, KV head) pairs are scaled by w[layer * n_head_kv + head] before they
+ * combine (NULL: every head counts the same). pme_calibrate arms the next ubatch to measure, per (layer, KV
+ * head), the mean attention each row gives the cell holding target_pos[row] (-1: none); the results are
+ * read with pme_calibration_scores. See pymorph_edge/head_calibration.py. */
+int pme_set_head_weights(pme_state * st, const float * w, int32_t n);
+int pme_calibrate(pme_state * st, const int32_t * target_pos, int32_t n_tokens);
+int pme_calibration_scores(const pme_state * st, float * out, int32_t cap);
+
+/* Sessions: the scorer's state for the live cells, written in cell order and read back into cells 0..n-1,
+ * where llama_state_seq_set_data puts a restored sequence (pme_session.c). size/save return bytes or -1;
+ * load returns 0, or -1 with the state untouched. */
+int64_t pme_session_size(const pme_state * st);
+int64_t pme_session_save(pme_state * st, void * buf, int64_t cap);
+int     pme_session_load(pme_state * st, const void * buf, int64_t size);
+
+/* Test hooks: drive the same scoring and selection code without a model. */
+int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n);
+int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head);
+int pme_test_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
+int pme_test_scores(const pme_state * st, float * out, int32_t cap);
+/* enable 1: from now on, with flash attention on, every flash attention node also has its output rebuilt from
+ * the recomputed rows and V (out[0] = max |difference|, out[1] = max |output|); with it off, every kq_soft_max
+ * node's rows are also recomputed the flash attention way from Q, K and the mask (out[0] = max |difference|,
+ * out[1] = max weight, out[2] = max relative difference over weights above 1e-3). out[3] = nodes checked.
+ * Counters reset on enable. */
+int pme_test_fattn_check(pme_state * st, int32_t enable, float * out);
+/* CFFI-END */
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,136 @@
+"""Settings of the decode engine, and the rules that check them against a model: the budget a policy
+needs, and the position span at which the cache is renumbered (and whether it can be)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp.llama_cpp as C
+
+from pymorph_edge.engine.evicted_log import DEFAULT_LOG_BYTES
+from pymorph_edge.engine.kv_cache_types import FLOAT_TYPES, check_flash_attn, check_kv_type
+from pymorph_edge.model.model_file import LoadedModel
+from pymorph_edge.policies import KVPolicy
+
+
+@dataclass
+class EngineConfig:
+    """Rarely changed settings of the llama.cpp context."""
+
+    n_ubatch: int = 512  # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
+    n_ctx: int | None = None  # full cache only: context size (default 4096); bounded runs derive it
+    n_threads: int | None = None  # default: all cores
+    flash_attn: bool | None = None  # None: on where it pays (resolve_flash_attn); a quantized type_v needs it
+    type_k: str = "f16"  # K cache element type, llama.cpp's names: f16, bf16, q8_0, q4_0, ... (kv_cache_types)
+    type_v: str = "f16"  # V cache element type; a quantized one needs flash attention
+    n_gpu_layers: int = 0
+    swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
+    n_keep: int = 0  # first tokens never evicted (llama.cpp's n_keep); Llama(keep="system") sets it per chat
+    recall: bool | None = None  # bring evicted text back for new requests (engine/recall.py); None: the policy's
+    recall_tokens: int | None = None  # most tokens one request recalls (None: recall.default_recall_tokens)
+    recall_log_bytes: int = DEFAULT_LOG_BYTES  # token ids kept for recall, oldest dropped beyond this
+    max_span: int | None = (
+        None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_ubatch, bool) or not isinstance(self.n_ubatch, int) or self.n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be a positive int, got {self.n_ubatch!r}")
+        if self.n_ctx is not None and (not isinstance(self.n_ctx, int) or self.n_ctx < 1):
+            raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+        if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
+            raise ValueError(f"flash_attn must be True, False or None, got {self.flash_attn!r}")
+        self.type_k = check_kv_type("type_k", self.type_k)
+        self.type_v = check_kv_type("type_v", self.type_v)
+        check_flash_attn(self.type_k, self.type_v, self.flash_attn)
+        if self.recall is not None and not isinstance(self.recall, bool):
+            raise ValueError(f"recall must be True, False or None, got {self.recall!r}")
+        if self.recall_tokens is not None and (
+            isinstance(self.recall_tokens, bool) or not isinstance(self.recall_tokens, int) or self.recall_tokens < 0
+        ):
+            raise ValueError(f"recall_tokens must be a non-negative int or None, got {self.recall_tokens!r}")
+        if (
+            isinstance(self.recall_log_bytes, bool)
+            or not isinstance(self.recall_log_bytes, int)
+            or self.recall_log_bytes < 0
+        ):
+            raise ValueError(f"recall_log_bytes must be a non-negative int, got {self.recall_log_bytes!r}")
+        if isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int) or self.n_keep < 0:
+            raise ValueError(f"keep must be a non-negative int, got {self.n_keep!r}")
+        if self.max_span is not None and (
+            isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
+        ):
+            raise ValueError(f"max_span must be a positive int or None, got {self.max_span!r}")
+
+
+# With a budget and flash_attn unset: measured on this project's 2-core CPU machine (benchmarks/results/fattn-*)
+FLASH_ATTN_WHEN_BOUNDED = False
+
+
+def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
+    """Whether the context runs flash attention: as set, else on for a quantized V cache (llama.cpp needs it),
+    else FLASH_ATTN_WHEN_BOUNDED for a scored budget, else off like llama_cpp.Llama."""
+    if config.flash_attn is not None:
+        return config.flash_attn
+    if config.type_v not in FLOAT_TYPES:
+        return True
+    return FLASH_ATTN_WHEN_BOUNDED if bounded_scoring else False
+
+
+def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:
+    """Whether llama.cpp can renumber this cache's positions (re-rotating K).
+
+    llama_memory_can_shift also says no for every iSWA cache whose sliding-window part is smaller than
+    its base part, although each part shifts its own K; compaction keeps the recent n_swa tokens
+    contiguous, so it is safe there (tests/test_compaction.py). What neither part can shift is RoPE with
+    several positions per token (M-RoPE) and Step-3.5's per-layer RoPE."""
+    if C.llama_memory_can_shift(mem):
+        return True
+    rope = C.llama_model_rope_type(model.ptr)
+    multi_pos = rope not in (C.LLAMA_ROPE_TYPE_NONE, C.LLAMA_ROPE_TYPE_NORM, C.LLAMA_ROPE_TYPE_NEOX)
+    return model.info.n_swa > 0 and not multi_pos and model.meta("general.architecture") != "step35"
+
+
+def default_max_span(n_ctx_train: int, n_cells: int) -> int:
+    """Position span at which a bounded cache is renumbered: the trained context.
+
+    Chosen by measurement (benchmarks/results/smollm2-longrun/, SmolLM2, n_ctx_train 8192, budget 1024,
+    24.6K teacher-forced tokens): the worst segment's ppl against context_shift's was 1.073x renumbering
+    at span 3072, 1.068x at 4096 and 1.030x at 8192; never renumbering broke down past ~12K (185x).
+    Renumbering less often keeps the kept tokens' distances true for longer, and the model was trained on
+    every span up to n_ctx_train. Never below two caches' worth of cells, so that each renumbering buys
+    at least n_cells tokens."""
+    return max(n_ctx_train, 2 * n_cells)
+
+
+def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
+    """Raise ValueError, naming the values, when the budget cannot hold what the policy must keep."""
+    if kv_budget is None:
+        return
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, int) or kv_budget < 1:
+        raise ValueError(f"kv_budget must be a positive int or None, got {kv_budget!r}")
+    recent = policy.protected_recent
+    if kv_budget <= recent:
+        raise ValueError(f"kv_budget={kv_budget} must be larger than the policy's recent window ({recent})")
+    if n_swa > 0 and kv_budget < n_swa + recent:
+        raise ValueError(
+            f"kv_budget={kv_budget} is too small for this sliding-window model: tokens inside its {n_swa}-token "
+            f"window cannot be evicted, so kv_budget must be at least n_swa + window = {n_swa + recent}"
+        )
+
+
+def merge_config(config: EngineConfig | None, **given: Any) -> EngineConfig:
+    """The shortcut arguments (n_ctx, n_threads, flash_attn, type_k, type_v) merged into config; a clash is a
+    ValueError."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if config is None:
+        return EngineConfig(**given)
+    default = EngineConfig()
+    clash = {k: v for k, v in given.items() if getattr(config, k) not in (getattr(default, k), v)}
+    if clash:
+        raise ValueError(f"{clash} contradicts config={config}; set it in one place")
+    return dataclasses.replace(config, **given)

@@ -1,0 +1,173 @@
+"""Owner of one native pme_state: the eval callback's user data, the cell map, scoring and eviction.
+
+Every call into libpme for a context goes through here, in the manner of llama-cpp-python's
+`_internals` handle owners, so the engine never touches cffi. Errors the C side reports come back
+as RuntimeError with its message; a bad configuration is a ValueError from pme_create.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import llama_cpp.llama_cpp as C
+
+from pymorph_edge._native import native
+from pymorph_edge.model.model_file import ModelInfo
+from pymorph_edge.policies import KVPolicy
+
+
+class NativeScorer:
+    """The native state of one context. Create it before the context: its pointer is the callback's user data."""
+
+    def __init__(self, policy: KVPolicy, info: ModelInfo, kv_budget: int, n_cells: int, max_ubatch: int) -> None:
+        ffi, lib = native()
+        self._ffi, self._lib = ffi, lib
+        cfg = ffi.new("pme_config *")
+        for k, v in policy.native_fields().items():
+            setattr(cfg, k, getattr(lib, v) if isinstance(v, str) else v)  # a str names a pme.h enum constant
+        cfg.budget = kv_budget
+        cfg.protect_recent = max(policy.protected_recent, info.n_swa)
+        self.protected = int(cfg.protect_recent) + int(cfg.n_sink)  # cells the policy never offers for eviction
+        cfg.n_cells = n_cells
+        cfg.n_head, cfg.n_head_kv, cfg.n_layer = info.n_head, info.n_head_kv, info.n_layer
+        cfg.max_ubatch = max_ubatch
+        err = ffi.new("char[256]")
+        st = lib.pme_create(cfg, err, 256)
+        if st == ffi.NULL:
+            raise ValueError(ffi.string(err).decode())
+        self._state: Any = st
+        self.n_cells = n_cells
+        self._pos_buf = ffi.new("int32_t[]", max_ubatch)
+        self._stats = ffi.new("pme_stats *")
+
+    def attach(self, cp: C.llama_context_params) -> None:
+        """Install the eval callback with this state as its user data."""
+        ffi, lib = self._ffi, self._lib
+        # keep the ctypes function object alive as long as the context may call it
+        self._cb = ctypes.cast(
+            ctypes.c_void_p(int(ffi.cast("uintptr_t", lib.pme_eval_callback_ptr()))),
+            C.ggml_backend_sched_eval_callback,
+        )
+        cp.cb_eval = self._cb
+        cp.cb_eval_user_data = ctypes.c_void_p(int(ffi.cast("uintptr_t", self._state)))
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            raise RuntimeError(f"{what}: {self._ffi.string(self._lib.pme_last_error(self._state)).decode()}")
+        return rc
+
+    def _mem(self, mem: Any) -> Any:
+        return self._ffi.cast("void *", mem)
+
+    def begin(self, first_pos: int, m: int, last_chunk: bool, probe: bool = False) -> None:
+        """Announce a ubatch of m tokens at positions first_pos.. (called before llama_decode)."""
+        for i in range(m):
+            self._pos_buf[i] = first_pos + i
+        lib = self._lib
+        if probe:
+            flags = lib.PME_UB_PROBE
+        else:
+            flags = (lib.PME_UB_PREFILL if m > 1 else 0) | (lib.PME_UB_LAST if last_chunk else 0)
+        self._check(lib.pme_begin_ubatch(self._state, self._pos_buf, m, flags), "begin ubatch")
+
+    def live_cells(self) -> int:
+        self._lib.pme_get_stats(self._state, self._stats)
+        return int(self._stats.cells_in_use)
+
+    def end(self) -> None:
+        """Fold the ubatch's attention into the policy's state (after llama_decode)."""
+        self._check(self._lib.pme_end_ubatch(self._state), "scoring")
+
+    def evict(self, mem: Any, seq: int, next_pos: int) -> int:
+        """Evict down to the budget with llama_memory_seq_rm; returns the tokens removed."""
+        return self._check(self._lib.pme_evict(self._state, self._mem(mem), seq, next_pos), "eviction")
+
+    def truncate(self, mem: Any, seq: int, from_pos: int) -> None:
+        self._check(self._lib.pme_truncate(self._state, self._mem(mem), seq, from_pos), "truncate")
+
+    def compact(self, mem: Any, seq: int, next_pos: int) -> int:
+        """Renumber live positions 0..n_live-1; returns how far the newest position moved down."""
+        return self._check(self._lib.pme_compact(self._state, self._mem(mem), seq, next_pos), "compaction")
+
+    def min_live_tail(self, next_pos: int) -> int:
+        return int(self._lib.pme_min_live_tail(self._state, next_pos))
+
+    def set_pins(self, n_keep: int, lo: int, hi: int) -> None:
+        """Positions [0, n_keep) and [lo, hi) are never evicted (native/pme_pins.c)."""
+        self._check(self._lib.pme_set_pins(self._state, n_keep, lo, hi), "pins")
+
+    def mark_recalled(self, pos0: int, lpos: list[int]) -> None:
+        """The block just decoded at pos0.. takes these logical positions; the next tokens keep theirs."""
+        buf = self._ffi.new("int64_t[]", lpos)
+        self._check(self._lib.pme_mark_recalled(self._state, pos0, len(lpos), buf), "recall")
+
+    def cell_lpos(self) -> list[int]:
+        """Logical position of each cell (-1 free): the sequence index, or a recalled block's own label."""
+        out = self._ffi.new("int64_t[]", self.n_cells)
+        n = self._check(self._lib.pme_cell_lpos(self._state, out, self.n_cells), "cell lpos")
+        return list(out[0:n])
+
+    def cell_positions(self) -> list[int]:
+        out = self._ffi.new("int32_t[]", self.n_cells)
+        n = self._lib.pme_cell_positions(self._state, out, self.n_cells)
+        return list(out[0:n])
+
+    def scores(self) -> list[float]:
+        """Each cell's selection score from the last eviction pass (higher = kept), for tests and probes."""
+        out = self._ffi.new("float[]", self.n_cells)
+        n = self._check(self._lib.pme_test_scores(self._state, out, self.n_cells), "scores")
+        return list(out[0:n])
+
+    def fattn_check(self, enable: bool) -> dict[str, float]:
+        """Test hook (pme_test_fattn_check in pme.h): while enabled, flash attention nodes have their output rebuilt
+        from the recomputed rows, and softmax nodes their rows recomputed the flash attention way. Returns the
+        differences found since it was enabled."""
+        out = self._ffi.new("float[4]")
+        self._check(self._lib.pme_test_fattn_check(self._state, int(enable), out), "fattn check")
+        return {"max_abs": float(out[0]), "max_ref": float(out[1]), "max_rel": float(out[2]), "nodes": int(out[3])}
+
+    def stats(self) -> dict[str, int]:
+        self._lib.pme_get_stats(self._state, self._stats)
+        s = self._stats
+        return {name: int(getattr(s, name)) for name, _ in self._ffi.typeof("pme_stats").fields}
+
+    def reset(self) -> None:
+        self._lib.pme_reset(self._state)
+
+    # -- sessions (native/pme_session.c) ---------------------------------------------------------
+    def save_state(self) -> bytes:
+        """The live cells' positions and scores, in cell order (how llama.cpp writes a sequence's state)."""
+        n = self._check(self._lib.pme_session_size(self._state), "save scorer state")
+        buf = self._ffi.new("char[]", max(n, 1))
+        self._check(self._lib.pme_session_save(self._state, buf, n), "save scorer state")
+        return bytes(self._ffi.buffer(buf, n))
+
+    def load_state(self, data: bytes) -> None:
+        """Restore save_state(); ValueError (state untouched) when data does not fit this scorer."""
+        buf = self._ffi.from_buffer("char[]", data) if data else self._ffi.new("char[]", 1)
+        if self._lib.pme_session_load(self._state, buf, len(data)) < 0:
+            raise ValueError(self._ffi.string(self._lib.pme_last_error(self._state)).decode())
+
+    def close(self) -> None:
+        if self._state is not None:
+            self._lib.pme_free(self._state)
+            self._state = None
+
+    # -- per-head weights (native/pme_head_weights.c) --------------------------------------------
+    def set_head_weights(self, weights: list[float] | None) -> None:
+        if weights is None:
+            self._check(self._lib.pme_set_head_weights(self._state, self._ffi.NULL, 0), "head weights")
+            return
+        buf = self._ffi.new("float[]", [float(w) for w in weights])
+        self._check(self._lib.pme_set_head_weights(self._state, buf, len(weights)), "head weights")
+
+    def calibrate(self, target_pos: list[int]) -> None:
+        """Arm the next ubatch to measure each head's attention on target_pos[row] (-1: none)."""
+        buf = self._ffi.new("int32_t[]", target_pos)
+        self._check(self._lib.pme_calibrate(self._state, buf, len(target_pos)), "calibration")
+
+    def calibration_scores(self, n: int) -> list[float]:
+        out = self._ffi.new("float[]", n)
+        self._check(self._lib.pme_calibration_scores(self._state, out, n), "calibration")
+        return list(out)

@@ -1,0 +1,140 @@
+"""Recall: bring evicted text back into the cache when new text arrives that needs it, within the same ceiling.
+
+When a request extends the cached sequence (a chat turn, continue_chat, a completion that continues the
+cached text), the evicted sentences most relevant to the new text (recall_select.py) are decoded again as one
+block just before it: recomputed from their token ids in the log (evicted_log.py), so nothing but ids is kept
+off the cache. The block sits at the next positions, so the position span stays what compaction guarantees,
+and it takes no index in the token sequence: the history, prefix reuse and sessions see the text the user sent.
+It is pinned while the new text is decoded, whose attention then tells the policy whether to keep it; after
+that the policy keeps or evicts it like any other token. The block is evicted down to the budget at once, so
+the cache never holds more than kv_budget + n_ubatch cells.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pymorph_edge.engine.recall_select import Span, choose, query_weights, rank, sentences, whole_sentences, words
+
+if TYPE_CHECKING:
+    from pymorph_edge.engine.kv_engine import KVEngine
+
+logger = logging.getLogger(__name__)
+
+# Recalled cells take logical positions from here up: apart from every sequence index, and from each other
+BLOCK_LPOS = 1 << 40
+MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence cannot fill the recall budget
+QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.RECENT_WORDS)
+
+# turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
+# template; None means it cannot be placed well-formed, and nothing is recalled
+Wrap = Callable[[list[int]], "list[int] | None"]
+
+
+@dataclass
+class RecallCounters:
+    recalls: int = 0  # requests that brought text back
+    recalled_spans: int = 0  # evicted sentences brought back
+    recalled_tokens: int = 0  # tokens decoded again for them (recomputed, wrapper included)
+    recall_s: float = 0.0  # time spent choosing and decoding them
+
+
+@dataclass
+class RecallState:
+    """What the engine keeps about recall between requests (it goes into snapshots and session files)."""
+
+    barrier: int = 0  # the sequence cannot be rolled back below this index: a block sits behind it
+    next_lpos: int = BLOCK_LPOS
+    blocks: list[list[Any]] = field(default_factory=list)  # [lpos_lo, lpos_hi, [[lo, hi], ...]] of live blocks
+    counters: RecallCounters = field(default_factory=RecallCounters)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"barrier": self.barrier, "next_lpos": self.next_lpos, "blocks": self.blocks, **asdict(self.counters)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RecallState:
+        try:
+            counters = RecallCounters(**{k: d[k] for k in RecallCounters.__dataclass_fields__})
+            return cls(int(d["barrier"]), int(d["next_lpos"]), [list(b) for b in d["blocks"]], counters)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed recall state: {exc!r}") from None
+
+
+def default_recall_tokens(kv_budget: int, protected: int, n_keep: int) -> int:
+    """Tokens one request may bring back: a few sentences, never more than half the evictable cells."""
+    return max(0, min(96, (kv_budget - protected - n_keep) // 2))
+
+
+def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of logged sequence indices that no live cell holds, a live recalled block included."""
+    lpos = engine.scorer.cell_lpos() if engine.scorer is not None else []
+    live = {p for p in lpos if 0 <= p < BLOCK_LPOS}
+    block_live = {p for p in lpos if p >= BLOCK_LPOS}
+    state = engine.recall_state
+    state.blocks = [b for b in state.blocks if any(b[0] <= p < b[1] for p in block_live)]
+    for _, _, spans in state.blocks:
+        for lo, hi in spans:
+            live.update(range(lo, hi))
+    runs, lo = [], None
+    for i in range(engine.log.start, min(engine.log.end, engine.n_past)):
+        if i in live:
+            if lo is not None:
+                runs.append((lo, i))
+                lo = None
+        elif lo is None:
+            lo = i
+    if lo is not None:
+        runs.append((lo, min(engine.log.end, engine.n_past)))
+    return runs
+
+
+def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], max_tokens: int) -> list[Span]:
+    runs = evicted_runs(engine)
+    if not runs:
+        return []
+    bounds = (engine.log.start, min(engine.log.end, engine.n_past))
+    runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+    spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+    query = query_weights(words("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])))
+    return choose(rank(spans, query), max_tokens)
+
+
+def recall_before(
+    engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], wrap: Wrap | None = None
+) -> int:
+    """Decode the evicted text relevant to new_tokens as a pinned block at the next positions; returns the
+    block's length (0: nothing recalled). The caller decodes new_tokens next, then calls release_pin."""
+    if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
+        return 0
+    t0 = time.perf_counter()
+    chosen = select(engine, new_tokens, piece, engine.recall_tokens)
+    if not chosen:
+        return 0
+    raw = [t for s in chosen for t in engine.log.tokens(s.lo, s.hi)]
+    block = wrap(raw) if wrap is not None else raw
+    if not block or len(block) > engine.n_batch:
+        logger.debug("recall skipped: %s", "no well-formed place for it" if not block else "block too long")
+        return 0
+    state = engine.recall_state
+    lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+    engine.decode_block(block, lpos)
+    state.blocks.append([lpos[0], lpos[-1] + 1, [[s.lo, s.hi] for s in chosen]])
+    state.next_lpos += len(block)
+    state.barrier = engine.n_past
+    c = state.counters
+    c.recalls += 1
+    c.recalled_spans += len(chosen)
+    c.recalled_tokens += len(block)
+    c.recall_s += time.perf_counter() - t0
+    logger.debug(
+        "recalled %d spans (%d tokens) before %d new tokens: %r",
+        len(chosen),
+        len(block),
+        len(new_tokens),
+        "".join(piece(t) for t in block),
+    )
+    return len(block)

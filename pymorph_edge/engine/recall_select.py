@@ -1,0 +1,155 @@
+"""Which evicted text a new request needs: lexical relevance (BM25) of evicted sentences to the new text.
+
+Attention-guided eviction cannot keep what nothing attends to for a thousand tokens, so the decision to bring
+text back is made from the text itself when new text arrives. The evicted indices are cut into sentences
+(split after ., !, ?, a newline, or every `max_span` tokens), and each is scored by Okapi BM25 against the
+words of the new text. Words near the end of the new text weigh more: a request usually ends with what it
+asks (the question of a chat turn, the cue a completion stops on), and a long request's earlier words match
+much of any prose.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset(
+    "a an and are as at be but by did do does for from had has have he her him his how i if in is it its me my "
+    "no not of on or our she so that the their them then there they this to us was we were what when where "
+    "which who why will with you your im start end user assistant system turn model".split()
+)
+K1, B = 1.2, 0.75  # BM25's usual constants
+RECENT_WORDS = 48  # words from the end of the new text at full weight; earlier ones fade to FLOOR
+FLOOR = 0.2
+RELATIVE_CUTOFF = 0.35  # spans scoring under this fraction of the best one are not worth their cells
+MIN_IDF = 1.0  # the best span must match a word rarer than this in the evicted text, or nothing is recalled
+
+
+@dataclass
+class Span:
+    lo: int  # sequence index of the first token
+    hi: int  # one past the last
+    words: Counter[str]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.hi - self.lo
+
+
+def words(text: str) -> list[str]:
+    return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def _ends_sentence(p: str) -> bool:
+    return any(c in p for c in ".!?\n")
+
+
+def whole_sentences(
+    runs: Sequence[tuple[int, int]],
+    bounds: tuple[int, int],
+    tokens_of: Callable[[int, int], list[int]],
+    piece: Callable[[int], str],
+    max_span: int,
+) -> list[tuple[int, int]]:
+    """Each evicted run widened to the sentences it touches (up to max_span tokens each way), merged. A fact is
+    often half kept: pooling keeps a number's digits and evicts the words that say what it is; recalling the
+    evicted half alone would bring back a cue without its value."""
+    lo_all, hi_all = bounds
+    out: list[tuple[int, int]] = []
+    for lo, hi in runs:
+        before = tokens_of(max(lo_all, lo - max_span), lo)
+        k = len(before)
+        while k > 0 and not _ends_sentence(piece(before[k - 1])):
+            k -= 1
+        lo2 = lo - (len(before) - k) if k > 0 or lo - len(before) == lo_all else lo
+        after = tokens_of(hi, min(hi_all, hi + max_span))
+        j = 0
+        if hi > lo and not _ends_sentence(piece(tokens_of(hi - 1, hi)[0])):
+            while j < len(after) and not _ends_sentence(piece(after[j])):
+                j += 1
+            j = min(j + 1, len(after))
+        hi2 = hi + j
+        if out and lo2 <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi2))
+        else:
+            out.append((lo2, hi2))
+    return out
+
+
+def sentences(
+    runs: Sequence[tuple[int, int]],
+    tokens_of: Callable[[int, int], list[int]],
+    piece: Callable[[int], str],
+    max_span: int,
+) -> list[Span]:
+    """Cut each run [lo, hi) into sentence spans with their words."""
+    out: list[Span] = []
+    for lo, hi in runs:
+        ids = tokens_of(lo, hi)
+        start, text = 0, ""
+        for i, tok in enumerate(ids):
+            p = piece(tok)
+            text += p
+            if i + 1 - start >= max_span or _ends_sentence(p) or i + 1 == len(ids):
+                ws = words(text)
+                if ws:
+                    out.append(Span(lo + start, lo + i + 1, Counter(ws)))
+                start, text = i + 1, ""
+    return out
+
+
+def query_weights(new_text_words: list[str]) -> dict[str, float]:
+    """Each distinct word of the new text, weighted by how near the end it last occurs."""
+    weights: dict[str, float] = {}
+    n = len(new_text_words)
+    for i, w in enumerate(new_text_words):
+        back = n - 1 - i
+        weight = 1.0 if back < RECENT_WORDS else max(FLOOR, math.exp(-(back - RECENT_WORDS) / RECENT_WORDS))
+        weights[w] = max(weights.get(w, 0.0), weight)
+    return weights
+
+
+def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]:
+    """BM25 scores of the spans (best first), with IDF over the spans themselves; [] when nothing matches a
+    word rare enough to mean something."""
+    if not spans or not query:
+        return []
+    n = len(spans)
+    df: Counter[str] = Counter()
+    for s in spans:
+        df.update(s.words.keys())
+    avg_len = sum(sum(s.words.values()) for s in spans) / n
+    idf = {w: math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in query if df[w]}
+    scored = []
+    for s in spans:
+        length = sum(s.words.values())
+        score = 0.0
+        for w, qw in query.items():
+            tf = s.words.get(w, 0)
+            if tf:
+                score += qw * idf[w] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len))
+        if score > 0:
+            scored.append((score, s))
+    scored.sort(key=lambda x: (-x[0], x[1].lo))
+    if not scored or max((idf[w] for w in scored[0][1].words if w in idf), default=0.0) < MIN_IDF:
+        return []
+    return scored
+
+
+def choose(ranked: list[tuple[float, Span]], max_tokens: int) -> list[Span]:
+    """The best spans that fit max_tokens, in sequence order."""
+    if not ranked:
+        return []
+    best = ranked[0][0]
+    chosen, used = [], 0
+    for score, s in ranked:
+        if score < RELATIVE_CUTOFF * best:
+            break
+        if used + s.n_tokens <= max_tokens:
+            chosen.append(s)
+            used += s.n_tokens
+    return sorted(chosen, key=lambda s: s.lo)

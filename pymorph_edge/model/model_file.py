@@ -1,0 +1,102 @@
+"""Loading a GGUF model with clear errors, and the facts about it the engine needs."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp.llama_cpp as C
+
+from pymorph_edge.model import llama_log
+from pymorph_edge.model.gguf_check import check_metadata
+
+GGUF_MAGIC = b"GGUF"
+_llama_model_default_params = C.llama_model_default_params  # bound once: tests substitute the module's name
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_swa: int  # sliding-window size; > 0 on iSWA models such as Gemma 3
+    n_vocab: int
+    n_ctx_train: int
+    n_embd_k_gqa: int  # K elements per cell per layer
+    n_embd_v_gqa: int  # V elements per cell per layer
+
+
+def check_gguf_path(model_path: str | Path) -> Path:
+    """Raise FileNotFoundError or ValueError (naming the path) unless it is a readable GGUF file."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {str(path)!r}")
+    if not path.is_file():
+        raise ValueError(f"model path is not a file: {str(path)!r}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}): {str(path)!r}")
+    check_metadata(path)  # what llama.cpp would abort on rather than refuse
+    return path
+
+
+def cpu_has_amx_kernels() -> bool:
+    """True when this llama.cpp build repacks weights for Intel AMX (built natively on an AMX CPU).
+
+    Its AMX matmul segfaults on Q4_K weights (llama.cpp issue #20824, seen here on Gemma 3 Q4_K_M), so
+    such builds load models without extra buffer types; other CPUs keep llama.cpp's defaults."""
+    info = C.llama_print_system_info() or b""
+    return b"AMX_INT8 = 1" in info
+
+
+def default_model_params() -> C.llama_model_params:
+    """llama.cpp's default model parameters, less the AMX weight repacking where it crashes."""
+    params = _llama_model_default_params()
+    if cpu_has_amx_kernels():
+        params.use_extra_bufts = False  # see cpu_has_amx_kernels
+    return params
+
+
+class LoadedModel:
+    """Owns a llama_model; freed by close()."""
+
+    def __init__(self, model_path: str | Path, n_gpu_layers: int = 0) -> None:
+        self.path = check_gguf_path(model_path)
+        llama_log.install()
+        C.llama_backend_init()
+        params = default_model_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise ValueError(
+                f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
+                "(enable logging at DEBUG for llama.cpp's reason)"
+            )
+        self.vocab = C.llama_model_get_vocab(self.ptr)
+        n_head, n_head_kv = C.llama_model_n_head(self.ptr), C.llama_model_n_head_kv(self.ptr)
+        arch = self.meta("general.architecture") or ""
+        head_dim = C.llama_model_n_embd(self.ptr) // max(n_head, 1)
+        k_len = int(self.meta(f"{arch}.attention.key_length") or head_dim)
+        v_len = int(self.meta(f"{arch}.attention.value_length") or head_dim)
+        self.info = ModelInfo(
+            n_layer=C.llama_model_n_layer(self.ptr),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_swa=C.llama_model_n_swa(self.ptr),
+            n_vocab=C.llama_vocab_n_tokens(self.vocab),
+            n_ctx_train=C.llama_model_n_ctx_train(self.ptr),
+            n_embd_k_gqa=k_len * n_head_kv,
+            n_embd_v_gqa=v_len * n_head_kv,
+        )
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
