@@ -269,10 +269,10 @@ class Llama:
             new, extends = tokens, engine.n_past > 0
         recalled = 0
         if extends and recall is not None and engine.recall_enabled:
-            if recall.skip:
-                engine.decode(new[: recall.skip], logits_last=False)
-                new = new[recall.skip :]
-            recalled = recall_before(engine, new, self._piece_text, recall.wrap)
+            head, rest = new[: recall.skip], new[recall.skip :]
+            recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head)
+            if recalled:
+                new = rest  # head went in before the block
         try:
             engine.decode(new, progress=self._prefill_progress(cancel))
         finally:

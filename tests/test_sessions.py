@@ -1,5 +1,6 @@
 """Saved conversations: Llama.save_session / load_session, save_state / load_state and `chat --session`."""
 
+import base64
 import json
 import os
 import subprocess
@@ -93,12 +94,27 @@ def test_a_saved_chat_resumes_in_a_new_process_token_identical(gqa_model, tmp_pa
 
 
 def test_session_size_is_set_by_the_budget_not_the_conversation(gqa_model, tmp_path):
+    """Apart from the recall log (token ids, bounded by recall_log_bytes: tested below), the size is the budget's."""
+
+    def without_log(llm, path):
+        size = llm.save_session(path)
+        return size - len(base64.b64encode(bytes(llm.stats.recall_log_bytes)))
+
     with Llama(gqa_model, **CFG) as llm:
         chat_turns(llm, 20, tokens=20)
-        size_20 = llm.save_session(tmp_path / "a")
+        size_20 = without_log(llm, tmp_path / "a")
         chat_turns(llm, 180, start=20, tokens=20)
-        size_200 = llm.save_session(tmp_path / "b")
+        size_200 = without_log(llm, tmp_path / "b")
     assert abs(size_200 - size_20) / size_20 < 0.05, (size_20, size_200)
+
+
+def test_the_recall_log_in_a_session_is_bounded_by_its_setting(gqa_model, tmp_path):
+    with Llama(gqa_model, kv_budget=128, config=EngineConfig(n_ubatch=32, recall_log_bytes=4096)) as llm:
+        chat_turns(llm, 60, tokens=20)
+        assert llm.stats.recall_log_bytes <= 4096
+        size = llm.save_session(tmp_path / "a")
+        chat_turns(llm, 60, start=60, tokens=20)
+        assert abs(llm.save_session(tmp_path / "b") - size) / size < 0.05
 
 
 @pytest.fixture()

@@ -15,6 +15,7 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 
 from pymorph_edge.engine.kv_engine import SEQ, KVEngine
+from pymorph_edge.engine.recall import RecallState
 from pymorph_edge.engine.token_history import TokenHistory
 
 
@@ -24,10 +25,12 @@ class EngineSnapshot:
     history: dict[str, Any]  # TokenHistory.state()
     llama_state: bytes  # llama_state_seq_get_data of the sequence
     scorer_state: bytes | None  # NativeScorer.save_state(), None without a native scorer
+    recall: dict[str, Any] | None = None  # the recall log and state (engine/recall.py); None in older files
 
     @property
     def nbytes(self) -> int:
-        return len(self.llama_state) + len(self.scorer_state or b"") + 8 * len(self.history.get("tail", ()))
+        log = len((self.recall or {}).get("log", {}).get("ids", "")) * 3 // 4  # base64
+        return len(self.llama_state) + len(self.scorer_state or b"") + 8 * len(self.history.get("tail", ())) + log
 
 
 def capture(engine: KVEngine) -> EngineSnapshot:
@@ -51,6 +54,7 @@ def capture(engine: KVEngine) -> EngineSnapshot:
         history=engine.history.state(),
         llama_state=bytes(buf)[:n],
         scorer_state=engine.scorer.save_state() if engine.scorer is not None else None,
+        recall={"log": engine.log.state(), "state": engine.recall_state.to_json(), "n_keep": engine.n_keep},
     )
 
 
@@ -90,6 +94,14 @@ def _apply(engine: KVEngine, snap: EngineSnapshot, history: TokenHistory) -> Non
     if engine.shifter is not None:
         engine.shifter.evicted = int(c["shift_evicted"])
     engine.history = history
+    if snap.recall is not None:
+        engine.log.load_state(snap.recall["log"])
+        engine.recall_state = RecallState.from_json(snap.recall["state"])
+        engine.set_keep(int(snap.recall.get("n_keep", engine.n_keep)))  # keep="system" pinned it per chat
+    else:  # saved before recall: nothing of the sequence is logged, so nothing can be recalled
+        engine.log.clear()
+        engine.log.start = engine.n_past
+        engine.recall_state = RecallState()
     engine.consistent = True
     newest = C.llama_memory_seq_pos_max(engine.mem, SEQ)
     if len(history) != engine.n_past or newest != engine.next_pos - 1:

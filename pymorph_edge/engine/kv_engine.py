@@ -250,6 +250,11 @@ class KVEngine:
         """Keep the longest cached prefix of tokens that can be continued from, drop the rest of the cache,
         and return its length: the caller decodes only tokens[returned:]."""
         keep = reusable_prefix(self.history, tokens, self.live_from()) if self.consistent else 0
+        if 0 < keep < len(self.history) and self.scorer is not None:
+            # llama.cpp takes a batch only right after the newest cached position, so the token before keep
+            # must still be cached (a 1-token window, TOVA's, may have evicted it)
+            if keep - 1 - self._pos_shift not in set(self.scorer.cell_positions()):
+                keep = 0
         if keep == 0:
             self.reset()
         elif keep < len(self.history):

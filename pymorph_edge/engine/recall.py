@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pymorph_edge.engine.recall_select import Span, choose, query_weights, rank, sentences, whole_sentences, words
+from pymorph_edge.engine.recall_select import Span, choose, query_weights, rank, sentences, whole_sentences
 
 if TYPE_CHECKING:
     from pymorph_edge.engine.kv_engine import KVEngine
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Recalled cells take logical positions from here up: apart from every sequence index, and from each other
 BLOCK_LPOS = 1 << 40
 MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence cannot fill the recall budget
-QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.RECENT_WORDS)
+QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
 # template; None means it cannot be placed well-formed, and nothing is recalled
@@ -99,15 +99,21 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     bounds = (engine.log.start, min(engine.log.end, engine.n_past))
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
-    query = query_weights(words("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])))
+    query = query_weights("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:]))
     return choose(rank(spans, query), max_tokens)
 
 
 def recall_before(
-    engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], wrap: Wrap | None = None
+    engine: KVEngine,
+    new_tokens: Sequence[int],
+    piece: Callable[[int], str],
+    wrap: Wrap | None = None,
+    head: Sequence[int] = (),
 ) -> int:
     """Decode the evicted text relevant to new_tokens as a pinned block at the next positions; returns the
-    block's length (0: nothing recalled). The caller decodes new_tokens next, then calls release_pin."""
+    block's length (0: nothing recalled, and nothing decoded). head: tokens that must precede the block (an
+    answer's undecoded last token), decoded first when a block follows. The caller decodes new_tokens next,
+    then calls release_pin."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return 0
     t0 = time.perf_counter()
@@ -119,6 +125,8 @@ def recall_before(
     if not block or len(block) > engine.n_batch:
         logger.debug("recall skipped: %s", "no well-formed place for it" if not block else "block too long")
         return 0
+    if head:
+        engine.decode(head, logits_last=False)
     state = engine.recall_state
     lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
     engine.decode_block(block, lpos)

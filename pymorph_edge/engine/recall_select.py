@@ -5,7 +5,7 @@ text back is made from the text itself when new text arrives. The evicted indice
 (split after ., !, ?, a newline, or every `max_span` tokens), and each is scored by Okapi BM25 against the
 words of the new text. Words near the end of the new text weigh more: a request usually ends with what it
 asks (the question of a chat turn, the cue a completion stops on), and a long request's earlier words match
-much of any prose.
+much of any prose. So the last sentence of the new text is the query, and the rest barely counts.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ STOPWORDS = frozenset(
     "which who why will with you your im start end user assistant system turn model".split()
 )
 K1, B = 1.2, 0.75  # BM25's usual constants
-RECENT_WORDS = 48  # words from the end of the new text at full weight; earlier ones fade to FLOOR
-FLOOR = 0.2
-RELATIVE_CUTOFF = 0.35  # spans scoring under this fraction of the best one are not worth their cells
+SENTENCE_END = re.compile(r"[.!?\n]+")
+NEAR = 0.3  # weight of the words of the sentence before the last one
+FLOOR = 0.05  # and of every earlier word: a long request's prose matches much of any evicted prose
+RELATIVE_CUTOFF = 0.5  # spans scoring under this fraction of the best one are not worth their cells
 MIN_IDF = 1.0  # the best span must match a word rarer than this in the evicted text, or nothing is recalled
 
 
@@ -102,14 +103,16 @@ def sentences(
     return out
 
 
-def query_weights(new_text_words: list[str]) -> dict[str, float]:
-    """Each distinct word of the new text, weighted by how near the end it last occurs."""
+def query_weights(new_text: str) -> dict[str, float]:
+    """Each distinct word of the new text, weighted by its sentence: the last sentence that has words (the
+    question of a chat turn, the cue a completion stops on) at 1, the one before at NEAR, the rest at FLOOR."""
+    parts = [words(p) for p in SENTENCE_END.split(new_text)]
+    parts = [p for p in parts if p]
     weights: dict[str, float] = {}
-    n = len(new_text_words)
-    for i, w in enumerate(new_text_words):
-        back = n - 1 - i
-        weight = 1.0 if back < RECENT_WORDS else max(FLOOR, math.exp(-(back - RECENT_WORDS) / RECENT_WORDS))
-        weights[w] = max(weights.get(w, 0.0), weight)
+    for back, ws in enumerate(reversed(parts)):
+        weight = 1.0 if back == 0 else NEAR if back == 1 else FLOOR
+        for w in ws:
+            weights[w] = max(weights.get(w, 0.0), weight)
     return weights
 
 

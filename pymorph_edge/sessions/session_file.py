@@ -91,6 +91,7 @@ def write(path: str | Path, conv: SavedConversation) -> int:
         **conv.identity,
         "counters": snap.counters,
         "history": snap.history,
+        "recall": snap.recall,
         "turn": conv.turn.to_json() if conv.turn is not None else None,
         "llama_bytes": len(snap.llama_state),
         "scorer_bytes": -1 if snap.scorer_state is None else len(snap.scorer_state),
@@ -141,6 +142,7 @@ def read(path: str | Path) -> SavedConversation:
             history=header["history"],
             llama_state=blobs[:n_llama],
             scorer_state=None if n_scorer < 0 else blobs[n_llama:],
+            recall=header.get("recall"),
         )
         turn = ChatTurn.from_json(header["turn"]) if header["turn"] is not None else None
         identity = {k: header[k] for k in ("model", "policy", "kv_budget", "n_ctx", "n_ubatch")}

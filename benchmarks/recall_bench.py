@@ -1,0 +1,291 @@
+"""Recall benchmark: facts given early, asked for after the bounded cache has evicted them.
+
+usage: python benchmarks/recall_bench.py --model smollm2-135m --task continuation --budget 512 \
+           --out benchmarks/results/recall-smollm2 [--sets tuning,held-out] [--configs full,morphkv,...]
+
+Two tasks, both with this project's own facts and texts (two sets: "tuning" chose the recall constants,
+"held-out" was only ever reported):
+- continuation: eight facts (a 5-digit code under a name) open a text; then ~4.5K tokens of prose arrive as
+  successive requests of ~500 tokens, each extending the cached text and ending just before a reminder's
+  value ("... the code for Maria is"). The greedy continuation is scored by the digits it copies.
+- dialogue (chat models): the user gives personal details, one a 5-digit number, and asks for a story; two
+  more stories follow (~900 generated tokens); then the user asks for the number.
+Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full". Distances are
+tokens from the fact to the question. Writes results.json, results.md and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from pymorph_edge import Llama
+from pymorph_edge.model.default_model import resolve_model
+
+SETS = {
+    "tuning": {
+        "names": ["Maria", "Tom", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi"],
+        "cities": ["Lisbon", "Oslo", "Kyoto", "Quito"],
+        "seed": 1,
+    },
+    "held-out": {
+        "names": ["Ingrid", "Kwame", "Sofia", "Dmitri", "Yuki", "Fatima", "Lucas", "Priya"],
+        "cities": ["Dublin", "Nairobi", "Hanoi", "Tallinn"],
+        "seed": 2,
+    },
+}
+STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
+
+
+def open_llm(path: Path, config: str, budget: int) -> Llama:
+    if config == "full":
+        return Llama(path, kv_budget=None, n_ctx=8192)
+    policy, off, _ = config.partition("-norecall")
+    return Llama(path, kv_budget=budget, policy=policy, recall=not off)
+
+
+# Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
+# with the facts' names
+PROSE = {
+    "tuning": {
+        "who": [
+            "The old fisherman",
+            "A young teacher",
+            "The baker on the corner",
+            "My neighbour",
+            "The tired traveller",
+            "A quiet student",
+        ],
+        "did": [
+            "walked slowly along",
+            "often thought about",
+            "painted a picture of",
+            "told a long story about",
+            "searched all morning for",
+            "cleaned and repaired",
+        ],
+        "what": [
+            "the narrow harbour road",
+            "a small wooden boat",
+            "the garden behind the school",
+            "the empty market square",
+            "an old brass lamp",
+            "the hills above the valley",
+        ],
+        "then": [
+            "while the rain kept falling",
+            "before the sun went down",
+            "as the bells rang in the tower",
+            "when the wind turned cold",
+            "after a simple lunch of bread and soup",
+            "although nobody was watching",
+        ],
+    },
+    "held-out": {
+        "who": [
+            "The engineer",
+            "An elderly gardener",
+            "The night nurse",
+            "A curious child",
+            "The shop owner",
+            "Our driver",
+        ],
+        "did": [
+            "carefully measured",
+            "slowly climbed",
+            "sketched the outline of",
+            "argued for an hour about",
+            "kept a diary about",
+            "photographed",
+        ],
+        "what": [
+            "the iron bridge over the river",
+            "the steep path to the chapel",
+            "a field of sunflowers",
+            "the crowded railway station",
+            "a broken clock",
+            "the frozen lake",
+        ],
+        "then": [
+            "during the long winter evenings",
+            "until the lights went out",
+            "while the kettle boiled",
+            "as the snow began to melt",
+            "before anyone else woke up",
+            "and then went home to rest",
+        ],
+    },
+}
+
+
+def filler(set_name: str, n_sentences: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    parts = PROSE[set_name]
+    return [" ".join(rng.choice(parts[k]) for k in ("who", "did", "what", "then")) + "." for _ in range(n_sentences)]
+
+
+def continuation(llm: Llama, set_name: str) -> list[dict]:
+    s = SETS[set_name]
+    rng = random.Random(s["seed"])
+    facts = [(n, f"{rng.randrange(10000, 100000)}") for n in s["names"]]
+    text = "Records of the archive. " + " ".join(f"The code for {n} is {c}." for n, c in facts) + "\n\n"
+    per = 28  # sentences (~500 tokens) per request
+    prose = filler(set_name, 8 * per, s["seed"])
+    fact_at = {n: len(llm.tokenize(text.split(f"The code for {n}")[0])) for n, _ in facts}
+    order = facts[:]
+    rng.shuffle(order)
+    out = []
+    for r, (name, code) in enumerate(order):
+        text += " ".join(prose[r * per : (r + 1) * per]) + f" As recorded at the start, the code for {name} is"
+        n_prompt = len(llm.tokenize(text))
+        got = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        digits = "".join(ch for ch in got if ch.isdigit())[:5]
+        copied = sum(a == b for a, b in zip(digits, code, strict=False))
+        out.append(
+            {"name": name, "code": code, "answer": got, "digits_copied": copied, "distance": n_prompt - fact_at[name]}
+        )
+        text += f" {code}.\n"
+    return out
+
+
+def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
+    s = SETS[set_name]
+    rng = random.Random(s["seed"])
+    out = []
+    for i in range(n):
+        name, city, num = s["names"][i], s["cities"][i % len(s["cities"])], f"{rng.randrange(10000, 100000)}"
+        llm.reset()
+        msgs = [
+            {
+                "role": "user",
+                "content": f"Hi, I'm {name} from {city}. My locker number is {num}. Please write me a long story about {STORIES[0]}.",
+            }
+        ]
+        for k, topic in enumerate(STORIES):
+            if k:
+                msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
+            r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)
+            msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        distance = llm.engine.n_past
+        msgs.append({"role": "user", "content": "What is my locker number?"})
+        t0 = time.perf_counter()
+        ans = llm.create_chat_completion(msgs, max_tokens=24, temperature=0.0)["choices"][0]["message"]["content"]
+        out.append(
+            {
+                "name": name,
+                "number": num,
+                "answer": ans,
+                "correct": num in ans,
+                "distance": distance,
+                "turn_s": time.perf_counter() - t0,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", choices=["continuation", "dialogue"], default="continuation")
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--sets", default="tuning,held-out")
+    ap.add_argument(
+        "--configs", default="full,morphkv,morphkv-norecall,tova,tova-norecall,streaming,streaming-norecall"
+    )
+    ap.add_argument("--dialogues", type=int, default=4, help="dialogues per set")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    path = resolve_model(args.model)
+    results = []
+    for config in args.configs.split(","):
+        llm = open_llm(path, config, args.budget)
+        for set_name in args.sets.split(","):
+            t0 = time.perf_counter()
+            trials = (
+                continuation(llm, set_name) if args.task == "continuation" else dialogue(llm, set_name, args.dialogues)
+            )
+            st = llm.stats
+            row = {
+                "config": config,
+                "set": set_name,
+                "trials": trials,
+                "seconds": time.perf_counter() - t0,
+                "peak_cells": st.peak_cells,
+                "recalls": st.recalls,
+                "recalled_tokens": st.recalled_tokens,
+                "recall_s": st.recall_s,
+                "log_bytes": st.recall_log_bytes,
+            }
+            if args.task == "continuation":
+                row["score"] = sum(t["digits_copied"] for t in trials)
+                row["of"] = 5 * len(trials)
+            else:
+                row["score"] = sum(t["correct"] for t in trials)
+                row["of"] = len(trials)
+            results.append(row)
+            print(
+                f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {st.peak_cells}  recalls {st.recalls}",
+                flush=True,
+            )
+            llm.reset()
+        llm.close()
+    write(args, results)
+
+
+def write(args: argparse.Namespace, results: list[dict]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/recall_bench.py " + " ".join(sys.argv[1:])
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"command": command, "budget": args.budget, "model": args.model, "task": args.task, "results": results},
+            indent=1,
+        )
+    )
+    unit = "digits copied" if args.task == "continuation" else "numbers recalled"
+    lines = [
+        f"# Recall: {args.task}, {args.model}, budget {args.budget}",
+        "",
+        f"`{command}`",
+        "",
+        f"| config | set | {unit} | peak cells | recalls | tokens recalled | recall s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {r['peak_cells']} | {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
+        )
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(args, results)
+
+
+def plot(args: argparse.Namespace, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    key = "digits_copied" if args.task == "continuation" else "correct"
+    for config in dict.fromkeys(r["config"] for r in results):
+        pts = sorted((t["distance"], float(t[key])) for r in results if r["config"] == config for t in r["trials"])
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker="o",
+            linestyle="-" if "norecall" not in config else ":",
+            label=config,
+        )
+    ax.set_xlabel("tokens from the fact to the question")
+    ax.set_ylabel("digits copied (of 5)" if args.task == "continuation" else "answered (1) or not (0)")
+    ax.set_title(f"recall, {args.task}: {args.model}, budget {args.budget}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "recall.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Recall of evicted text and pinning (engine/recall.py, engine/evicted_log.py, native/pme_pins.c)."""
+
+import pytest
+
+from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.engine.evicted_log import EvictedLog
+from pymorph_edge.engine.recall import BLOCK_LPOS
+from pymorph_edge.engine.recall_select import choose, query_weights, rank, sentences
+from pymorph_edge.policies import POLICIES
+
+FILLER = "The tired traveller walked slowly along the narrow harbour road while the rain kept falling. " * 6
+FACTS = "The code for Maria is 48213. The code for Tom is 90517. The code for Aiko is 27364.\n"
+NATIVE = sorted(n for n, cls in POLICIES.items() if cls().evicts and not cls.shifts and not cls.grows)
+
+
+def recalled_text(llm):
+    """The logged text of every span brought back so far (the synthetic vocabulary spells spaces as U+2581)."""
+    eng = llm.engine
+    spans = [(lo, hi) for b in eng.recall_state.blocks for lo, hi in b[2]]
+    return [llm.detokenize(eng.log.tokens(lo, hi)).decode().replace("\u2581", " ") for lo, hi in spans]
+
+
+def in_cache(llm, lo, hi):
+    """Whether every token of sequence indices [lo, hi) is in the cache: kept there, or recalled."""
+    eng = llm.engine
+    held = {p for p in eng.scorer.cell_lpos() if 0 <= p < BLOCK_LPOS}
+    for b in eng.recall_state.blocks:
+        for a, z in b[2]:
+            held.update(range(a, z))
+    return set(range(lo, hi)) <= held
+
+
+# -- the log and the relevance ranking, without a model -------------------------------------------------
+def test_log_is_bounded_in_bytes_and_keeps_indices():
+    log = EvictedLog(max_bytes=4 * 100)
+    log.extend(range(1000))
+    assert log.nbytes <= 400 and log.end == 1000 and log.tokens(990, 1000) == list(range(990, 1000))
+    assert log.tokens(0, 10) == []  # dropped, oldest first
+    log.truncate(995)
+    assert log.end == 995
+    copy = EvictedLog(400)
+    copy.load_state(log.state())
+    assert copy.tokens(900, 995) == log.tokens(900, 995)
+    with pytest.raises(ValueError, match="recall log"):
+        copy.load_state({"start": "x", "ids": "!!"})
+    with pytest.raises(ValueError, match="recall_log_bytes"):
+        EvictedLog(-1)
+
+
+def test_the_last_sentence_of_the_new_text_is_the_query():
+    text = FACTS + FILLER
+    pieces = list(text)  # one character per token
+    spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 48)
+    query = query_weights(FILLER + " As recorded at the start, the code for Tom is")
+    best = choose(rank(spans, query), 40)
+    assert ["".join(pieces[s.lo : s.hi]).strip() for s in best] == ["The code for Tom is 90517."]
+    assert rank(spans, query_weights("Nothing here matches.")) == []
+
+
+# -- mechanism on the synthetic model (byte tokens, so the text is real) --------------------------------
+@pytest.mark.parametrize("policy", NATIVE)
+def test_every_native_policy_has_the_fact_a_continuation_asks_for(gqa_model, policy):
+    """Kept by the policy or recalled: after the request the whole fact is in the cache, for every policy."""
+    with Llama(gqa_model, kv_budget=192, policy=policy, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        lo = len(llm.tokenize(FACTS.split(" The code for Tom")[0]))
+        hi = len(llm.tokenize(FACTS.split(" The code for Aiko")[0]))
+        assert llm.stats.tokens_evicted > 0
+        text += FILLER + " As recorded at the start, the code for Tom is"
+        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        s = llm.stats
+        assert in_cache(llm, lo, hi)
+        assert s.recalls == 0 or any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        assert s.recall_log_bytes > 0 and s.peak_cells <= 192 + 64
+        # a recalled block takes no index of the sequence: the history is exactly the text sent
+        assert len(llm.engine.history) == len(llm.tokenize(text)) + 1
+
+
+def test_morphkv_recalls_an_evicted_fact(gqa_model):
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        text += FILLER + " As recorded at the start, the code for Tom is"
+        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        assert llm.stats.recalls == 1 and llm.stats.recalled_tokens > 0
+        assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        assert any(p >= BLOCK_LPOS for p in llm.engine.scorer.cell_lpos())
+
+
+def test_without_recall_nothing_comes_back(gqa_model):
+    with Llama(gqa_model, kv_budget=96, recall=False, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        llm.create_completion(text + FILLER + " the code for Tom is", max_tokens=2, temperature=0.0)
+        assert llm.stats.recalls == 0
+        assert all(p < BLOCK_LPOS for p in llm.engine.scorer.cell_lpos())
+
+
+def test_a_pinned_prefix_survives_5k_generated_tokens(gqa_model):
+    keep = 24
+    with Llama(gqa_model, kv_budget=128, keep=keep, config=EngineConfig(n_ubatch=64)) as llm:
+        prompt = "SYSTEM: always answer in French. " * 2
+        tokens = llm.tokenize(prompt)
+        assert len(tokens) > keep
+        gen = llm.generate(tokens, temp=0.0, logit_bias={llm.token_eos(): -1e9})
+        for _ in range(5000):
+            next(gen)
+        gen.close()
+        assert llm.stats.tokens_evicted > 4000 and llm.stats.compactions >= 0
+        live = set(llm.engine.scorer.cell_lpos())
+        assert set(range(keep)) <= live  # the first keep tokens, by their sequence index
+        assert llm.stats.peak_cells <= 128 + 64
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep=200), "keep=200"),
+        (dict(keep=-1), "keep"),
+        (dict(keep="everything"), "keep"),
+        (dict(recall="yes"), "recall"),
+        (dict(config=dict(recall_tokens=-2)), "recall_tokens"),
+        (dict(config=dict(recall_log_bytes=-1)), "recall_log_bytes"),
+    ],
+)
+def test_bad_recall_and_keep_settings_are_refused_by_name(gqa_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        if "config" in kwargs:
+            kwargs = dict(config=EngineConfig(**kwargs["config"]))
+        Llama(gqa_model, kv_budget=128, **kwargs)
+
+
+# -- the real chat model ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_chat_recalls_a_number_from_the_first_turn_after_two_stories(smollm2_path, tmp_path):
+    with Llama(smollm2_path, kv_budget=256, keep="system") as llm:
+        msgs = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {
+                "role": "user",
+                "content": "Hi, I'm Tom from Oslo. My locker number is 90517. Write me a long story about a dragon.",
+            },
+        ]
+        for topic in ("a pirate ship", None):
+            r = llm.create_chat_completion(msgs, max_tokens=250, temperature=0.0)
+            msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+            if topic:
+                msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
+        assert llm.stats.tokens_evicted > 200
+        n_sys = llm.engine.n_keep
+        assert n_sys > 5 and set(range(n_sys)) <= set(llm.engine.scorer.cell_lpos())  # the system prompt is pinned
+        llm.save_session(tmp_path / "chat.pme")
+        question = [{"role": "user", "content": "What is my locker number?"}]
+        ans = llm.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+        assert "90517" in ans and llm.stats.recalls >= 1
+        assert llm.stats.peak_cells <= 256 + 512
+    with Llama(smollm2_path, kv_budget=256, keep="system") as again:  # recall works after a reload
+        again.load_session(tmp_path / "chat.pme")
+        ans = again.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+        assert "90517" in ans and again.stats.recalls >= 1
