@@ -178,7 +178,7 @@ def _raw_post(port, head: bytes, body_parts, pause_s=0.0):
 def test_oversized_body_from_a_slow_sender_gets_its_413(server):
     """The server reads and discards the rest of an oversized body before answering: a client still sending sees
     the 413, not a connection reset (which a busy machine made likely when the server closed at once)."""
-    _, port = server
+    port = server
     size = 2 << 20
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
@@ -191,7 +191,7 @@ def test_oversized_body_from_a_slow_sender_gets_its_413(server):
 
 def test_oversized_chunked_body_gets_its_413(server):
     """No Content-Length (chunked transfer): the limit is found while reading, and the rest is drained."""
-    _, port = server
+    port = server
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     piece = b"y" * (256 << 10)
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
@@ -270,3 +270,30 @@ def test_remote_binding_needs_an_api_key_which_is_then_checked(gqa_model):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_served_conversation_recalls_a_fact_across_turns(smollm2_path):
+    """The openai client against `serve`: the number from the first turn is evicted by two long stories and
+    recalled for the question (MorphKV's default)."""
+    proc, port = start_server(smollm2_path, "--kv-budget", "256")
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=300)
+        msgs = [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {
+                "role": "user",
+                "content": "Hi, I'm Tom from Oslo. My locker number is 90517. Write me a long story about a dragon.",
+            },
+        ]
+        for follow_up in ("Thanks! Now write another long story, about a pirate ship.", None):
+            r = c.chat.completions.create(model="x", messages=msgs, max_tokens=250, temperature=0)
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+            if follow_up:
+                msgs.append({"role": "user", "content": follow_up})
+        msgs.append({"role": "user", "content": "What is my locker number?"})
+        r = c.chat.completions.create(model="x", messages=msgs, max_tokens=20, temperature=0)
+        assert "90517" in r.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -90,21 +90,27 @@ class BodyLimit:
                 scope, receive, send, f"request body of {int(declared)} bytes exceeds the {self.max_bytes}-byte limit"
             )
         seen = 0
-        ended = False
+        ended = exceeded = False
 
         async def limited() -> Message:
-            nonlocal seen, ended
+            nonlocal seen, ended, exceeded
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 ended = not msg.get("more_body", False)
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge()
             return msg
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
+        async def guarded(msg: Message) -> None:
+            # FastAPI turns an error while reading the body into its own 400; the 413 below replaces it
+            if not exceeded:
+                await send(msg)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited, guarded)
+        if exceeded:
             rest: Receive = receive
             if ended:  # the whole body is read already: nothing left to drain
 
