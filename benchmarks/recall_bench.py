@@ -227,13 +227,13 @@ def main() -> None:
                 row["score"] = sum(t["correct"] for t in trials)
                 row["of"] = len(trials)
             results.append(row)
+            write(args, results)  # after every row, so a stopped run keeps what it measured
             print(
                 f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {st.peak_cells}  recalls {st.recalls}",
                 flush=True,
             )
             llm.reset()
         llm.close()
-    write(args, results)
 
 
 def write(args: argparse.Namespace, results: list[dict]) -> None:
