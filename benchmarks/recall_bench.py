@@ -26,6 +26,8 @@ from pathlib import Path
 from pymorph_edge import Llama
 from pymorph_edge.model.default_model import resolve_model
 
+FACTS_SET = ["Maria", "Tom", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi"]
+
 SETS = {
     "tuning": {
         "names": ["Maria", "Tom", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi"],
