@@ -267,7 +267,7 @@ class Llama:
             if not engine.consistent:
                 engine.reset()
             new, extends = tokens, engine.n_past > 0
-        recalled = 0
+        recalled, n_new = 0, len(new)  # n_new: what this request decodes, a head decoded before the block included
         if extends and recall is not None and engine.recall_enabled:
             head, rest = new[: recall.skip], new[recall.skip :]
             recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head)
@@ -281,7 +281,7 @@ class Llama:
         self.last_timings = Timings(
             prompt_tokens=cached + len(tokens),
             prefill_s=time.perf_counter() - t0,
-            cached_tokens=cached + len(tokens) - len(new),
+            cached_tokens=cached + len(tokens) - n_new,
         )
         try:
             while True:
