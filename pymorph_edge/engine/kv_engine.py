@@ -105,14 +105,14 @@ class KVEngine:
         if not self.ctx:
             self._free_scorer()
             raise RuntimeError(f"llama.cpp could not create a context with n_ctx={cp.n_ctx} for {str(model.path)!r}")
-        self.kv_bytes = cap.total_bytes(
-            row_bytes(config.type_k, model.info.n_embd_k_gqa), row_bytes(config.type_v, model.info.n_embd_v_gqa)
+        k_row, v_row = (
+            row_bytes(config.type_k, model.info.n_embd_k_gqa),
+            row_bytes(config.type_v, model.info.n_embd_v_gqa),
         )
+        self.kv_bytes = cap.total_bytes(k_row, v_row)
         self.n_ctx = C.llama_n_ctx(self.ctx)
         # one cell of every layer in the cache's types: what each token costs a cache that never evicts
-        self.bytes_per_token = model.info.n_layer * (
-            row_bytes(config.type_k, model.info.n_embd_k_gqa) + row_bytes(config.type_v, model.info.n_embd_v_gqa)
-        )
+        self.bytes_per_token = model.info.n_layer * (k_row + v_row)
         if self.scorer is not None and self.n_ctx != self.scorer.n_cells:
             self.close()
             raise RuntimeError(f"llama.cpp allocated {self.n_ctx} cells, expected {_padded(cp.n_ctx)}")
@@ -155,14 +155,14 @@ class KVEngine:
         )
         self.n_keep = 0
         self.recall_tokens = 0
-        if self.scorer is not None:
-            self.set_keep(config.n_keep)
-        if self.scorer is not None and policy.calibrates_heads:
-            try:
+        try:
+            if self.scorer is not None:
+                self.set_keep(config.n_keep)
+            if self.scorer is not None and policy.calibrates_heads:
                 self.head_weights = calibrate_head_weights(self)
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
         logger.debug("context: n_ctx=%d kv_bytes=%d budget=%s policy=%s", self.n_ctx, self.kv_bytes, kv_budget, policy)
 
     def set_keep(self, n_keep: int) -> None:

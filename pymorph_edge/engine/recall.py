@@ -79,16 +79,15 @@ def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
     for _, _, spans in state.blocks:
         for lo, hi in spans:
             live.update(range(lo, hi))
-    runs, lo = [], None
-    for i in range(engine.log.start, min(engine.log.end, engine.n_past)):
-        if i in live:
-            if lo is not None:
-                runs.append((lo, i))
-                lo = None
-        elif lo is None:
-            lo = i
-    if lo is not None:
-        runs.append((lo, min(engine.log.end, engine.n_past)))
+    # the gaps between consecutive held indices, from the sorted held set rather than a walk over the whole log
+    lo, end = engine.log.start, min(engine.log.end, engine.n_past)
+    runs = []
+    for i in sorted(p for p in live if lo <= p < end):
+        if i > lo:
+            runs.append((lo, i))
+        lo = i + 1
+    if lo < end:
+        runs.append((lo, end))
     return runs
 
 
