@@ -22,7 +22,7 @@ def measure(model: str, policy: str, budget: int, tokens: int) -> float:
         else {"kv_budget": budget, "policy": policy}
     )
     with Llama(model, **kw) as llm:
-        prompt = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab for i in range(budget - 1)]
+        prompt = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab() for i in range(budget - 1)]
         llm.engine.decode(prompt)
         t0, n = time.perf_counter(), 0
         for _ in llm.generate(prompt, temp=0, logit_bias={llm.token_eos(): -1e9}):

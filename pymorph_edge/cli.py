@@ -308,7 +308,7 @@ def _chat(args: argparse.Namespace) -> int:
         messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
         if interactive:
             sys.stderr.write("Chat with the model; /exit or Ctrl-D quits, Ctrl-C stops an answer.\n")
-        ban = {t: -1e9 for t in range(llm.n_vocab) if llm.is_end_of_generation(t)} if args.ignore_eos else None
+        ban = {t: -1e9 for t in range(llm.n_vocab()) if llm.is_end_of_generation(t)} if args.ignore_eos else None
         if args.session is not None and args.session.exists():
             llm.load_session(args.session)
             sys.stderr.write(f"resumed {args.session} ({llm.stats.tokens_decoded} tokens so far)\n")

@@ -54,7 +54,7 @@ def test_impossible_budget(mha_model, budget, match):
         ({"policy": "h3o"}, "unknown policy 'h3o'"),
         ({"type_v": "q8_0", "flash_attn": False}, "type_v='q8_0' needs flash attention"),
         ({"type_k": "q3_k"}, "type_k must be one of f16, "),
-        ({"type_v": 8}, "type_v must be one of"),
+        ({"type_v": 999}, "type_v must be one of"),
         ({"flash_attn": "yes"}, "flash_attn must be True, False or None, got 'yes'"),
         # the synthetic MHA model's heads are 16 wide: no whole 32-element blocks
         ({"type_k": "q8_0"}, "type_k='q8_0' stores 32-element blocks, which do not divide this model's head size 16"),
@@ -92,12 +92,20 @@ def llm(mha_model):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"max_tokens": -1}, "max_tokens must be a positive int"),
-        ({"max_tokens": 0}, "max_tokens must be a positive int"),
-        ({"max_tokens": "10"}, "max_tokens must be a positive int"),
-        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"max_tokens": "10"}, "max_tokens must be an int or None"),
+        ({"max_tokens": 2.5}, "max_tokens must be an int or None"),
+        ({"temperature": "hot"}, "temperature must be a number"),
         ({"top_p": 1.5}, "top_p must be in"),
-        ({"top_k": -1}, "top_k must be an int"),
+        ({"typical_p": -0.1}, "typical_p must be in"),
+        ({"top_k": 1.5}, "top_k must be an int"),
+        ({"mirostat_mode": 3}, "mirostat_mode must be 0"),
+        ({"mirostat_tau": 0}, "mirostat_tau must be > 0"),
+        ({"grammar": 42}, "grammar must be a llama_cpp.LlamaGrammar"),
+        ({"grammar": "root ::= ("}, "grammar failed to parse"),
+        ({"logprobs": -1}, "logprobs must be a non-negative int"),
+        ({"echo": "yes"}, "echo must be a bool"),
+        ({"suffix": "x"}, "suffix .* is not supported"),
+        ({"stopping_criteria": 5}, "stopping_criteria must be a callable"),
         ({"seed": -3}, "seed must be"),
         ({"logit_bias": {"abc": 1.0}}, "logit_bias key 'abc'"),
         ({"logit_bias": {999999: 1.0}}, "logit_bias token id 999999 outside"),
@@ -109,6 +117,23 @@ def test_bad_completion_arguments(llm, kwargs, match):
         llm.create_completion("hello", **kwargs)
     # nothing was lost: the model still answers
     assert llm.create_completion("hello", max_tokens=3, temperature=0)["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("max_tokens", [0, -1])
+def test_max_tokens_of_zero_or_less_means_no_limit_as_in_llama_cpp(llm, max_tokens):
+    ban = {llm.token_eos(): -1e9}  # the random model must not end by itself
+    chunks = llm.create_completion("hello", max_tokens=max_tokens, temperature=0, logit_bias=ban, stream=True)
+    for i, c in enumerate(chunks):
+        assert c["choices"][0]["finish_reason"] is None
+        if i == 40:
+            break
+    chunks.close()
+
+
+def test_llama_cpp_sampling_values_that_were_refused_before_now_sample(llm):
+    """A negative temperature samples from the raw distribution and top_k <= 0 disables top-k, as in llama_cpp."""
+    for kw in ({"temperature": -0.5}, {"top_k": -1}, {"top_k": 0}):
+        assert llm.create_completion("hello", max_tokens=3, seed=1, **kw)["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.parametrize(
@@ -154,4 +179,4 @@ def test_settings_a_policy_or_config_would_ignore_are_errors(mha_model):
     with pytest.raises(ValueError, match="contradicts config"):
         Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ctx=512))
     with Llama(mha_model, kv_budget=None, n_ctx=1024, config=EngineConfig(n_ubatch=64)) as llm:
-        assert llm.n_ctx == 1024  # merged, not dropped
+        assert llm.n_ctx() == 1024  # merged, not dropped

@@ -132,15 +132,15 @@ def test_smollm2_passkey_survives_a_chat_prompt_of_4x_the_budget(smollm2_path):
 def test_penalties_reach_llama_cpp(gqa_model):
     """A huge presence penalty makes greedy decoding avoid every token of its last 64 (penalties crashed before:
     the pinned llama.cpp's llama_sampler_init_penalties takes n_vocab first)."""
-    from pymorph_edge.generation.request_params import sampling_params
+    from pymorph_edge.generation.sampling import SamplingParams
 
     with Llama(gqa_model, kv_budget=256) as m:
         ban = {m.token_eos(): -1e9}
         common = dict(temperature=0.0, top_p=1.0, top_k=40, min_p=0.0, seed=None, logit_bias=ban, repeat_penalty=1.0)
 
         def answer(**penalties):
-            params = sampling_params(
-                m.n_vocab, **common, **{"frequency_penalty": 0.0, "presence_penalty": 0.0, **penalties}
+            params = SamplingParams.from_kwargs(
+                m.n_vocab(), **common, **{"frequency_penalty": 0.0, "presence_penalty": 0.0, **penalties}
             )
             return [c for c in m._stream(m.tokenize("abc"), params, 60, [])][-1].tokens
 

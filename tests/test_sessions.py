@@ -239,7 +239,7 @@ def test_real_models_restore_into_llama_cpps_cells_and_continue_identically(mode
     story = "Tell me a long story about a lighthouse keeper and the sea. " * 40  # past the budget: evictions
     with Llama(path, **cfg) as a, Llama(path, **cfg) as b:
         kw = dict(
-            max_tokens=160, temperature=0, logit_bias={t: -1e9 for t in range(a.n_vocab) if a.is_end_of_generation(t)}
+            max_tokens=160, temperature=0, logit_bias={t: -1e9 for t in range(a.n_vocab()) if a.is_end_of_generation(t)}
         )
         a.create_chat_completion([{"role": "user", "content": story}], **kw)
         a.continue_chat([{"role": "user", "content": "Go on."}], **kw)

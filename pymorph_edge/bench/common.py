@@ -49,7 +49,7 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
 def last_logprobs(llm: Llama) -> np.ndarray:
     """Log-softmax of the last decoded token's logits, float64 (n_vocab,)."""
     ptr = C.llama_get_logits_ith(llm.engine.ctx, -1)
-    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab,)).astype(np.float64)
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
     m = logits.max()
     return logits - (m + np.log(np.exp(logits - m).sum()))
 

@@ -25,7 +25,7 @@ import json, resource, sys
 from pymorph_edge.bench.common import open_llm
 model, spec, budget, ubatch, length = json.loads(sys.argv[1])
 llm = open_llm(model, spec, budget, ubatch, length + 64)
-tokens = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab for i in range(length - 1)]
+tokens = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab() for i in range(length - 1)]
 out = llm.create_completion(tokens, max_tokens=32, temperature=0, logit_bias={llm.token_eos(): -1e9})
 print(json.dumps({"kv_bytes": llm.stats.kv_bytes, "n_ctx": llm.stats.n_ctx,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -51,7 +51,7 @@ def speed(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[in
     llm = open_llm(model, spec, cfg.budget, cfg.n_ubatch, cfg.budget + cfg.speed_decode_tokens + 64)
     try:
         prompt = [llm.token_bos()] + [1000 + (i * 37) % 5000 for i in range(cfg.budget - 1)]
-        prompt = [t % llm.n_vocab for t in prompt]
+        prompt = [t % llm.n_vocab() for t in prompt]
         t0 = time.perf_counter()
         llm.engine.decode(prompt)
         prefill_s = time.perf_counter() - t0

@@ -22,10 +22,13 @@ class EngineConfig:
     n_ubatch: int = 512  # prefill chunk; the cache peaks at kv_budget + n_ubatch cells
     n_ctx: int | None = None  # full cache only: context size (default 4096); bounded runs derive it
     n_threads: int | None = None  # default: all cores
+    n_threads_batch: int | None = None  # threads for prompt chunks (default: n_threads)
+    rope_freq_base: float = 0.0  # 0: the model's own (llama.cpp's convention)
+    rope_freq_scale: float = 0.0  # 0: the model's own
+    penalty_last_n: int = 64  # tokens the repeat penalties look back over (llama_cpp's last_n_tokens_size)
     flash_attn: bool | None = None  # None: on where it pays (resolve_flash_attn); a quantized type_v needs it
     type_k: str = "f16"  # K cache element type, llama.cpp's names: f16, bf16, q8_0, q4_0, ... (kv_cache_types)
     type_v: str = "f16"  # V cache element type; a quantized one needs flash attention
-    n_gpu_layers: int = 0
     swa_full: bool | None = None  # full cache only: None keeps llama_cpp.Llama's choice (True)
     n_keep: int = 0  # first tokens never evicted (llama.cpp's n_keep); Llama(keep="system") sets it per chat
     recall: bool | None = None  # bring evicted text back for new requests (engine/recall.py); None: the policy's
@@ -42,6 +45,16 @@ class EngineConfig:
             raise ValueError(f"n_ctx must be a positive int or None, got {self.n_ctx!r}")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
+        if self.n_threads_batch is not None and (
+            isinstance(self.n_threads_batch, bool) or not isinstance(self.n_threads_batch, int) or self.n_threads_batch < 1
+        ):
+            raise ValueError(f"n_threads_batch must be a positive int or None, got {self.n_threads_batch!r}")
+        for name in ("rope_freq_base", "rope_freq_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0 (0: the model's own), got {v!r}")
+        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 0:
+            raise ValueError(f"last_n_tokens_size must be an int >= 0, got {self.penalty_last_n!r}")
         if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
             raise ValueError(f"flash_attn must be True, False or None, got {self.flash_attn!r}")
         self.type_k = check_kv_type("type_k", self.type_k)

@@ -77,7 +77,9 @@ class KVEngine:
         cp.n_ubatch = config.n_ubatch
         cp.n_seq_max = 1
         threads = config.n_threads or os.cpu_count() or 1
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads = threads
+        cp.n_threads_batch = config.n_threads_batch or threads
+        cp.rope_freq_base, cp.rope_freq_scale = config.rope_freq_base, config.rope_freq_scale
         native_scored = kv_budget is not None and not policy.shifts
         if native_scored and model.info.n_swa > 0:
             cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, model.info.n_swa, config.n_ubatch)
@@ -105,6 +107,11 @@ class KVEngine:
         if not self.ctx:
             self._free_scorer()
             raise RuntimeError(f"llama.cpp could not create a context with n_ctx={cp.n_ctx} for {str(model.path)!r}")
+        try:
+            model.attach_lora(self.ctx)
+        except BaseException:
+            self.close()
+            raise
         k_row, v_row = (
             row_bytes(config.type_k, model.info.n_embd_k_gqa),
             row_bytes(config.type_v, model.info.n_embd_v_gqa),
@@ -288,11 +295,18 @@ class KVEngine:
         return 0
 
     def decode(
-        self, tokens: Sequence[int], logits_last: bool = True, progress: Callable[[int, int], None] | None = None
+        self,
+        tokens: Sequence[int],
+        logits_last: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+        on_logits: Callable[[int, int], None] | None = None,
     ) -> None:
         """Run tokens through the model in ubatch chunks, evicting down to the budget after each.
 
-        progress(done, total) is called after each chunk (used for prefill progress bars)."""
+        progress(done, total) is called after each chunk (used for prefill progress bars).
+        on_logits(start, m): every token gets logits, and this reads them (llama_get_logits_ith(ctx, 0..m-1) for
+        tokens[start:start+m]) right after its chunk, before eviction or a probe replaces them. So a prompt of any
+        length is scored in chunks, never needing more than one chunk's logits (echo with logprobs)."""
         n = len(tokens)
         if n == 0:
             raise ValueError("decode needs at least one token")
@@ -322,7 +336,9 @@ class KVEngine:
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
-            self._decode_ubatch(chunk, self.next_pos, logits_last and last_chunk, last_chunk)
+            self._decode_ubatch(chunk, self.next_pos, logits_last and last_chunk, last_chunk, all_logits=on_logits is not None)
+            if on_logits is not None:
+                on_logits(start, m)
             self.next_pos += m
             self.n_past += m
             self.tokens_decoded += m
@@ -355,7 +371,13 @@ class KVEngine:
         )
 
     def _decode_ubatch(
-        self, chunk: Sequence[int], pos0: int, want_logits: bool, last_chunk: bool, probe: bool = False
+        self,
+        chunk: Sequence[int],
+        pos0: int,
+        want_logits: bool,
+        last_chunk: bool,
+        probe: bool = False,
+        all_logits: bool = False,
     ) -> None:
         b = self.batch
         m = len(chunk)
@@ -364,7 +386,7 @@ class KVEngine:
             b.pos[i] = pos0 + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = SEQ
-            b.logits[i] = 1 if (want_logits and i == m - 1) else 0
+            b.logits[i] = 1 if all_logits or (want_logits and i == m - 1) else 0
         b.n_tokens = m
         if self.scorer is not None:
             self.scorer.begin(pos0, m, last_chunk, probe)

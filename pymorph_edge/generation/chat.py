@@ -40,8 +40,13 @@ ARCH_BUILTIN = {
 }
 
 
+# keys of an OpenAI / llama_cpp message kept for the template besides role and content
+MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id", "function_call")
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
-    """Raise ValueError naming the first malformed message."""
+    """Raise ValueError naming the first malformed message. content is a string, a list of content parts
+    ({"type": "text", "text": ...}), or None beside tool_calls (an assistant's tool call), as in llama_cpp."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.80}")
     out = []
@@ -51,10 +56,26 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        if content is None and not (m.get("tool_calls") or m.get("function_call")):
+            raise ValueError(f"messages[{i}].content must be a string (None only beside tool_calls), got None")
+        if content is not None and not isinstance(content, str):
+            if not isinstance(content, list) or not all(isinstance(p, dict) and "type" in p for p in content):
+                raise ValueError(
+                    f"messages[{i}].content must be a string or a list of content parts, got {type(content).__name__}"
+                )
+        msg = {"role": role, "content": content}
+        msg.update({k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None})
+        out.append(msg)
     return out
+
+
+def content_text(content: Any) -> str:
+    """A message's text: a list of content parts becomes its text parts joined; None becomes ""."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
 def builtin_templates() -> list[str]:
@@ -85,13 +106,20 @@ class ChatFormatter:
             f"or one of llama.cpp's built-in names: {', '.join(builtin_templates())}"
         )
 
-    def prompt(self, messages: Sequence[dict[str, Any]]) -> tuple[str, list[str], bool]:
-        """Return (prompt text, extra stop strings, whether the text already carries BOS)."""
+    def prompt(self, messages: Sequence[dict[str, Any]], **template_kw: Any) -> tuple[str, list[str], bool]:
+        """Return (prompt text, extra stop strings, whether the text already carries BOS). template_kw (tools,
+        tool_choice) reach a Jinja template, as in llama_cpp; a built-in template has no use for them."""
+        template_kw = {k: v for k, v in template_kw.items() if v is not None}
         if self._jinja is not None:
-            r = self._jinja(messages=list(messages))
+            r = self._jinja(messages=list(messages), **template_kw)
             stop = r.stop if isinstance(r.stop, list) else ([r.stop] if r.stop else [])
             return r.prompt, stop, bool(r.added_special)
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        if template_kw:
+            raise ValueError(
+                f"llama.cpp's built-in {self.builtin!r} template cannot show {sorted(template_kw)} to the model; "
+                "pass chat_template= with a Jinja template that renders them"
+            )
+        keep = [(m["role"].encode(), content_text(m["content"]).encode()) for m in messages]
         arr = (C.llama_chat_message * len(keep))(*[C.llama_chat_message(r, c) for r, c in keep])
         cap = 2 * sum(len(r) + len(c) for r, c in keep) + 256
         buf = ctypes.create_string_buffer(cap)

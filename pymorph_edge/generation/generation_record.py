@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-Finish = Literal["end_of_generation", "stop_string", "length"]
+if TYPE_CHECKING:
+    from pymorph_edge.generation.logprobs import TokenLogprob
+
+Finish = Literal["end_of_generation", "stop_string", "length", "stop"]  # "stop": a stopping criterion
 
 # Polled between tokens and between prefill chunks: a server's deadline, a client gone, a shutdown.
 CancelCheck = Callable[[], bool]
@@ -20,10 +23,16 @@ class GenerationCancelled(Exception):
 
 @dataclass
 class GenerationChunk:
+    """One step of a streamed answer (Llama.stream_generate), with what the KV cache looks like after it."""
+
     text: str  # text safe to emit now (may be empty while a stop string could be forming)
     token: int | None  # the token this piece came from; None on a closing flush
     finish: Finish | None = None  # set on the last chunk only
     tokens: list[int] = field(default_factory=list)  # every token generated so far (shared, not copied)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # entries of the tokens this text covers, if asked
+    cells_in_use: int = 0  # KV cells holding tokens after this step
+    tokens_evicted: int = 0  # evicted since the cache was reset
+    tok_per_s: float = 0.0  # tokens generated per second so far, prefill included
 
     @property
     def finish_reason(self) -> str | None:

@@ -1,18 +1,19 @@
 """Validation shared by every OpenAI-shaped request (completion and chat): one place, so both accept the
-same sampling parameters and reject bad ones with the same messages."""
+same parameters and reject bad ones with the same messages."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-from pymorph_edge.generation.sampling import SamplingParams
+from collections.abc import Sequence
 
 
-def check_max_tokens(max_tokens: int | None) -> None:
+def check_max_tokens(max_tokens: int | None) -> int | None:
+    """The answer's token limit: None (or, as in llama_cpp, 0 or less) means no limit; anything else is a
+    ValueError naming it."""
     if max_tokens is None:
-        return
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int or None (no limit), got {max_tokens!r}")
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ValueError(f"max_tokens must be an int or None (no limit), got {max_tokens!r}")
+    return max_tokens if max_tokens > 0 else None
 
 
 def check_stop(stop: str | Sequence[str] | None) -> list[str]:
@@ -24,30 +25,10 @@ def check_stop(stop: str | Sequence[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
-def sampling_params(
-    n_vocab: int,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    seed: int | None,
-    logit_bias: Mapping[int | str, float] | None,
-    repeat_penalty: float,
-    frequency_penalty: float,
-    presence_penalty: float,
-) -> SamplingParams:
-    """SamplingParams for a request, validated against the vocabulary (ValueError names the bad value)."""
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        seed=seed,
-        logit_bias=logit_bias or {},
-        repeat_penalty=repeat_penalty,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-    )
-    params.validate(n_vocab)
-    return params
+def check_logprobs(logprobs: int | None, name: str = "logprobs") -> int | None:
+    """How many alternatives each token's logprob entry lists (None: no logprobs)."""
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {logprobs!r}")
+    return logprobs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import sys
 import threading
 
 import llama_cpp.llama_cpp as C
@@ -36,8 +37,23 @@ def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if m:
             mib, cells, layers, k_type, v_type = m.groups()
             _capture.append((float(mib), int(cells), int(layers), k_type, v_type))
+    if _verbose is False:
+        return  # Llama(verbose=False): silent, as llama_cpp
+    if _verbose:
+        sys.stderr.write(line + "\n")  # Llama(verbose=True): llama.cpp's own log on stderr, as llama_cpp
+        return
     # llama.cpp level 4 is ERROR; everything else is diagnostic chatter
     logger.log(logging.WARNING if level == 4 else logging.DEBUG, "%s", line)
+
+
+_verbose: bool | None = None
+
+
+def set_verbose(verbose: bool | None) -> None:
+    """True: llama.cpp's log goes to stderr; False: nowhere; None: Python logging (errors as warnings, the rest at
+    DEBUG). Process-wide, as llama.cpp has one log callback: the last Llama constructed decides."""
+    global _verbose
+    _verbose = verbose
 
 
 _installed = False

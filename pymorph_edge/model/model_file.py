@@ -10,6 +10,7 @@ import llama_cpp.llama_cpp as C
 
 from pymorph_edge.model import llama_log
 from pymorph_edge.model.gguf_check import check_metadata
+from pymorph_edge.model.model_options import ModelOptions
 
 GGUF_MAGIC = b"GGUF"
 _llama_model_default_params = C.llama_model_default_params  # bound once: tests substitute the module's name
@@ -25,6 +26,7 @@ class ModelInfo:
     n_ctx_train: int
     n_embd_k_gqa: int  # K elements per cell per layer
     n_embd_v_gqa: int  # V elements per cell per layer
+    n_embd: int = 0  # width of the model's hidden state (an embedding's length)
 
 
 def check_gguf_path(model_path: str | Path) -> Path:
@@ -62,18 +64,30 @@ def default_model_params() -> C.llama_model_params:
 class LoadedModel:
     """Owns a llama_model; freed by close()."""
 
-    def __init__(self, model_path: str | Path, n_gpu_layers: int = 0) -> None:
+    def __init__(self, model_path: str | Path, options: ModelOptions | None = None) -> None:
         self.path = check_gguf_path(model_path)
+        self.options = options or ModelOptions()
         llama_log.install()
         C.llama_backend_init()
         params = default_model_params()
-        params.n_gpu_layers = n_gpu_layers
+        self._keep_alive: list[object] = []  # arrays llama.cpp's params point to
+        self.options.apply(params, self._keep_alive)
         self.ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise ValueError(
                 f"llama.cpp could not load {str(self.path)!r}: the GGUF is corrupt or its architecture is unsupported "
                 "(enable logging at DEBUG for llama.cpp's reason)"
             )
+        self.lora = None
+        if self.options.lora_path is not None:
+            lora = Path(self.options.lora_path).expanduser()
+            if not lora.is_file():
+                self.close()
+                raise FileNotFoundError(f"lora_path not found: {str(lora)!r}")
+            self.lora = C.llama_adapter_lora_init(self.ptr, str(lora).encode())
+            if not self.lora:
+                self.close()
+                raise ValueError(f"llama.cpp could not load the LoRA adapter {str(lora)!r} for this model")
         self.vocab = C.llama_model_get_vocab(self.ptr)
         n_head, n_head_kv = C.llama_model_n_head(self.ptr), C.llama_model_n_head_kv(self.ptr)
         arch = self.meta("general.architecture") or ""
@@ -89,7 +103,34 @@ class LoadedModel:
             n_ctx_train=C.llama_model_n_ctx_train(self.ptr),
             n_embd_k_gqa=k_len * n_head_kv,
             n_embd_v_gqa=v_len * n_head_kv,
+            n_embd=C.llama_model_n_embd(self.ptr),
         )
+
+    def attach_lora(self, ctx: C.llama_context_p) -> None:
+        """Apply the model's LoRA adapter (if any) to a context, at lora_scale."""
+        if self.lora is None:
+            return
+        adapters = (C.llama_adapter_lora_p_ctypes * 1)(self.lora)
+        scales = (ctypes.c_float * 1)(float(self.options.lora_scale))
+        if C.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+            raise RuntimeError("llama.cpp could not apply the LoRA adapter to the context")
+
+    def metadata(self) -> dict[str, str]:
+        """Every GGUF metadata key and value as text (llama_cpp.Llama.metadata)."""
+        out: dict[str, str] = {}
+        buf = ctypes.create_string_buffer(1 << 16)
+        for i in range(C.llama_model_meta_count(self.ptr)):
+            if C.llama_model_meta_key_by_index(self.ptr, i, buf, len(buf)) < 0:
+                continue
+            key = buf.value.decode("utf-8", errors="replace")
+            n = C.llama_model_meta_val_str_by_index(self.ptr, i, buf, len(buf))
+            if n >= len(buf):  # a long value (a chat template): read it again with room
+                big = ctypes.create_string_buffer(n + 1)
+                C.llama_model_meta_val_str_by_index(self.ptr, i, big, len(big))
+                out[key] = big.value.decode("utf-8", errors="replace")
+            elif n >= 0:
+                out[key] = buf.value.decode("utf-8", errors="replace")
+        return out
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -97,6 +138,9 @@ class LoadedModel:
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def close(self) -> None:
+        if getattr(self, "lora", None):
+            C.llama_adapter_lora_free(self.lora)
+            self.lora = None
         if self.ptr:
             C.llama_model_free(self.ptr)
             self.ptr = None
