@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write least-recently-used conversations here instead of dropping them (resumed on their next turn)",
     )
+    s.add_argument("--embedding", action="store_true", help="also serve /v1/embeddings (a second, small context)")
+    s.add_argument(
+        "--chat-format",
+        default=None,
+        help="a llama-cpp-python chat format for chat requests (e.g. chatml-function-calling); default: the GGUF's template",
+    )
     s.add_argument(
         "--request-timeout",
         type=float,
@@ -224,7 +230,16 @@ def _open_model(args: argparse.Namespace):
         type_k=args.type_k,
         type_v=args.type_v,
     )
-    return Llama(path, kv_budget=args.kv_budget, policy=policy, window=args.window, fusion=args.fusion, config=config)
+    return Llama(
+        path,
+        kv_budget=args.kv_budget,
+        policy=policy,
+        window=args.window,
+        fusion=args.fusion,
+        config=config,
+        embedding=getattr(args, "embedding", False),
+        chat_format=getattr(args, "chat_format", None),
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:

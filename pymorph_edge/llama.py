@@ -140,7 +140,9 @@ class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
             penalty_last_n=last_n_tokens_size if last_n_tokens_size != 64 else None,
         )
         ubatch = effective_n_ubatch(n_ubatch, n_batch, config.n_ubatch)
-        options = ModelOptions(n_gpu_layers, main_gpu, split_mode, tensor_split, use_mmap, use_mlock, lora_path, lora_scale)
+        options = ModelOptions(
+            n_gpu_layers, main_gpu, split_mode, tensor_split, use_mmap, use_mlock, lora_path, lora_scale
+        )
         self._model = LoadedModel(model_path, options)
         try:
             budget = resolve_budget(
@@ -400,7 +402,11 @@ class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
         yield chunk(text.finish(), None, "stop" if hooks is not None and hooks.stopped else "length")
 
     def stream_generate(
-        self, prompt: str | Sequence[int], max_tokens: int | None = 256, stop: str | Sequence[str] | None = None, **sampling: Any
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 256,
+        stop: str | Sequence[str] | None = None,
+        **sampling: Any,
     ) -> Iterator[GenerationChunk]:
         """The public per-step layer (mlx-lm's stream_generate): a GenerationChunk per piece of text, with the
         tokens so far, tokens/s, and the cache's cells in use and tokens evicted. Sampling keywords as
@@ -469,19 +475,27 @@ class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
         tokens = self._prompt_tokens(prompt)
         hooks = StepHooks.make(tokens, stopping_criteria, logits_processor, n_lp if echo else None)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model or self.model_path}
-        chunks = self._stream(tokens, params, limit, stops, cancel=cancel, recall=RecallPlacement(), n_logprobs=n_lp, hooks=hooks)
+        chunks = self._stream(
+            tokens, params, limit, stops, cancel=cancel, recall=RecallPlacement(), n_logprobs=n_lp, hooks=hooks
+        )
         prompt_text = prompt if isinstance(prompt, str) else ""
         if not isinstance(prompt, str) and (echo or n_lp is not None):
             prompt_text = self.detokenize(tokens).decode("utf-8", "ignore")
         view = shapes.CompletionView(
-            meta, prompt_text if echo else "", self._lp_piece, hooks.echoed(self) if hooks else None, len(prompt_text)
+            meta,
+            prompt_text if echo else "",
+            self._lp_piece,
+            (lambda: hooks.echoed(self)) if hooks is not None else None,
+            len(prompt_text),
         )
         if stream:
             return view.chunks(chunks, n_lp is not None)
         text, finish, n_out, lps = shapes.collect(chunks)
         return view.completion(text, finish, self.usage(len(tokens), n_out), lps if n_lp is not None else None)
 
-    def __call__(self, prompt: str | Sequence[int], *args: Any, **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    def __call__(
+        self, prompt: str | Sequence[int], *args: Any, **kwargs: Any
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """create_completion, as llama_cpp.Llama's __call__."""
         return self.create_completion(prompt, *args, **kwargs)
 
@@ -532,4 +546,3 @@ class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
             self.close()
         except Exception:  # interpreter shutdown may have torn down llama_cpp already
             pass
-

@@ -46,7 +46,9 @@ class EngineConfig:
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise ValueError(f"n_threads must be a positive int or None, got {self.n_threads!r}")
         if self.n_threads_batch is not None and (
-            isinstance(self.n_threads_batch, bool) or not isinstance(self.n_threads_batch, int) or self.n_threads_batch < 1
+            isinstance(self.n_threads_batch, bool)
+            or not isinstance(self.n_threads_batch, int)
+            or self.n_threads_batch < 1
         ):
             raise ValueError(f"n_threads_batch must be a positive int or None, got {self.n_threads_batch!r}")
         for name in ("rope_freq_base", "rope_freq_scale"):

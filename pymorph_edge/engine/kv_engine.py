@@ -336,7 +336,9 @@ class KVEngine:
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
-            self._decode_ubatch(chunk, self.next_pos, logits_last and last_chunk, last_chunk, all_logits=on_logits is not None)
+            self._decode_ubatch(
+                chunk, self.next_pos, logits_last and last_chunk, last_chunk, all_logits=on_logits is not None
+            )
             if on_logits is not None:
                 on_logits(start, m)
             self.next_pos += m

@@ -111,7 +111,14 @@ class ChatFormatter:
         tool_choice) reach a Jinja template, as in llama_cpp; a built-in template has no use for them."""
         template_kw = {k: v for k, v in template_kw.items() if v is not None}
         if self._jinja is not None:
-            r = self._jinja(messages=list(messages), **template_kw)
+            # many templates concatenate content as text: an assistant's tool call (content None) renders as ""
+            msgs = [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
+            try:
+                r = self._jinja(messages=msgs, **template_kw)
+            except Exception as exc:  # jinja2 raises many kinds; the messages are what the caller can fix
+                raise ValueError(
+                    f"the chat template could not render these messages: {type(exc).__name__}: {exc}"
+                ) from None
             stop = r.stop if isinstance(r.stop, list) else ([r.stop] if r.stop else [])
             return r.prompt, stop, bool(r.added_special)
         if template_kw:

@@ -69,7 +69,9 @@ class ChatCompletionsMixin:
 
     def _init_chat(self, chat_template: str | None, chat_format: str | None, chat_handler: Any) -> None:
         if chat_handler is not None and not callable(chat_handler):
-            raise ValueError(f"chat_handler must be a llama_cpp chat completion handler (a callable), got {chat_handler!r}")
+            raise ValueError(
+                f"chat_handler must be a llama_cpp chat completion handler (a callable), got {chat_handler!r}"
+            )
         if chat_format is not None and chat_handler is None:
             try:
                 chat_handler = lcf.get_chat_completion_handler(chat_format)
@@ -170,7 +172,9 @@ class ChatCompletionsMixin:
         msgs = validate_messages(messages)
         shape = structure(response_format, tools, tool_choice, functions, function_call, grammar)
         if logprobs is not None and not isinstance(logprobs, bool):
-            raise ValueError(f"logprobs must be a bool on a chat completion (top_logprobs gives how many), got {logprobs!r}")
+            raise ValueError(
+                f"logprobs must be a bool on a chat completion (top_logprobs gives how many), got {logprobs!r}"
+            )
         n_lp = check_logprobs(top_logprobs, "top_logprobs") if logprobs else None
         if logprobs and n_lp is None:
             n_lp = 0
@@ -310,7 +314,9 @@ class ChatCompletionsMixin:
         hooks = StepHooks.make(new, None, logits_processor, None)
         self._last_turn = None  # the cache is about to change
         chunks = self._remember_turn(
-            self._stream(new, params, max_tokens, stops + template_stops, reset, cancel, cached, plan.recall, n_lp, hooks),
+            self._stream(
+                new, params, max_tokens, stops + template_stops, reset, cancel, cached, plan.recall, n_lp, hooks
+            ),
             plan,
             n_prompt,
         )

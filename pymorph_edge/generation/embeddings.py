@@ -13,8 +13,10 @@ from llama_cpp._internals import normalize_embedding
 class EmbeddingContext:
     """A llama.cpp context in embedding mode; n_batch: the most tokens one input may have."""
 
-    def __init__(self, model: Any, n_batch: int, n_threads: int, pooling_type: int) -> None:
+    def __init__(self, model: Any, n_batch: int, n_threads: int, pooling_type: int, flash_attn: bool) -> None:
         cp = C.llama_context_default_params()
+        # as llama_cpp.Llama: flash attention only when asked (its "auto" would change the sums)
+        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_batch  # a non-causal model needs each input in one ubatch
         cp.n_seq_max = 1
         cp.n_threads = cp.n_threads_batch = n_threads
@@ -68,7 +70,8 @@ class EmbeddingMixin:
         if self._embed_ctx is None:
             threads = self._engine.config.n_threads_batch or self._engine.config.n_threads or 1
             n_batch = max(self._engine.n_batch, 512)
-            self._embed_ctx = EmbeddingContext(self._model, n_batch, threads, self._pooling_type)
+            flash = bool(self._engine.config.flash_attn)
+            self._embed_ctx = EmbeddingContext(self._model, n_batch, threads, self._pooling_type, flash)
         return self._embed_ctx
 
     def embed(

@@ -40,7 +40,9 @@ def entry(row: np.ndarray, token: int, n: int) -> TokenLogprob:
     return TokenLogprob(token, float(row[token]), top)
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob], piece: Callable[[int], str], text_offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], piece: Callable[[int], str], text_offset: int
+) -> dict[str, Any]:
     """llama_cpp's CompletionLogprobs for consecutive tokens whose text starts at text_offset. An entry without a
     logprob gets nulls, as OpenAI and llama_cpp give the first echoed token."""
     tokens: list[str] = []

@@ -30,15 +30,17 @@ class CompletionView:
         meta: dict[str, Any],
         echo_text: str,
         piece: Callable[[int], str],
-        prompt_entries: list[TokenLogprob] | None,
+        prompt_entries: Callable[[], list[TokenLogprob] | None] | None,
         prompt_chars: int = 0,
     ) -> None:
+        """prompt_entries: called once the prompt is decoded, for the echoed prompt's logprob entries."""
         self.meta, self.echo_text, self.piece, self.prompt_entries = meta, echo_text, piece, prompt_entries
         self.offset = 0 if echo_text else prompt_chars
 
     def _logprobs(self, entries: list[TokenLogprob], first: bool) -> dict[str, Any]:
-        if first and self.prompt_entries is not None:
-            entries = self.prompt_entries + entries
+        echoed = self.prompt_entries() if first and self.prompt_entries is not None else None
+        if echoed is not None:
+            entries = echoed + entries
         out = completion_logprobs(entries, self.piece, self.offset)
         self.offset += sum(len(t) for t in out["tokens"])
         return out

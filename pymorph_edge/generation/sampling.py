@@ -88,7 +88,9 @@ class SamplingParams:
             integer("seed", self.seed, 0)
         integer("penalty_last_n", self.penalty_last_n, 0)
         if self.grammar is not None and not isinstance(self.grammar, (LlamaGrammar, str)):
-            raise ValueError(f"grammar must be a llama_cpp.LlamaGrammar or GBNF text, got {type(self.grammar).__name__}")
+            raise ValueError(
+                f"grammar must be a llama_cpp.LlamaGrammar or GBNF text, got {type(self.grammar).__name__}"
+            )
         bias: dict[int, float] = {}
         for k, v in dict(self.logit_bias or {}).items():
             try:
@@ -147,7 +149,9 @@ class Sampler:
         elif params.temperature == 0:
             self._add(C.llama_sampler_init_greedy())
         elif params.mirostat_mode == 1:
-            self._add(C.llama_sampler_init_mirostat(n_vocab, seed, params.mirostat_tau, params.mirostat_eta, MIROSTAT_M))
+            self._add(
+                C.llama_sampler_init_mirostat(n_vocab, seed, params.mirostat_tau, params.mirostat_eta, MIROSTAT_M)
+            )
         elif params.mirostat_mode == 2:
             self._add(C.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
         else:

@@ -57,7 +57,9 @@ class StepHooks:
     def _row(ctx: C.llama_context_p, n_vocab: int) -> np.ndarray:
         return np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
 
-    def prompt_logits(self, ctx: C.llama_context_p, decoded: Sequence[int], n_vocab: int) -> Callable[[int, int], None] | None:
+    def prompt_logits(
+        self, ctx: C.llama_context_p, decoded: Sequence[int], n_vocab: int
+    ) -> Callable[[int, int], None] | None:
         """The engine's on_logits hook: token j's entry comes from the logits after token j-1 (the first token has
         none, as in llama_cpp)."""
         if self.prompt_logprobs is None:

@@ -32,7 +32,9 @@ def _schema_grammar(schema: Any, what: str) -> LlamaGrammar:
     try:
         return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
     except Exception as exc:  # the converter raises plain Exceptions on schemas it cannot express
-        logger.warning("%s: the JSON schema could not become a grammar (%s); the answer is constrained to JSON", what, exc)
+        logger.warning(
+            "%s: the JSON schema could not become a grammar (%s); the answer is constrained to JSON", what, exc
+        )
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
 
 

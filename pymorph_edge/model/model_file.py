@@ -67,6 +67,8 @@ class LoadedModel:
     def __init__(self, model_path: str | Path, options: ModelOptions | None = None) -> None:
         self.path = check_gguf_path(model_path)
         self.options = options or ModelOptions()
+        if self.options.lora_path is not None and not Path(self.options.lora_path).expanduser().is_file():
+            raise FileNotFoundError(f"lora_path not found: {str(self.options.lora_path)!r}")
         llama_log.install()
         C.llama_backend_init()
         params = default_model_params()

@@ -38,8 +38,10 @@ class ModelOptions:
                 raise ValueError(
                     f"tensor_split must be at most {C.LLAMA_MAX_DEVICES} non-negative numbers, got {self.tensor_split!r}"
                 )
-        if self.lora_path is not None and not isinstance(self.lora_path, (str, bytes)) and not hasattr(
-            self.lora_path, "__fspath__"
+        if (
+            self.lora_path is not None
+            and not isinstance(self.lora_path, (str, bytes))
+            and not hasattr(self.lora_path, "__fspath__")
         ):
             raise ValueError(f"lora_path must be a path, got {self.lora_path!r}")
         if isinstance(self.lora_scale, bool) or not isinstance(self.lora_scale, (int, float)):

@@ -79,7 +79,9 @@ class TokenizerMixin:
         """A token's text as llama_cpp's logprobs show it (undecodable bytes dropped)."""
         return self._piece(token).decode("utf-8", "ignore")
 
-    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False) -> bytes:
+    def detokenize(
+        self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False
+    ) -> bytes:
         """The tokens' bytes. prev_tokens is accepted for llama_cpp's signature; the pieces do not depend on it."""
         return b"".join(self._piece(int(t), special) for t in tokens)
 

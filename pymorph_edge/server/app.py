@@ -22,10 +22,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pymorph_edge import __version__
 from pymorph_edge.generation.generation_record import GenerationCancelled
+from pymorph_edge.generation.sampling import SamplingParams
 from pymorph_edge.llama import Llama
 from pymorph_edge.server.conversations import ConversationStore
-from pymorph_edge.server.schemas import ChatRequest, CompletionRequest
+from pymorph_edge.server.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
 from pymorph_edge.server.worker import ModelWorker, QueueFull, RequestControl
 
 logger = logging.getLogger(__name__)
@@ -159,19 +161,14 @@ class ServedApp:
         self.worker.stop_all("shutdown")
 
 
+SAMPLING_FIELDS = tuple(k for k in SamplingParams.keywords() if k not in ("tfs_z",))
+
+
 def sampling_kw(req: CompletionRequest | ChatRequest, max_tokens: int | None) -> dict[str, Any]:
-    """The generation keywords both endpoints pass on to Llama (their requests share these fields)."""
-    return dict(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        stop=req.stop,
-        seed=req.seed,
-        logit_bias=req.logit_bias,
-        frequency_penalty=req.frequency_penalty,
-        presence_penalty=req.presence_penalty,
-    )
+    """The generation keywords both endpoints pass on to Llama: every sampling field the request model has
+    (SamplingParams defines them once)."""
+    kw = {k: getattr(req, k) for k in SAMPLING_FIELDS if k in type(req).model_fields}
+    return {**kw, "max_tokens": max_tokens, "stop": req.stop}
 
 
 def create_app(
@@ -205,7 +202,7 @@ def create_app(
         yield
         worker.shutdown()
 
-    app = FastAPI(title="pymorph_edge", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="pymorph_edge", version=__version__, lifespan=lifespan)
     model_id = Path(llm.model_path).name
     app.state.worker = worker
 
@@ -366,7 +363,9 @@ def create_app(
 
         def make(stream: bool, ctl: RequestControl) -> Any:
             store.stash_live()  # a plain completion replaces the cache: keep the conversation it held
-            out = llm.create_completion(req.prompt, stream=stream, cancel=ctl, **kw)
+            out = llm.create_completion(
+                req.prompt, stream=stream, cancel=ctl, logprobs=req.logprobs, echo=req.echo, **kw
+            )
             return with_usage(out, include) if stream else out
 
         return await respond(request, make, req.stream, kv_headers)
@@ -376,20 +375,39 @@ def create_app(
         max_tokens = req.max_completion_tokens or req.max_tokens
         if (bad := check_limits(max_tokens)) is not None:
             return bad
-        msgs = [m.model_dump() for m in req.messages]
+        msgs = [m.model_dump(exclude_none=True) for m in req.messages]
+        structured = dict(
+            response_format=req.response_format,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            functions=req.functions,
+            function_call=req.function_call,
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs,
+        )
         # no max_tokens: the server's limit, so a model that never ends its turn cannot hold the thread
         kw = sampling_kw(req, max_tokens or max_tokens_limit)
         include = bool((req.stream_options or {}).get("include_usage"))
 
         def make(stream: bool, ctl: RequestControl) -> Any:
             source = store.activate(msgs)
-            out = llm.create_chat_completion(msgs, stream=stream, cancel=ctl, **kw)
+            out = llm.create_chat_completion(msgs, stream=stream, cancel=ctl, **structured, **kw)
             if stream:
                 return with_usage(out, include, lambda: conversation_usage(source))
             out["usage"]["conversation"] = conversation_usage(source)
             return out
 
         return await respond(request, make, req.stream, kv_headers)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest, request: Request) -> Any:
+        if not llm._embedding:
+            return error_response(
+                400, "this server was started without --embedding, so it serves no embeddings", param="input"
+            )
+        return await respond(
+            request, lambda _stream, _ctl: llm.create_embedding(req.input, model=req.model), False, dict
+        )
 
     checked: ASGIApp = app if api_key is None else ApiKeyCheck(app, api_key)
     return ServedApp(BodyLimit(checked, max_body_bytes), worker)

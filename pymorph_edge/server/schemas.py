@@ -11,6 +11,9 @@ Number = StrictFloat | StrictInt
 
 
 class _Request(BaseModel):
+    """Fields shared by both endpoints: OpenAI's, plus the llama.cpp sampling fields llama-cpp-python's server
+    takes (min_p, typical_p, repeat_penalty, mirostat_*, grammar as GBNF text)."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
@@ -18,6 +21,13 @@ class _Request(BaseModel):
     temperature: Number = Field(default=1.0, ge=0, le=2)
     top_p: Number = Field(default=1.0, ge=0, le=1)
     top_k: StrictInt = Field(default=40, ge=0)
+    min_p: Number = Field(default=0.05, ge=0, le=1)
+    typical_p: Number = Field(default=1.0, ge=0, le=1)
+    repeat_penalty: Number = Field(default=1.0, gt=0)
+    mirostat_mode: Literal[0, 1, 2] = 0
+    mirostat_tau: Number = Field(default=5.0, gt=0)
+    mirostat_eta: Number = Field(default=0.1, gt=0)
+    grammar: StrictStr | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = Field(default=None, ge=0)
     logit_bias: dict[str, Number] | None = None
@@ -30,15 +40,34 @@ class _Request(BaseModel):
 class CompletionRequest(_Request):
     prompt: StrictStr | list[StrictInt]
     max_tokens: StrictInt | None = Field(default=16, ge=1)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: StrictStr
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: StrictStr | None = None
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: StrictStr | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: StrictStr | dict[str, Any] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input: StrictStr | list[StrictStr] = Field(min_length=1)
+    model: StrictStr | None = None
