@@ -22,4 +22,9 @@ static void h2o_score(pme_state * st) {
     memcpy(st->score, st->pscore, (size_t) st->cfg.n_cells * sizeof(float));
 }
 
-const pme_policy_ops pme_h2o_ops = { 1, h2o_observe, h2o_score, pme_policy_always };
+const pme_policy_ops pme_h2o_ops = {
+    .needs_attention = 1,
+    .observe         = h2o_observe,
+    .score           = h2o_score,
+    .evicts_now      = pme_policy_always,
+};

@@ -63,4 +63,9 @@ static void morphkv_score(pme_state * st) {
     }
 }
 
-const pme_policy_ops pme_morphkv_ops = { 1, morphkv_observe, morphkv_score, pme_policy_always };
+const pme_policy_ops pme_morphkv_ops = {
+    .needs_attention = 1,
+    .observe         = morphkv_observe,
+    .score           = morphkv_score,
+    .evicts_now      = pme_policy_always,
+};

@@ -20,4 +20,9 @@ static int snapkv_at_prompt_end(const pme_state * st) {
     return (st->ub_flags & PME_UB_PREFILL) && (st->ub_flags & PME_UB_LAST);
 }
 
-const pme_policy_ops pme_snapkv_ops = { 1, NULL, snapkv_score, snapkv_at_prompt_end };
+const pme_policy_ops pme_snapkv_ops = {
+    .needs_attention = 1,
+    .observe         = NULL,
+    .score           = snapkv_score,
+    .evicts_now      = snapkv_at_prompt_end,
+};

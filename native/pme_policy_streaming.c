@@ -9,4 +9,9 @@ static void streaming_score(pme_state * st) {
     memset(st->score, 0, (size_t) st->cfg.n_cells * sizeof(float));
 }
 
-const pme_policy_ops pme_streaming_ops = { 0, NULL, streaming_score, pme_policy_always };
+const pme_policy_ops pme_streaming_ops = {
+    .needs_attention = 0,
+    .observe         = NULL,
+    .score           = streaming_score,
+    .evicts_now      = pme_policy_always,
+};

@@ -9,4 +9,9 @@ static void tova_score(pme_state * st) {
     memcpy(st->score, st->ub_row_acc + (size_t) (st->ub_rows - 1) * nc, nc * sizeof(float));
 }
 
-const pme_policy_ops pme_tova_ops = { 1, NULL, tova_score, pme_policy_always };
+const pme_policy_ops pme_tova_ops = {
+    .needs_attention = 1,
+    .observe         = NULL,
+    .score           = tova_score,
+    .evicts_now      = pme_policy_always,
+};

@@ -6,9 +6,11 @@ import pytest
 from native_helpers import NativeState
 
 from pymorph_edge import EngineConfig, Llama
+from pymorph_edge._native import native
 from pymorph_edge.policies import POLICIES, make_policy
 
-H2O, TOVA, SNAPKV, STREAMING = 1, 2, 3, 4
+_, LIB = native()
+H2O, TOVA, SNAPKV, STREAMING = LIB.PME_POLICY_H2O, LIB.PME_POLICY_TOVA, LIB.PME_POLICY_SNAPKV, LIB.PME_POLICY_STREAMING
 
 
 def state(policy, **kw):

@@ -11,14 +11,9 @@ from pymorph_edge.policies.snapkv import SnapKV
 from pymorph_edge.policies.streaming import StreamingLLM
 from pymorph_edge.policies.tova import TOVA
 
+# name -> class, from each class's own `name`: adding a policy means adding it to this tuple
 POLICIES: dict[str, type[KVPolicy]] = {
-    "morphkv": MorphKV,
-    "full": FullCache,
-    "h2o": H2O,
-    "tova": TOVA,
-    "snapkv": SnapKV,
-    "streaming": StreamingLLM,
-    "context_shift": ContextShift,
+    cls.name: cls for cls in (MorphKV, FullCache, H2O, TOVA, SnapKV, StreamingLLM, ContextShift)
 }
 
 

@@ -14,6 +14,14 @@ from pymorph_edge.policies.base import KVPolicy
 
 @dataclass
 class ContextShift(KVPolicy):
+    """llama.cpp's context shift: when full, drop the older half after the first `n_keep` tokens and shift.
+
+    Parameters
+    ----------
+    n_keep : int, default 4
+        First tokens never dropped.
+    """
+
     n_keep: int = 4
 
     name = "context_shift"

@@ -23,6 +23,18 @@ from pymorph_edge.policies.base import AttentionWindowPolicy, check_aggregate
 
 @dataclass
 class H2O(AttentionWindowPolicy):
+    """H2O: the recent `window` plus the heavy hitters, the tokens with the most attention received so far.
+
+    Parameters
+    ----------
+    window : int or None, default None
+        Recent tokens always kept; None is half the budget, as in the paper.
+    aggregate : {"mean", "max"}, default "mean"
+        How KV heads and layers combine into one score per cell.
+    forget : float in (0, 1], default 0.999
+        Per-token fade of the cumulative score (A2SF); 1.0 is the paper's plain sum.
+    """
+
     name = "h2o"
     native_kind = "PME_POLICY_H2O"
     window: int | None = None  # type: ignore[assignment]  # None: half the budget, as in the paper

@@ -28,6 +28,30 @@ HEAD_WEIGHTS = ("induction", "uniform")
 
 @dataclass
 class MorphKV(KVPolicy):
+    """MorphKV: the `window` most recent tokens plus the older tokens they attend to most, re-decided every step.
+
+    Parameters
+    ----------
+    window : int, default 32
+        Recent tokens always kept; their attention rows choose the rest.
+    fusion : {"sum", "max"}, default "sum"
+        How the window's attention rows are fused into one score per token.
+    aggregate : {"mean", "max"}, default "mean"
+        How KV heads and layers combine into one score per cell (llama.cpp shares a cell across them).
+    prefill_decay : float in [0, 1], default 1.0
+        A token's prompt score persists across prompt chunks as max(prefill_decay * old, new).
+    pool_radius : int, default 1
+        Scores are max-pooled over this many neighbours, so a multi-token fact is kept whole.
+    pool_after : int, default 6
+        Prompt chunks whose pooled scores are carried forward.
+    head_weights : {"induction", "uniform"}, default "induction"
+        Weight heads by their measured induction score (at load), or a plain mean.
+    prefill_probe : bool, default True
+        Score each prompt chunk with a probe of the prompt's last `window` tokens (its question).
+    pool_decode : bool, default False
+        Pool at decode steps too, not only at prompt evictions.
+    """
+
     window: int = 32
     fusion: str = "sum"
     aggregate: str = "mean"

@@ -16,6 +16,20 @@ from pymorph_edge.policies.base import AttentionWindowPolicy, check_positive_int
 
 @dataclass
 class SnapKV(AttentionWindowPolicy):
+    """SnapKV: compresses the prompt once, by its last `window` tokens' attention; the answer then grows the cache.
+
+    Parameters
+    ----------
+    window : int, default 32
+        The observation window: the prompt's last tokens, whose attention chooses what is kept.
+    aggregate : {"mean", "max"}, default "mean"
+        How KV heads and layers combine into one score per cell.
+    pool_radius : int, default 3
+        Max-pooling radius over neighbouring positions (kernel 7).
+    n_ctx : int, default 8192
+        Cells of the context: the whole prompt is held before it is compressed.
+    """
+
     pool_radius: int = 3
     n_ctx: int = 8192
 

@@ -12,6 +12,16 @@ from pymorph_edge.policies.base import KVPolicy, check_positive_int
 
 @dataclass
 class StreamingLLM(KVPolicy):
+    """StreamingLLM: the first `n_sink` tokens (attention sinks) and the most recent ones; reads no attention.
+
+    Parameters
+    ----------
+    n_sink : int, default 4
+        First tokens always kept.
+    window : int, default 32
+        Most recent tokens kept besides the sinks; the rest of the budget holds the next most recent.
+    """
+
     n_sink: int = 4
     window: int = 32
 

@@ -13,6 +13,16 @@ from pymorph_edge.policies.base import AttentionWindowPolicy
 
 @dataclass
 class TOVA(AttentionWindowPolicy):
+    """TOVA: evicts the tokens the current token attends to least; nothing is remembered between steps.
+
+    Parameters
+    ----------
+    window : int, default 1
+        Recent tokens always kept (the newest only, as in the paper).
+    aggregate : {"mean", "max"}, default "mean"
+        How KV heads and layers combine into one score per cell.
+    """
+
     window: int = 1
 
     name = "tova"
