@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,11 @@ from pymorph_edge.engine.llama_cpp_options import (
 )
 from pymorph_edge.engine.recall import recall_before
 from pymorph_edge.engine.stats import KVStats
-from pymorph_edge.generation import openai_shapes as shapes
 from pymorph_edge.generation.chat_completions import ChatCompletionsMixin, RecallPlacement
+from pymorph_edge.generation.completions import CompletionsMixin
 from pymorph_edge.generation.embeddings import EmbeddingMixin
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
 from pymorph_edge.generation.logprobs import TokenLogprob, entry, logprob_row
-from pymorph_edge.generation.request_params import check_logprobs, check_max_tokens, check_stop
 from pymorph_edge.generation.sampling import Sampler, SamplingParams
 from pymorph_edge.generation.step_hooks import StepHooks
 from pymorph_edge.generation.text_output import TextAssembler
@@ -50,7 +48,7 @@ __all__ = ["Llama", "Timings"]
 _UNSET: Any = object()  # kv_budget not passed: n_ctx (a ported app's) or the default decides
 
 
-class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
+class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
     """A GGUF model run by llama.cpp with a bounded KV cache.
 
     kv_budget: cells the cache keeps after every eviction (None: full cache, no eviction). Not given: n_ctx, when
@@ -400,117 +398,6 @@ class Llama(TokenizerMixin, ChatCompletionsMixin, SessionMixin, EmbeddingMixin):
             if piece:
                 yield chunk(piece, tok, None)
         yield chunk(text.finish(), None, "stop" if hooks is not None and hooks.stopped else "length")
-
-    def stream_generate(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int | None = 256,
-        stop: str | Sequence[str] | None = None,
-        **sampling: Any,
-    ) -> Iterator[GenerationChunk]:
-        """The public per-step layer (mlx-lm's stream_generate): a GenerationChunk per piece of text, with the
-        tokens so far, tokens/s, and the cache's cells in use and tokens evicted. Sampling keywords as
-        create_completion."""
-        params = self._params(**sampling)
-        return self._stream(self._prompt_tokens(prompt), params, check_max_tokens(max_tokens), check_stop(stop))
-
-    # -- OpenAI-shaped API ---------------------------------------------------------------------
-    def create_completion(
-        self,
-        prompt: str | Sequence[int],
-        suffix: str | None = None,
-        max_tokens: int | None = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        logprobs: int | None = None,
-        echo: bool = False,
-        stop: str | Sequence[str] | None = None,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        repeat_penalty: float = 1.0,
-        top_k: int = 40,
-        stream: bool = False,
-        seed: int | None = None,
-        tfs_z: float = 1.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        model: str | None = None,
-        stopping_criteria: Any = None,
-        logits_processor: Any = None,
-        grammar: Any = None,
-        logit_bias: Mapping[int | str, float] | None = None,
-        cancel: CancelCheck | None = None,
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """Complete `prompt` (llama_cpp's signature and shapes). max_tokens None or <= 0 generates until an
-        end-of-generation token or a stop string. logprobs: that many alternatives per token, read from the one
-        logits row llama.cpp computes anyway (no logits_all needed); with echo, the prompt's too, scored chunk by
-        chunk under the budget. cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
-        if suffix is not None:
-            raise ValueError("suffix (fill-in-the-middle) is not supported by pymorph_edge")
-        if not isinstance(echo, bool):
-            raise ValueError(f"echo must be a bool, got {echo!r}")
-        limit = check_max_tokens(max_tokens)
-        stops = check_stop(stop)
-        n_lp = check_logprobs(logprobs)
-        params = self._params(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            typical_p=typical_p,
-            seed=seed,
-            logit_bias=logit_bias,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            grammar=grammar,
-        )
-        tokens = self._prompt_tokens(prompt)
-        hooks = StepHooks.make(tokens, stopping_criteria, logits_processor, n_lp if echo else None)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model or self.model_path}
-        chunks = self._stream(
-            tokens, params, limit, stops, cancel=cancel, recall=RecallPlacement(), n_logprobs=n_lp, hooks=hooks
-        )
-        prompt_text = prompt if isinstance(prompt, str) else ""
-        if not isinstance(prompt, str) and (echo or n_lp is not None):
-            prompt_text = self.detokenize(tokens).decode("utf-8", "ignore")
-        view = shapes.CompletionView(
-            meta,
-            prompt_text if echo else "",
-            self._lp_piece,
-            (lambda: hooks.echoed(self)) if hooks is not None else None,
-            len(prompt_text),
-        )
-        if stream:
-            return view.chunks(chunks, n_lp is not None)
-        text, finish, n_out, lps = shapes.collect(chunks)
-        return view.completion(text, finish, self.usage(len(tokens), n_out), lps if n_lp is not None else None)
-
-    def __call__(
-        self, prompt: str | Sequence[int], *args: Any, **kwargs: Any
-    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """create_completion, as llama_cpp.Llama's __call__."""
-        return self.create_completion(prompt, *args, **kwargs)
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-        """OpenAI's usage object; cached prompt tokens go where OpenAI reports them, KV figures as extra keys."""
-        s = self.stats
-        return {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.last_timings.cached_tokens},
-            "kv_cells_used": s.cells_in_use,
-            "kv_peak_cells": s.peak_cells,
-            "kv_tokens_evicted": s.tokens_evicted,
-        }
 
     # -- state -------------------------------------------------------------------------------
     @property

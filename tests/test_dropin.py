@@ -137,6 +137,7 @@ SCRIPT = {
     "detokenize": (lambda m: m.detokenize(m.tokenize(b"Hello world")), lambda r: r),
     "sizes": (lambda m: (m.n_vocab(), m.n_embd(), m.token_bos(), m.token_eos(), m.token_nl()), lambda r: r),
     "metadata": (lambda m: m.metadata, lambda r: r),
+    "tokenizer()": (lambda m: (m.tokenizer().encode("Hello world"), m.tokenizer().decode([19556, 905])), lambda r: r),
     "generate": (
         lambda m: [t for _, t in zip(range(10), m.generate(m.tokenize(b"Once upon a time"), temp=0), strict=False)],
         lambda r: r,
@@ -179,6 +180,25 @@ def test_every_call_that_works_on_llama_cpp_works_here_with_the_same_result(ref,
     got = run(ours, name)
     assert got == want
     assert ours.stats.tokens_evicted == 0  # the budget variant never needed to evict on these prompts
+
+
+def test_eval_and_sample_as_llama_cpp(path):
+    """The low-level loop; on a fresh llama_cpp.Llama (its sample() reuses a sampler left over from an earlier
+    generate, so it only matches from a clean start)."""
+    from pymorph_edge.model.model_file import default_model_params
+
+    llama_cpp.llama_cpp.llama_model_default_params = default_model_params
+    toks = None
+    got = []
+    for make in (lambda: llama_cpp.Llama(path, **COMMON), lambda: pymorph_edge.Llama(path, kv_budget=512, **COMMON)):
+        m = make()
+        toks = m.tokenize(b"Once upon a time")
+        m.eval(toks)
+        first = m.sample(temp=0)
+        m.eval([first])
+        got.append((m.n_tokens, first, m.sample(temp=0)))
+        m.close()
+    assert got[0] == got[1] and got[0][0] == len(toks) + 1
 
 
 def test_tool_call_arguments_carry_the_schemas_required_keys(ours):
@@ -412,3 +432,40 @@ def test_stopping_criteria_and_logits_processor_are_called_as_in_llama_cpp(path)
         assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "stop"
         assert seen[0][1] == (m.n_vocab(),) and seen[1][0] == seen[0][0] + 1
         assert "\n" not in text(r)
+
+
+def test_json_answers_longer_than_the_budget_stay_valid_while_the_cache_evicts(path):
+    """A schema with 6 required items makes the answer run past a 128-cell budget and still end: it parses, with
+    every required key, although the cache evicted during it (json_object with a schema; the json_schema form
+    takes the same path, tested with the openai client)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string"},
+            "stations": {
+                "type": "array",
+                "minItems": 6,
+                "maxItems": 6,
+                "items": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "description": {"type": "string"}},
+                    "required": ["name", "description"],
+                },
+            },
+        },
+        "required": ["title", "stations"],
+    }
+    msgs = [{"role": "user", "content": "Describe the stations of a long mountain railway as JSON, in detail."}]
+    with pymorph_edge.Llama(path, kv_budget=256, n_ubatch=64, n_threads=2, seed=3) as m:
+        for fmt in (
+            {"type": "json_object", "schema": schema},
+            {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},
+        ):
+            before = m.stats.tokens_evicted
+            r = m.create_chat_completion(
+                msgs, response_format=fmt, temperature=0.7, max_tokens=2500, repeat_penalty=1.1
+            )
+            doc = json.loads(content(r))
+            assert {"title", "stations"} <= set(doc) and 8 <= len(doc["stations"]) <= 10
+            assert r["usage"]["completion_tokens"] > 256 and m.stats.tokens_evicted > before
+            assert m.stats.peak_cells <= 256 + 64

@@ -11,6 +11,8 @@ import llama_cpp.llama_cpp as C
 from pymorph_edge.engine.context_shifter import ContextShifter
 from pymorph_edge.engine.engine_config import (
     EngineConfig,
+    _apart_from_swa_cache,
+    _padded,
     can_compact,
     default_max_span,
     resolve_flash_attn,
@@ -31,22 +33,6 @@ from pymorph_edge.policies import FullCache, KVPolicy
 logger = logging.getLogger(__name__)
 
 SEQ = 0  # one sequence per context
-
-
-def _padded(n: int) -> int:
-    return (n + 255) // 256 * 256  # llama.cpp pads n_ctx to 256 cells
-
-
-def _apart_from_swa_cache(n_ctx: int, n_swa: int, n_ubatch: int) -> int:
-    """Cells for the base cache of an iSWA model, never as many as its sliding-window cache.
-
-    llama.cpp sizes the sliding-window cache pad(min(base cells, n_swa + n_ubatch)) (llama_kv_cache_iswa), and
-    the native scorer tells the two caches apart by their cell count. At kv_budget 640 and n_ubatch 128 on
-    Gemma 3 both came to 768 cells, and the scorer mapped the sliding-window cache's cells (found by
-    tests/test_sessions.py: llama.cpp kept 13 positions the scorer thought evicted). One more padding step
-    (256 cells of the few global layers) keeps them apart."""
-    base = _padded(n_ctx)
-    return base + 256 if _padded(min(base, n_swa + n_ubatch)) == base else n_ctx
 
 
 class KVEngine:
