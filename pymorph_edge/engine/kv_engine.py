@@ -77,6 +77,11 @@ class KVEngine:
         check_head_size("type_v", config.type_v, model.info.n_embd_v_gqa // model.info.n_head_kv)
         cp.type_k, cp.type_v = ggml_type(config.type_k), ggml_type(config.type_v)
         if native_scored:
+            if config.swa_full:
+                raise ValueError(
+                    f"swa_full=True would grow the sliding-window cache to all {cp.n_ctx} cells; a scored budget "
+                    "keeps it bounded (swa_full applies to kv_budget=None and context_shift)"
+                )
             cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx
         else:
             # swa_full as llama_cpp.Llama; context shift needs it too: llama.cpp shifts an iSWA cache only when its
