@@ -48,9 +48,21 @@ def main() -> None:
     rows = []
     for r in range(args.rounds):
         a, b = one(args.a, args.tokens), one(args.b, args.tokens)
-        rows.append({"round": r, "a_tok_s": a["decode_tok_s"], "b_tok_s": b["decode_tok_s"], "ratio": a["decode_tok_s"] / b["decode_tok_s"], "evicted": a["evicted"]})
+        rows.append(
+            {
+                "round": r,
+                "a_tok_s": a["decode_tok_s"],
+                "b_tok_s": b["decode_tok_s"],
+                "ratio": a["decode_tok_s"] / b["decode_tok_s"],
+                "evicted": a["evicted"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    summary = {"command": "python " + " ".join(sys.argv), "median_ratio_a_over_b": statistics.median(r["ratio"] for r in rows), "rounds": rows}
+    summary = {
+        "command": "python " + " ".join(sys.argv),
+        "median_ratio_a_over_b": statistics.median(r["ratio"] for r in rows),
+        "rounds": rows,
+    }
     print(json.dumps(summary))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
