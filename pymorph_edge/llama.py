@@ -33,7 +33,7 @@ from pymorph_edge.generation.completions import CompletionsMixin
 from pymorph_edge.generation.embeddings import EmbeddingMixin
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
 from pymorph_edge.generation.logprobs import TokenLogprob, entry, logprob_row
-from pymorph_edge.generation.sampling import Sampler, SamplingParams
+from pymorph_edge.generation.sampling import Sampler, SamplingParams, sampling_keywords
 from pymorph_edge.generation.step_hooks import StepHooks
 from pymorph_edge.generation.text_output import TextAssembler
 from pymorph_edge.model import llama_log
@@ -226,23 +226,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         """Yield sampled token ids (end-of-generation tokens included), like llama_cpp.Llama.generate: endlessly
         under a budget; the full cache (kv_budget=None) stops when its n_ctx cells are full.
         cancel: polled between tokens and prefill chunks; True raises GenerationCancelled."""
-        params = self._params(
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            seed=seed,
-            logit_bias=logit_bias,
-            grammar=grammar,
-        )
+        params = self._params(**sampling_keywords(locals(), temp="temperature"))
         for tok, _ in self._generate(list(tokens), params, reset, cancel):
             yield tok
 

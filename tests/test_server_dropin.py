@@ -5,25 +5,11 @@ import json
 
 import openai
 import pytest
+from test_dropin import TOOLS, WEATHER
 from test_server import start_server
 
 pytestmark = pytest.mark.slow
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather for a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
-                "required": ["city", "unit"],
-            },
-        },
-    }
-]
-WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 FORCED = {"type": "function", "function": {"name": "get_weather"}}
 
 

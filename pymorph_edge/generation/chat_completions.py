@@ -30,6 +30,7 @@ from pymorph_edge.generation.chat import (
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationChunk
 from pymorph_edge.generation.logprobs import completion_logprobs
 from pymorph_edge.generation.request_params import check_logprobs, check_max_tokens, check_stop
+from pymorph_edge.generation.sampling import sampling_keywords
 from pymorph_edge.generation.step_hooks import StepHooks
 from pymorph_edge.generation.structured_output import Structure, as_tool_call, structure
 
@@ -134,22 +135,8 @@ class ChatCompletionsMixin:
         When the messages extend the conversation the cache holds (the previous request's plus its answer), only
         the new ones are decoded. cancel: polled between tokens and prefill chunks; True raises
         GenerationCancelled."""
-        sampling = dict(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            typical_p=typical_p,
-            seed=seed,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            repeat_penalty=repeat_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            logit_bias=logit_bias,
-        )
+        # grammar is resolved with response_format and tools below (structure)
+        sampling = {k: v for k, v in sampling_keywords(locals()).items() if k != "grammar"}
         if self.chat_handler is not None:
             return self.chat_handler(
                 llama=self,

@@ -13,6 +13,7 @@ from pymorph_edge.generation import openai_shapes as shapes
 from pymorph_edge.generation.chat_completions import RecallPlacement
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationChunk, Timings
 from pymorph_edge.generation.request_params import check_logprobs, check_max_tokens, check_stop
+from pymorph_edge.generation.sampling import Sampler, sampling_keywords
 from pymorph_edge.generation.step_hooks import StepHooks
 
 logger = logging.getLogger(__name__)
@@ -84,23 +85,7 @@ class CompletionsMixin:
         limit = check_max_tokens(max_tokens)
         stops = check_stop(stop)
         n_lp = check_logprobs(logprobs)
-        params = self._params(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            typical_p=typical_p,
-            seed=seed,
-            logit_bias=logit_bias,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            grammar=grammar,
-        )
+        params = self._params(**sampling_keywords(locals()))
         tokens = self._prompt_tokens(prompt)
         hooks = StepHooks.make(tokens, stopping_criteria, logits_processor, n_lp if echo else None)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model or self.model_path}
@@ -174,27 +159,12 @@ class CompletionsMixin:
         idx: int | None = None,
     ) -> int:
         """One token from the last eval's logits (llama_cpp.Llama.sample)."""
-        from pymorph_edge.generation.sampling import Sampler
 
         if self._engine.n_past == 0:
             raise ValueError("sample needs a decoded token first: call eval(tokens)")
         if idx is not None:
             raise ValueError("idx is not supported: only the last token's logits are kept")
-        params = self._params(
-            temperature=temp,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repeat_penalty=repeat_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode,
-            mirostat_tau=mirostat_tau,
-            mirostat_eta=mirostat_eta,
-            grammar=grammar,
-        )
+        params = self._params(**sampling_keywords(locals(), temp="temperature"))
         hooks = StepHooks.make(self._engine.history.tail(self._engine.n_past), None, logits_processor, None)
         sampler = Sampler(params, self.n_vocab(), self._model.vocab)
         try:

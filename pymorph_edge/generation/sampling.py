@@ -105,6 +105,13 @@ class SamplingParams:
         return bias
 
 
+def sampling_keywords(values: Mapping[str, Any], **renames: str) -> dict[str, Any]:
+    """The sampling keywords among a call's arguments (its locals()), under SamplingParams' names: one mapping for
+    every public signature that spells llama_cpp's keywords out (renames: llama_cpp's `temp` is `temperature`)."""
+    names = set(SamplingParams.keywords())
+    return {renames.get(k, k): v for k, v in values.items() if renames.get(k, k) in names}
+
+
 def grammar_text(grammar: LlamaGrammar | str) -> tuple[str, str]:
     """(GBNF, root rule) of a LlamaGrammar or of GBNF text."""
     if isinstance(grammar, LlamaGrammar):
