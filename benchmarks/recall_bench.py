@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pymorph_edge import Llama
+from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
 FACTS_SET = ["Maria", "Tom", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi"]
@@ -41,13 +42,27 @@ SETS = {
     },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
+# (how the user states the number, how the user asks for it later), per set; the later ones share few words with
+# the fact, so lexical relevance has little to go on
+DIALOGUE_FACTS = {
+    "tuning": [
+        ("My locker number is {num}.", "What is my locker number?"),
+        ("My gym membership code is {num}.", "Can you remind me of the number I mentioned in my first message?"),
+    ],
+    "held-out": [
+        ("My apartment door PIN is {num}.", "What was my PIN again?"),
+        ("My customer ID is {num}.", "Quick question: which 5-digit number did I give you earlier?"),
+    ],
+}
 
 
 def open_llm(path: Path, config: str, budget: int) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")
-    return Llama(path, kv_budget=budget, policy=policy, recall=not off)
+    policy, by, _ = policy.partition("-attention")
+    cfg = EngineConfig(recall_by="attention" if by else "bm25")
+    return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
@@ -160,11 +175,12 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
     out = []
     for i in range(n):
         name, city, num = s["names"][i], s["cities"][i % len(s["cities"])], f"{rng.randrange(10000, 100000)}"
+        fact, question = DIALOGUE_FACTS[set_name][i % len(DIALOGUE_FACTS[set_name])]
         llm.reset()
         msgs = [
             {
                 "role": "user",
-                "content": f"Hi, I'm {name} from {city}. My locker number is {num}. Please write me a long story about {STORIES[0]}.",
+                "content": f"Hi, I'm {name} from {city}. {fact.format(num=num)} Please write me a long story about {STORIES[0]}.",
             }
         ]
         for k, topic in enumerate(STORIES):
@@ -173,15 +189,19 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
             r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)
             msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
         distance = llm.engine.n_past
-        msgs.append({"role": "user", "content": "What is my locker number?"})
+        msgs.append({"role": "user", "content": question})
         t0 = time.perf_counter()
         ans = llm.create_chat_completion(msgs, max_tokens=24, temperature=0.0)["choices"][0]["message"]["content"]
+        e = llm.engine  # the number's sentence in a live recalled block: recall found it, whatever the model made of it
+        blocks = [e.log.tokens(lo, hi) for b in e.recall_state.blocks for lo, hi in b[2]]
         out.append(
             {
                 "name": name,
                 "number": num,
                 "answer": ans,
                 "correct": num in ans,
+                "question": question,
+                "fact_recalled": any(num in llm.detokenize(b).decode(errors="replace") for b in blocks),
                 "distance": distance,
                 "turn_s": time.perf_counter() - t0,
             }
@@ -227,11 +247,13 @@ def main() -> None:
                 row["of"] = 5 * len(trials)
             else:
                 row["score"] = sum(t["correct"] for t in trials)
+                row["fact_recalled"] = sum(t["fact_recalled"] for t in trials)
                 row["of"] = len(trials)
             results.append(row)
             write(args, results)  # after every row, so a stopped run keeps what it measured
             print(
-                f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {st.peak_cells}  recalls {st.recalls}",
+                f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {st.peak_cells}  recalls {st.recalls}"
+                + (f"  fact recalled {row['fact_recalled']}" if "fact_recalled" in row else ""),
                 flush=True,
             )
             llm.reset()
@@ -253,12 +275,13 @@ def write(args: argparse.Namespace, results: list[dict]) -> None:
         "",
         f"`{command}`",
         "",
-        f"| config | set | {unit} | peak cells | recalls | tokens recalled | recall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| config | set | {unit} | fact's sentence recalled | peak cells | recalls | tokens recalled | recall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {r['peak_cells']} | {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
+            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {r.get('fact_recalled', '-')} | {r['peak_cells']} "
+            f"| {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
         )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(args, results)

@@ -22,7 +22,8 @@ enum pme_policy_kind {
 enum pme_ubatch_flags {
     PME_UB_PREFILL = 1, /* multi-token chunk */
     PME_UB_LAST    = 2, /* last chunk of a prompt */
-    PME_UB_PROBE   = 4  /* the prompt's last tokens, decoded to score the cache and then removed */
+    PME_UB_PROBE   = 4, /* the prompt's last tokens, decoded to score the cache and then removed */
+    PME_UB_QUERY   = 8  /* a new text's last tokens, decoded for their queries only (key log) and removed */
 };
 
 enum pme_fusion { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };
@@ -115,16 +116,25 @@ int64_t pme_session_save(pme_state * st, void * buf, int64_t cap);
 int     pme_session_load(pme_state * st, const void * buf, int64_t size);
 
 /* Test hooks: drive the same scoring and selection code without a model. */
-int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n);
-int pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head);
-int pme_test_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
-int pme_test_scores(const pme_state * st, float * out, int32_t cap);
+int              pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n);
+int              pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head);
+int              pme_test_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
+int              pme_test_scores(const pme_state * st, float * out, int32_t cap);
 /* enable 1: from now on, with flash attention on, every flash attention node also has its output rebuilt from
  * the recomputed rows and V (out[0] = max |difference|, out[1] = max |output|); with it off, every kq_soft_max
  * node's rows are also recomputed the flash attention way from Q, K and the mask (out[0] = max |difference|,
  * out[1] = max weight, out[2] = max relative difference over weights above 1e-3). out[3] = nodes checked.
  * Counters reset on enable. */
-int pme_test_fattn_check(pme_state * st, int32_t enable, float * out);
+int              pme_test_fattn_check(pme_state * st, int32_t enable, float * out);
+/* Key log (pme_keylog.c): with enable(d_k > 0), every ubatch stages the keys it wrote at each scored layer
+ * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
+ * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's
+ * attention scale). A query ubatch folds nothing into the policy. pme_layer_groups: 1 for each layer of the
+ * scored cache in the last ubatch. enable(0) turns it off. */
+int              pme_keylog_enable(pme_state * st, int32_t d_k);
+const uint16_t * pme_keylog_keys(const pme_state * st, int32_t layer);
+const float *    pme_keylog_query(const pme_state * st, int32_t layer, int32_t * n_rows, float * scale);
+int              pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap);
 /* CFFI-END */
 #ifdef __cplusplus
 }

@@ -110,13 +110,14 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
             return;
         }
         pme_cell_assign(st, (int32_t) c, st->ub_pos[i]);
+        st->ub_cell[i] = (int32_t) c;
     }
     st->group_mapped[g] = 1;
 }
 
 static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
     const int il = pme_parse_layer(t->name, "kq_soft_max-");
-    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
+    if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
         return false;
     }
     return st->layer_group[il] == st->main_group;
@@ -134,7 +135,7 @@ static int fattn_layer(const struct ggml_tensor * t) {
 
 static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {
     const int il = fattn_layer(t);
-    if (!st->ops->needs_attention || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
+    if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
         return false;
     }
     return st->layer_group[il] == st->main_group;
@@ -176,9 +177,14 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         return false;
     }
     if (st && !st->failed && st->ub_n > 0) {
+        const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
+        pme_keylog_capture(st, t, il);
+        /* a key log query probe, or a policy that reads no attention (the key log asked for the node) */
+        if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention) {
+            return true;
+        }
         if (t->op == GGML_OP_FLASH_ATTN_EXT) {
-            const int il  = fattn_layer(t); /* wants_fattn checked it is in range */
-            st->cur_layer = il;
+            st->cur_layer = il; /* wants_fattn checked it is in range */
             pme_fold_fattn(st, t, il);
         } else {
             on_softmax(st, t);

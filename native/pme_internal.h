@@ -6,6 +6,7 @@
 #define PME_MAX_GROUPS 4 /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
 #define PME_ERR_LEN    256
 #define PME_COPY_SLOTS 6
+#define PME_KL_QMAX    32 /* query rows a probe keeps (its last ones) */
 
 /* pos: llama.cpp position (what seq_rm takes); lpos: logical position, never renumbered (pooling) */
 typedef struct pme_candidate {
@@ -43,6 +44,7 @@ struct pme_state {
     /* current ubatch */
     int32_t * ub_pos;       /* (max_ubatch) positions in ubatch order */
     int32_t   ub_n;
+    int32_t * ub_cell;      /* (max_ubatch) cell written for each token of the ubatch (on_set_rows) */
     int32_t   ub_flags;     /* pme_ubatch_flags of the last ubatch */
     int32_t   ub_layers;    /* softmax nodes folded in */
     int32_t   cur_layer;    /* layer of the softmax being folded */
@@ -96,8 +98,17 @@ struct pme_state {
     void *  fa_check_v;   /* (n_kv + 1, dv) V rows as float, plus one accumulator row */
     size_t  fa_check_v_cap;
 
-    int32_t failed;
-    char    err[PME_ERR_LEN];
+    /* key log (pme_keylog.c): this ubatch's keys and an armed probe's queries, per scored layer */
+    int32_t    kl_d;     /* head size of K, 0: the key log is off */
+    uint16_t * kl_k;     /* (n_layer, max_ubatch, n_head_kv, d) f16 keys of the last ubatch's tokens */
+    float *    kl_q;     /* (n_layer, PME_KL_QMAX, n_head, d) queries of the last probe's last rows */
+    int32_t    kl_q_rows;
+    uint8_t *  kl_seen;  /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries staged */
+    float *    kl_scale; /* (n_layer) the attention node's scale */
+    float      kl_f32[1024];
+    uint8_t    kl_row[4096];
+    int32_t    failed;
+    char       err[PME_ERR_LEN];
 };
 
 /* qsort comparator for int32_t positions, ascending */
@@ -183,6 +194,7 @@ static inline int pme_ub_is_prompt(const pme_state * st) {
 }
 
 void pme_policy_reset(pme_state * st);
+void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
 
-int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
+int pme_is_pinned(const pme_state * st, int32_t pos);                                 /* pme_pins.c */
 #endif

@@ -72,6 +72,9 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->cell_lpos    = malloc(nc * sizeof(int64_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
     st->ub_pos       = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
+    st->ub_cell      = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
+    st->kl_seen      = calloc((size_t) cfg->n_layer, 1);
+    st->kl_scale     = calloc((size_t) cfg->n_layer, sizeof(float));
     st->ub_row_acc   = calloc(w * nc, sizeof(float));
     st->ub_chunk_acc = calloc(nc, sizeof(float));
     st->ub_sum_acc   = calloc(nc, sizeof(float));
@@ -85,9 +88,10 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->calib_target = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_cell   = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
-    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->ub_row_acc || !st->ub_chunk_acc ||
-        !st->ub_sum_acc || !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand ||
-        !st->victim_pos || !st->calib_target || !st->calib_cell || !st->calib_acc) {
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->ub_cell || !st->kl_seen ||
+        !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
+        !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos || !st->calib_target ||
+        !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -103,6 +107,11 @@ void pme_free(pme_state * st) {
     for (int i = 0; i < PME_COPY_SLOTS; ++i) {
         free(st->dev_copy[i]);
     }
+    free(st->kl_k);
+    free(st->kl_q);
+    free(st->kl_scale);
+    free(st->kl_seen);
+    free(st->ub_cell);
     free(st->fa_k);
     free(st->fa_rows);
     free(st->fa_mask);
@@ -137,6 +146,7 @@ void pme_reset(pme_state * st) {
         st->cell_pos[c] = -1;
     }
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
+    memset(st->kl_seen, 0, (size_t) st->cfg.n_layer);
     st->n_groups   = 0;
     st->main_group = -1;
     st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = st->compactions = 0;
@@ -212,6 +222,10 @@ int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int3
     /* graphs may be rebuilt between decodes, so cache groups are re-learned from each graph */
     memset(st->group_mapped, 0, sizeof st->group_mapped);
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);
+    memset(st->kl_seen, 0, (size_t) st->cfg.n_layer);
+    for (int32_t i = 0; i < n_tokens; ++i) {
+        st->ub_cell[i] = -1;
+    }
     st->n_groups   = 0;
     st->main_group = -1;
     pme_ubatch_reset_acc(st);
@@ -231,6 +245,12 @@ int pme_end_ubatch(pme_state * st) {
             st, "pme_end_ubatch: the decode wrote no cells of the %d-cell cache (is the eval callback installed?)",
             st->cfg.n_cells);
         return -1;
+    }
+    if (st->ub_flags & PME_UB_QUERY) {
+        /* a query probe for the key log: read, not observed, and removed by the caller; its cells count */
+        st->peak = st->n_live > st->peak ? st->n_live : st->peak;
+        st->ub_n = 0;
+        return 0;
     }
     if (st->ub_layers == 0 && st->ops->needs_attention) {
         pme_set_error(st,

@@ -159,3 +159,21 @@ def test_smollm2_chat_recalls_a_number_from_the_first_turn_after_two_stories(smo
         again.load_session(tmp_path / "chat.pme")
         ans = again.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
         assert "90517" in ans and again.stats.recalls >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_system_prompt_pinned_at_budget_256_survives_5k_generated_tokens(smollm2_path):
+    """The issue's pinning check on a real model: keep="system", budget 256, one answer of 5,000 tokens (the end of
+    turn banned), then the cell map still holds every token of the system prompt by its sequence index."""
+    with Llama(smollm2_path, kv_budget=256, keep="system") as llm:
+        msgs = [
+            {"role": "system", "content": "You are Ada, a patient tutor who always answers in short sentences."},
+            {"role": "user", "content": "Tell me everything you know about the history of bridges."},
+        ]
+        banned = {llm.token_eos(): -1e9} | {t: -1e9 for t in llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}
+        r = llm.create_chat_completion(msgs, max_tokens=5000, temperature=0.0, logit_bias=banned, repeat_penalty=1.1)
+        assert r["usage"]["completion_tokens"] == 5000
+        n_sys = llm.engine.n_keep
+        assert n_sys > 10 and set(range(n_sys)) <= set(llm.engine.scorer.cell_lpos())
+        s = llm.stats
+        assert s.tokens_evicted > 4500 and s.peak_cells <= 256 + 512 and s.cells_in_use <= 256

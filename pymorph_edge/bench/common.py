@@ -23,7 +23,18 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
     # engine settings a spec may carry; the rest are the policy's own parameters. "budget" overrides the
     # config's for this spec (equal-bytes comparisons: a q8_0 cache at about twice the f16 budget), while
     # prompt lengths stay multiples of the config's budget so every spec answers the same prompts
-    engine_keys = ("name", "label", "swa_full", "max_span", "flash_attn", "type_k", "type_v", "budget")
+    engine_keys = (
+        "name",
+        "label",
+        "swa_full",
+        "max_span",
+        "flash_attn",
+        "type_k",
+        "type_v",
+        "budget",
+        "recall",
+        "recall_by",
+    )
     params = {k: v for k, v in spec.items() if k not in engine_keys}
     kv = {k: spec[k] for k in ("flash_attn", "type_k", "type_v") if k in spec}
     budget = spec.get("budget", budget)
@@ -42,7 +53,10 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         model,
         kv_budget=budget,
         policy=policy,
-        config=EngineConfig(n_ubatch=n_ubatch, max_span=spec.get("max_span"), **kv),
+        recall=spec.get("recall"),
+        config=EngineConfig(
+            n_ubatch=n_ubatch, max_span=spec.get("max_span"), recall_by=spec.get("recall_by", "bm25"), **kv
+        ),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 
 from pymorph_edge.engine.evicted_log import DEFAULT_LOG_BYTES
+from pymorph_edge.engine.key_log import DEFAULT_KEY_BYTES
 from pymorph_edge.engine.kv_cache_types import FLOAT_TYPES, check_flash_attn, check_kv_type
 from pymorph_edge.model.model_file import LoadedModel
 from pymorph_edge.policies import KVPolicy
@@ -34,6 +35,8 @@ class EngineConfig:
     recall: bool | None = None  # bring evicted text back for new requests (engine/recall.py); None: the policy's
     recall_tokens: int | None = None  # most tokens one request recalls (None: recall.default_recall_tokens)
     recall_log_bytes: int = DEFAULT_LOG_BYTES  # token ids kept for recall, oldest dropped beyond this
+    recall_by: str = "bm25"  # how recall judges relevance: "bm25" (words) or "attention" (logged keys)
+    recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for recall_by="attention", oldest dropped beyond this
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
     )
@@ -62,6 +65,14 @@ class EngineConfig:
         self.type_k = check_kv_type("type_k", self.type_k)
         self.type_v = check_kv_type("type_v", self.type_v)
         check_flash_attn(self.type_k, self.type_v, self.flash_attn)
+        if self.recall_by not in ("bm25", "attention"):
+            raise ValueError(f"recall_by must be 'bm25' or 'attention', got {self.recall_by!r}")
+        if (
+            isinstance(self.recall_key_bytes, bool)
+            or not isinstance(self.recall_key_bytes, int)
+            or self.recall_key_bytes < 0
+        ):
+            raise ValueError(f"recall_key_bytes must be a non-negative int, got {self.recall_key_bytes!r}")
         if self.recall is not None and not isinstance(self.recall, bool):
             raise ValueError(f"recall must be True, False or None, got {self.recall!r}")
         if self.recall_tokens is not None and (

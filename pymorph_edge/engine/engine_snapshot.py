@@ -102,6 +102,11 @@ def _apply(engine: KVEngine, snap: EngineSnapshot, history: TokenHistory) -> Non
         engine.log.clear()
         engine.log.start = engine.n_past
         engine.recall_state = RecallState()
+    if engine.keys is not None:
+        # keys are not saved (recall_by="attention" is an option; the id log above is what sessions carry): the
+        # restored tokens' keys are unknown, so attention can rank only what is decoded from here on
+        engine.keys.clear()
+        engine.keys.start = engine.n_past
     engine.consistent = True
     newest = C.llama_memory_seq_pos_max(engine.mem, SEQ)
     if len(history) != engine.n_past or newest != engine.next_pos - 1:

@@ -20,10 +20,12 @@ from pymorph_edge.engine.engine_config import (
 )
 from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.head_calibration import calibrate_head_weights
+from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.kv_cache_types import check_head_size, ggml_type, row_bytes
 from pymorph_edge.engine.native_scorer import NativeScorer
 from pymorph_edge.engine.prefix_reuse import reusable_prefix
 from pymorph_edge.engine.recall import RecallState, default_recall_tokens
+from pymorph_edge.engine.recall_keys import QUERY_TOKENS, key_layers
 from pymorph_edge.engine.stats import KVStats
 from pymorph_edge.engine.token_history import TokenHistory
 from pymorph_edge.model.llama_log import KVSizeCapture
@@ -153,7 +155,13 @@ class KVEngine:
         )
         self.n_keep = 0
         self.recall_tokens = 0
+        # recall by attention logs every token's keys at a few layers (key_log.py), chosen at the first ubatch
+        self.keys: KeyLog | None = None
+        self._logs_keys = self.recall_enabled and config.recall_by == "attention"
         try:
+            if self._logs_keys:
+                assert self.scorer is not None  # recall_enabled implies it
+                self.scorer.enable_keylog(model.info.n_embd_k_gqa // model.info.n_head_kv)
             if self.scorer is not None:
                 self.set_keep(config.n_keep)
             if self.scorer is not None and policy.calibrates_heads:
@@ -236,6 +244,8 @@ class KVEngine:
         self._full_peak = 0
         self.history.clear()
         self.log.clear()
+        if self.keys is not None:
+            self.keys.clear()
         self.recall_state = RecallState()
         self.consistent = True
 
@@ -273,6 +283,8 @@ class KVEngine:
             raise RuntimeError(f"llama_memory_seq_rm failed truncating to position {from_pos}")
         self.history.truncate(from_index)
         self.log.truncate(from_index)
+        if self.keys is not None:
+            self.keys.truncate(from_index)
         self.n_past = from_index
         self.next_pos = from_pos
 
@@ -332,6 +344,8 @@ class KVEngine:
             )
             if on_logits is not None:
                 on_logits(start, m)
+            if self._logs_keys:
+                self._log_keys(self.n_past, m)
             self.next_pos += m
             self.n_past += m
             self.tokens_decoded += m
@@ -353,6 +367,36 @@ class KVEngine:
                 self.consistent = False
         self.consistent = True
 
+    def _log_keys(self, index: int, m: int) -> None:
+        """Append the keys the last ubatch wrote for sequence indices index..index+m-1 to the key log."""
+        assert self.scorer is not None  # only a scored cache logs keys
+        info = self.model.info
+        if self.keys is None:
+            layers = key_layers(self.scorer.scored_layers())
+            self.keys = KeyLog(
+                layers, info.n_head_kv, info.n_embd_k_gqa // info.n_head_kv, self.config.recall_key_bytes
+            )
+        rows = self.scorer.staged_keys(self.keys.layers, m, info.n_head_kv)
+        if rows is None:
+            raise RuntimeError(f"the key log read no keys at layers {self.keys.layers} in the last ubatch")
+        self.keys.append(index, rows)
+
+    def query_probe(self, tokens: Sequence[int]) -> tuple[object, object] | None:
+        """Decode the last QUERY_TOKENS of tokens at the next positions for their queries at the key log's layers,
+        then remove them: ((layers, rows, n_head, d_k) queries, per-layer scales), or None (no key log yet)."""
+        if self.scorer is None or self.keys is None or not tokens:
+            return None
+        probe = list(tokens[-QUERY_TOKENS:])
+        if self.compacts and self.next_pos + len(probe) > self.max_span:
+            self.compact()
+        lo = self.next_pos
+        self.consistent = False
+        self._decode_ubatch(probe, lo, False, False, query=True)
+        out = self.scorer.staged_query(self.keys.layers, self.model.info.n_head)
+        self.scorer.truncate(self.mem, SEQ, lo)
+        self.consistent = True
+        return out
+
     def _probes(self, n: int) -> bool:
         """Whether this prompt's chunks are scored by a probe of its last tokens (see MorphKV.prefill_probe).
         Only a prompt of several chunks needs one: a single chunk holds its question already."""
@@ -371,6 +415,7 @@ class KVEngine:
         last_chunk: bool,
         probe: bool = False,
         all_logits: bool = False,
+        query: bool = False,
     ) -> None:
         b = self.batch
         m = len(chunk)
@@ -382,7 +427,7 @@ class KVEngine:
             b.logits[i] = 1 if all_logits or (want_logits and i == m - 1) else 0
         b.n_tokens = m
         if self.scorer is not None:
-            self.scorer.begin(pos0, m, last_chunk, probe)
+            self.scorer.begin(pos0, m, last_chunk, probe, query)
         rc = C.llama_decode(self.ctx, b)
         if rc != 0:
             if self.scorer is not None:

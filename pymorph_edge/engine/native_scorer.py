@@ -11,6 +11,7 @@ import ctypes
 from typing import Any
 
 import llama_cpp.llama_cpp as C
+import numpy as np
 
 from pymorph_edge._native import native
 from pymorph_edge.model.model_file import ModelInfo
@@ -60,12 +61,15 @@ class NativeScorer:
     def _mem(self, mem: Any) -> Any:
         return self._ffi.cast("void *", mem)
 
-    def begin(self, first_pos: int, m: int, last_chunk: bool, probe: bool = False) -> None:
-        """Announce a ubatch of m tokens at positions first_pos.. (called before llama_decode)."""
+    def begin(self, first_pos: int, m: int, last_chunk: bool, probe: bool = False, query: bool = False) -> None:
+        """Announce a ubatch of m tokens at positions first_pos.. (called before llama_decode). query: a key log
+        probe, read for its queries only (see staged_query)."""
         for i in range(m):
             self._pos_buf[i] = first_pos + i
         lib = self._lib
-        if probe:
+        if query:
+            flags = lib.PME_UB_QUERY
+        elif probe:
             flags = lib.PME_UB_PROBE
         else:
             flags = (lib.PME_UB_PREFILL if m > 1 else 0) | (lib.PME_UB_LAST if last_chunk else 0)
@@ -134,6 +138,42 @@ class NativeScorer:
 
     def reset(self) -> None:
         self._lib.pme_reset(self._state)
+
+    # -- key log (native/pme_keylog.c) ---------------------------------------------------------
+    def enable_keylog(self, d_k: int) -> None:
+        """From now on every ubatch stages its keys at each scored layer (0 turns it off)."""
+        self._check(self._lib.pme_keylog_enable(self._state, d_k), "key log")
+        self._d_k = d_k
+
+    def scored_layers(self) -> list[int]:
+        """The layers of the scored cache, as the last ubatch's graph showed them."""
+        out = self._ffi.new("int8_t[]", 4096)
+        n = self._check(self._lib.pme_layer_groups(self._state, out, 4096), "layer groups")
+        return [il for il in range(n) if out[il]]
+
+    def staged_keys(self, layers: list[int], m: int, n_head_kv: int) -> np.ndarray | None:
+        """(m, len(layers), n_head_kv, d_k) f16 keys the last ubatch wrote; None if a layer was not read."""
+        out = np.empty((m, len(layers), n_head_kv, self._d_k), np.float16)
+        for j, il in enumerate(layers):
+            ptr = self._lib.pme_keylog_keys(self._state, il)
+            if ptr == self._ffi.NULL:
+                return None
+            n = m * n_head_kv * self._d_k
+            out[:, j] = np.frombuffer(self._ffi.buffer(ptr, 2 * n), np.float16).reshape(m, n_head_kv, self._d_k)
+        return out
+
+    def staged_query(self, layers: list[int], n_head: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last query probe's rows: ((len(layers), n_rows, n_head, d_k) f32, per-layer scales) or None."""
+        rows, scale = self._ffi.new("int32_t *"), self._ffi.new("float *")
+        qs, scales = [], []
+        for il in layers:
+            ptr = self._lib.pme_keylog_query(self._state, il, rows, scale)
+            if ptr == self._ffi.NULL:
+                return None
+            n = int(rows[0]) * n_head * self._d_k
+            qs.append(np.frombuffer(self._ffi.buffer(ptr, 4 * n), np.float32).reshape(int(rows[0]), n_head, -1).copy())
+            scales.append(float(scale[0]))
+        return np.stack(qs), np.array(scales, np.float32)
 
     # -- sessions (native/pme_session.c) ---------------------------------------------------------
     def save_state(self) -> bytes:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymorph_edge.engine.recall_keys import attention_mass, rank_by_attention
 from pymorph_edge.engine.recall_select import Span, choose, query_weights, rank, sentences, whole_sentences
 
 if TYPE_CHECKING:
@@ -98,6 +99,21 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     bounds = (engine.log.start, min(engine.log.end, engine.n_past))
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+    if engine.config.recall_by == "attention":
+        probe = engine.query_probe(new_tokens)
+        if probe is None or engine.keys is None:
+            return []
+        mass = attention_mass(probe[0], probe[1], engine.keys.keys())
+        ranked = rank_by_attention(spans, mass, engine.keys.start)
+        if logger.isEnabledFor(logging.DEBUG):
+            for m, sp in ranked[:5]:
+                logger.debug(
+                    "attention %.4f (%.1fx avg/token): %r",
+                    m,
+                    m / sp.n_tokens * len(mass),
+                    "".join(piece(t) for t in engine.log.tokens(sp.lo, sp.hi)),
+                )
+        return choose(ranked, max_tokens)
     query = query_weights("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:]))
     return choose(rank(spans, query), max_tokens)
 

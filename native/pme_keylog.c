@@ -1,0 +1,159 @@
+/* Key log: the keys each ubatch wrote, and the queries of an armed ubatch, copied out of the attention node
+ * of every scored layer, so that recall can ask which evicted tokens a new text would attend to
+ * (pymorph_edge/engine/recall_keys.py).
+ *
+ * The attention node already runs the callback, so nothing else is asked for and the graph splits no more:
+ *   flash attention on:  node->src[0] Q (d, n_tokens, n_head) f32, node->src[1] K (d, n_kv, n_head_kv)
+ *   flash attention off: kq_soft_max->src[0] is kq = mul_mat(K, Q) with the same K and Q views
+ * K is a view of the cache, written by SET_ROWS before the node runs, so the rows of this ubatch's cells
+ * (on_set_rows records which) hold its keys in the cache's type, after RoPE. Only those rows are read, one
+ * row at a time through the backend API when the cache is not in host memory. */
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "pme_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int pme_keylog_enable(pme_state * st, int32_t d_k) {
+    if (!st) {
+        return -1;
+    }
+    if (d_k < 0 || d_k > 1024) {
+        pme_set_error(st, "pme_keylog_enable: d_k=%d outside [0, 1024]", d_k);
+        return -1;
+    }
+    free(st->kl_k);
+    free(st->kl_q);
+    st->kl_k = NULL;
+    st->kl_q = NULL;
+    st->kl_d = d_k;
+    if (d_k == 0) {
+        return 0;
+    }
+    const size_t L = (size_t) st->cfg.n_layer;
+    st->kl_k = malloc(L * (size_t) st->cfg.max_ubatch * (size_t) st->cfg.n_head_kv * (size_t) d_k * sizeof(uint16_t));
+    st->kl_q = malloc(L * PME_KL_QMAX * (size_t) st->cfg.n_head * (size_t) d_k * sizeof(float));
+    if (!st->kl_k || !st->kl_q) {
+        pme_set_error(st, "out of memory for the key log's staging buffers");
+        return -1;
+    }
+    memset(st->kl_seen, 0, (size_t) st->cfg.n_layer);
+    return 0;
+}
+
+const uint16_t * pme_keylog_keys(const pme_state * st, int32_t layer) {
+    if (!st || !st->kl_k || layer < 0 || layer >= st->cfg.n_layer || !(st->kl_seen[layer] & 1)) {
+        return NULL;
+    }
+    return st->kl_k + (size_t) layer * st->cfg.max_ubatch * st->cfg.n_head_kv * st->kl_d;
+}
+
+const float * pme_keylog_query(const pme_state * st, int32_t layer, int32_t * n_rows, float * scale) {
+    if (!st || !st->kl_q || layer < 0 || layer >= st->cfg.n_layer || !(st->kl_seen[layer] & 2)) {
+        return NULL;
+    }
+    *n_rows = st->kl_q_rows;
+    *scale  = st->kl_scale[layer];
+    return st->kl_q + (size_t) layer * PME_KL_QMAX * st->cfg.n_head * st->kl_d;
+}
+
+int pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap) {
+    if (!st || cap < st->cfg.n_layer) {
+        return -1;
+    }
+    for (int32_t il = 0; il < st->cfg.n_layer; ++il) {
+        out[il] = st->main_group >= 0 && st->layer_group[il] == st->main_group ? 1 : 0;
+    }
+    return st->cfg.n_layer;
+}
+
+/* one row of t (any type) at byte offset off, as floats; rows outside host memory come one at a time */
+static int read_row(pme_state * st, const struct ggml_tensor * t, size_t off, int64_t d, float * out) {
+    const struct ggml_type_traits * tr = ggml_get_type_traits(t->type);
+    const size_t                    rb = ggml_row_size(t->type, d);
+    const void *                    src;
+    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
+        src = (const char *) t->data + off;
+    } else {
+        if (rb > sizeof st->kl_row) {
+            pme_set_error(st, "%s: a %zu-byte row does not fit the key log's row buffer", t->name, rb);
+            return -1;
+        }
+        ggml_backend_tensor_get(t, st->kl_row, off, rb);
+        src = st->kl_row;
+    }
+    if (t->type == GGML_TYPE_F32) {
+        memcpy(out, src, (size_t) d * sizeof(float));
+    } else if (tr->to_float) {
+        tr->to_float(src, out, d);
+    } else {
+        pme_set_error(st, "%s: no conversion to float for type %s", t->name, ggml_type_name(t->type));
+        return -1;
+    }
+    return 0;
+}
+
+/* node: the attention node of scored layer il, just computed */
+void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il) {
+    if (st->kl_d == 0 || il < 0 || il >= st->cfg.n_layer) {
+        return;
+    }
+    const struct ggml_tensor * q = NULL;
+    const struct ggml_tensor * k = NULL;
+    float                      scale;
+    memcpy(&scale, node->op_params, sizeof scale); /* both ops keep their scale in op_params[0] */
+    if (node->op == GGML_OP_FLASH_ATTN_EXT) {
+        q = node->src[0];
+        k = node->src[1];
+    } else if (node->src[0] && node->src[0]->op == GGML_OP_MUL_MAT) {
+        k = node->src[0]->src[0];
+        q = node->src[0]->src[1];
+    }
+    const int64_t d = st->kl_d, hkv = st->cfg.n_head_kv, nh = st->cfg.n_head;
+    if (!q || !k || k->ne[0] != d || k->ne[2] != hkv || q->ne[0] != d || q->ne[2] != nh || q->type != GGML_TYPE_F32 ||
+        q->ne[1] != st->ub_n) {
+        pme_set_error(st, "key log: layer %d's attention node has no K (d=%lld, %lld heads) and Q it can read", il,
+                      (long long) d, (long long) hkv);
+        return;
+    }
+    if (st->ub_flags & PME_UB_QUERY) {
+        /* the armed ubatch is a query probe: its queries, not its keys (it is removed again) */
+        const int32_t n0 = st->ub_n > PME_KL_QMAX ? st->ub_n - PME_KL_QMAX : 0;
+        float *       qd = st->kl_q + (size_t) il * PME_KL_QMAX * nh * d;
+        for (int32_t r = n0; r < st->ub_n; ++r) {
+            for (int64_t h = 0; h < nh; ++h) {
+                if (read_row(st, q, (size_t) r * q->nb[1] + (size_t) h * q->nb[2], d,
+                             qd + ((size_t) (r - n0) * nh + h) * d) != 0) {
+                    return;
+                }
+            }
+        }
+        st->kl_q_rows    = st->ub_n - n0;
+        st->kl_scale[il] = scale;
+        st->kl_seen[il] |= 2;
+        return;
+    }
+    uint16_t * kd = st->kl_k + (size_t) il * st->cfg.max_ubatch * hkv * d;
+    for (int32_t i = 0; i < st->ub_n; ++i) {
+        const int32_t cell = st->ub_cell[i];
+        if (cell < 0 || cell >= k->ne[1]) {
+            pme_set_error(st, "key log: cell %d of token %d outside the %lld-cell K view", cell, i,
+                          (long long) k->ne[1]);
+            return;
+        }
+        for (int64_t h = 0; h < hkv; ++h) {
+            uint16_t *   dst = kd + ((size_t) i * hkv + h) * d;
+            const size_t off = (size_t) cell * k->nb[1] + (size_t) h * k->nb[2];
+            if (k->type == GGML_TYPE_F16 && (k->buffer == NULL || ggml_backend_buffer_is_host(k->buffer))) {
+                memcpy(dst, (const char *) k->data + off, (size_t) d * sizeof(uint16_t));
+                continue;
+            }
+            if (read_row(st, k, off, d, st->kl_f32) != 0) {
+                return;
+            }
+            ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) dst, d);
+        }
+    }
+    st->kl_seen[il] |= 1;
+}
