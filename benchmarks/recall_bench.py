@@ -60,8 +60,9 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")
-    policy, by, _ = policy.partition("-attention")
-    cfg = EngineConfig(recall_by="attention" if by else "bm25")
+    # "-attention" / "-bm25": recall judged one way only; otherwise the default ("both")
+    policy, by = (policy.split("-", 1) + ["both"])[:2]
+    cfg = EngineConfig(recall_by=by)
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 
@@ -202,6 +203,11 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
                 "correct": num in ans,
                 "question": question,
                 "fact_recalled": any(num in llm.detokenize(b).decode(errors="replace") for b in blocks),
+                # per dialogue: llm.reset() starts the counters and the peak again
+                "recalls": llm.stats.recalls,
+                "recalled_tokens": llm.stats.recalled_tokens,
+                "recall_s": llm.stats.recall_s,
+                "peak_cells": llm.stats.peak_cells,
                 "distance": distance,
                 "turn_s": time.perf_counter() - t0,
             }
@@ -242,6 +248,9 @@ def main() -> None:
                 "recall_s": st.recall_s,
                 "log_bytes": st.recall_log_bytes,
             }
+            if args.task == "dialogue":  # each dialogue began with a reset: sum its counters, take the highest peak
+                row.update({k: sum(t[k] for t in trials) for k in ("recalls", "recalled_tokens", "recall_s")})
+                row["peak_cells"] = max(t["peak_cells"] for t in trials)
             if args.task == "continuation":
                 row["score"] = sum(t["digits_copied"] for t in trials)
                 row["of"] = 5 * len(trials)
@@ -252,7 +261,7 @@ def main() -> None:
             results.append(row)
             write(args, results)  # after every row, so a stopped run keeps what it measured
             print(
-                f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {st.peak_cells}  recalls {st.recalls}"
+                f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {row['peak_cells']}  recalls {row['recalls']}"
                 + (f"  fact recalled {row['fact_recalled']}" if "fact_recalled" in row else ""),
                 flush=True,
             )

@@ -55,7 +55,7 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         policy=policy,
         recall=spec.get("recall"),
         config=EngineConfig(
-            n_ubatch=n_ubatch, max_span=spec.get("max_span"), recall_by=spec.get("recall_by", "bm25"), **kv
+            n_ubatch=n_ubatch, max_span=spec.get("max_span"), recall_by=spec.get("recall_by", "both"), **kv
         ),
     )
 

@@ -35,8 +35,10 @@ class EngineConfig:
     recall: bool | None = None  # bring evicted text back for new requests (engine/recall.py); None: the policy's
     recall_tokens: int | None = None  # most tokens one request recalls (None: recall.default_recall_tokens)
     recall_log_bytes: int = DEFAULT_LOG_BYTES  # token ids kept for recall, oldest dropped beyond this
-    recall_by: str = "bm25"  # how recall judges relevance: "bm25" (words) or "attention" (logged keys)
-    recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for recall_by="attention", oldest dropped beyond this
+    # how recall judges relevance (docs/recall.md): "bm25" (the words), "attention" (the model's attention over
+    # logged keys), "both" (BM25's picks plus attention's best span)
+    recall_by: str = "both"
+    recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
     )
@@ -65,8 +67,8 @@ class EngineConfig:
         self.type_k = check_kv_type("type_k", self.type_k)
         self.type_v = check_kv_type("type_v", self.type_v)
         check_flash_attn(self.type_k, self.type_v, self.flash_attn)
-        if self.recall_by not in ("bm25", "attention"):
-            raise ValueError(f"recall_by must be 'bm25' or 'attention', got {self.recall_by!r}")
+        if self.recall_by not in ("bm25", "attention", "both"):
+            raise ValueError(f"recall_by must be 'bm25', 'attention' or 'both', got {self.recall_by!r}")
         if (
             isinstance(self.recall_key_bytes, bool)
             or not isinstance(self.recall_key_bytes, int)

@@ -157,7 +157,7 @@ class KVEngine:
         self.recall_tokens = 0
         # recall by attention logs every token's keys at a few layers (key_log.py), chosen at the first ubatch
         self.keys: KeyLog | None = None
-        self._logs_keys = self.recall_enabled and config.recall_by == "attention"
+        self._logs_keys = self.recall_enabled and config.recall_by in ("attention", "both")
         try:
             if self._logs_keys:
                 assert self.scorer is not None  # recall_enabled implies it
@@ -473,6 +473,7 @@ class KVEngine:
             next_pos=self.next_pos,
             full_cache_bytes=self.n_past * self.bytes_per_token,
             recall_log_bytes=self.log.nbytes,
+            recall_key_bytes=self.keys.nbytes if self.keys is not None else 0,
             **self.recall_state.counters.__dict__,
             **extra,
         )

@@ -99,23 +99,38 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     bounds = (engine.log.start, min(engine.log.end, engine.n_past))
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
-    if engine.config.recall_by == "attention":
-        probe = engine.query_probe(new_tokens)
-        if probe is None or engine.keys is None:
-            return []
-        mass = attention_mass(probe[0], probe[1], engine.keys.keys())
-        ranked = rank_by_attention(spans, mass, engine.keys.start)
-        if logger.isEnabledFor(logging.DEBUG):
-            for m, sp in ranked[:5]:
-                logger.debug(
-                    "attention %.4f (%.1fx avg/token): %r",
-                    m,
-                    m / sp.n_tokens * len(mass),
-                    "".join(piece(t) for t in engine.log.tokens(sp.lo, sp.hi)),
-                )
+    by = engine.config.recall_by
+    chosen: list[Span] = []
+    if by in ("bm25", "both"):
+        query = query_weights("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:]))
+        chosen = choose(rank(spans, query), max_tokens)
+    if by == "bm25":
+        return chosen
+    ranked = _by_attention(engine, new_tokens, spans, piece)
+    if by == "attention":
         return choose(ranked, max_tokens)
-    query = query_weights("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:]))
-    return choose(rank(spans, query), max_tokens)
+    # both: the words find what the new text names, the model's attention what it asks for in other words;
+    # attention's best span joins BM25's picks when it fits
+    used, have = sum(s.n_tokens for s in chosen), {s.lo for s in chosen}
+    for _, s in ranked[:1]:
+        if s.lo not in have and used + s.n_tokens <= max_tokens:
+            chosen = sorted([*chosen, s], key=lambda s: s.lo)
+    return chosen
+
+
+def _by_attention(
+    engine: KVEngine, new_tokens: Sequence[int], spans: list[Span], piece: Callable[[int], str]
+) -> list[tuple[float, Span]]:
+    probe = engine.query_probe(new_tokens)
+    if probe is None or engine.keys is None:
+        return []
+    mass = attention_mass(probe[0], probe[1], engine.keys.keys())
+    ranked = rank_by_attention(spans, mass, engine.keys.start)
+    if logger.isEnabledFor(logging.DEBUG):
+        for m, sp in ranked[:5]:
+            text = "".join(piece(t) for t in engine.log.tokens(sp.lo, sp.hi))
+            logger.debug("attention %.4f (%.1fx avg/token): %r", m, m / sp.n_tokens * len(mass), text)
+    return ranked
 
 
 def recall_before(

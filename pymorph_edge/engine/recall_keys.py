@@ -18,7 +18,7 @@ from pymorph_edge.engine.recall_select import Span
 
 QUERY_TOKENS = 32  # the new text's last tokens whose queries are read (its question, or a completion's cue)
 KEY_LAYERS = 4  # layers whose keys are logged
-LIFT = 1.5  # a span is recalled only if it draws this many times the attention of an average logged token
+LIFT = 2.0  # a span is recalled only if it draws this many times the attention of an average logged token
 
 
 def key_layers(scored: list[int], n: int = KEY_LAYERS) -> list[int]:
