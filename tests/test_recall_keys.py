@@ -108,3 +108,38 @@ def test_recall_by_is_checked_by_name():
         EngineConfig(recall_by="embeddings")
     with pytest.raises(ValueError, match="recall_key_bytes"):
         EngineConfig(recall_key_bytes=-5)
+
+
+def test_queries_read_with_flash_attention_off_are_those_it_reads_with_it_on(gqa_model):
+    """Off, Q is read through kq = mul_mat(K, Q) after the softmax node ran: this checks ggml-alloc had not yet
+    reused Q's memory, against the flash attention node, whose sources are intact when it ran."""
+    qs = []
+    for fa in (False, True):
+        cfg = EngineConfig(n_ubatch=64, recall_by="attention", flash_attn=fa)
+        with Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as llm:
+            llm.create_completion(FACTS, max_tokens=1, temperature=0.0)
+            qs.append(llm.engine.query_probe(llm.tokenize(" the code for Tom is", add_bos=False))[0])
+    off, on = qs
+    assert off.shape == on.shape
+    for layer in range(off.shape[0]):
+        assert np.corrcoef(off[layer].ravel(), on[layer].ravel())[0, 1] > 0.999
+
+
+def test_a_kept_conversation_keeps_its_keys_and_a_session_file_starts_them_afresh(gqa_model, tmp_path):
+    from pymorph_edge.engine import engine_snapshot
+
+    with Llama(gqa_model, kv_budget=128, recall=True, config=ATTENTION) as llm:
+        llm.create_completion(FACTS + FILLER, max_tokens=1, temperature=0.0)
+        eng = llm.engine
+        snap = engine_snapshot.capture(eng)
+        keys = eng.keys.keys().copy()
+        assert snap.nbytes >= eng.keys.nbytes > 0
+        llm.reset()
+        llm.create_completion("Something else entirely.", max_tokens=1, temperature=0.0)
+        engine_snapshot.restore(eng, snap)  # what the server does when a kept conversation comes back
+        assert eng.keys.start == 0 and np.array_equal(eng.keys.keys(), keys)
+        llm.save_session(tmp_path / "s.pme")
+    with Llama(gqa_model, kv_budget=128, recall=True, config=ATTENTION) as again:
+        again.load_session(tmp_path / "s.pme")
+        e = again.engine
+        assert e.keys is None or (e.keys.start == e.n_past and e.keys.end == e.n_past)

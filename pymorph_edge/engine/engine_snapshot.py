@@ -14,6 +14,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as C
 
+from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.kv_engine import SEQ, KVEngine
 from pymorph_edge.engine.recall import RecallState
 from pymorph_edge.engine.token_history import TokenHistory
@@ -26,11 +27,17 @@ class EngineSnapshot:
     llama_state: bytes  # llama_state_seq_get_data of the sequence
     scorer_state: bytes | None  # NativeScorer.save_state(), None without a native scorer
     recall: dict[str, Any] | None = None  # the recall log and state (engine/recall.py); None in older files
+    # the key log (engine/key_log.py) for the server's kept conversations: held in memory, never written to a
+    # session file (it grows with the conversation, 1.5 KB a token on SmolLM2, where the rest is set by the budget)
+    keys: KeyLog | None = None
 
     @property
     def nbytes(self) -> int:
         log = len((self.recall or {}).get("log", {}).get("ids", "")) * 3 // 4  # base64
-        return len(self.llama_state) + len(self.scorer_state or b"") + 8 * len(self.history.get("tail", ())) + log
+        keys = self.keys.nbytes if self.keys is not None else 0
+        return (
+            len(self.llama_state) + len(self.scorer_state or b"") + 8 * len(self.history.get("tail", ())) + log + keys
+        )
 
 
 def capture(engine: KVEngine) -> EngineSnapshot:
@@ -55,6 +62,7 @@ def capture(engine: KVEngine) -> EngineSnapshot:
         llama_state=bytes(buf)[:n],
         scorer_state=engine.scorer.save_state() if engine.scorer is not None else None,
         recall={"log": engine.log.state(), "state": engine.recall_state.to_json(), "n_keep": engine.n_keep},
+        keys=engine.keys.copy() if engine.keys is not None else None,
     )
 
 
@@ -102,9 +110,11 @@ def _apply(engine: KVEngine, snap: EngineSnapshot, history: TokenHistory) -> Non
         engine.log.clear()
         engine.log.start = engine.n_past
         engine.recall_state = RecallState()
-    if engine.keys is not None:
-        # keys are not saved (recall_by="attention" is an option; the id log above is what sessions carry): the
-        # restored tokens' keys are unknown, so attention can rank only what is decoded from here on
+    if snap.keys is not None and engine._logs_keys and (engine.keys is None or snap.keys.layers == engine.keys.layers):
+        engine.keys = snap.keys.copy()
+    elif engine.keys is not None:
+        # a session file carries no keys: attention can rank only what is decoded from here on (BM25 reads the
+        # restored id log as before)
         engine.keys.clear()
         engine.keys.start = engine.n_past
     engine.consistent = True

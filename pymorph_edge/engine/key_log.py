@@ -69,6 +69,12 @@ class KeyLog:
         elif n < self.end:
             self._n = n - self.start
 
+    def copy(self) -> KeyLog:
+        out = KeyLog(self.layers, self.n_head_kv, self.d_k, 0)
+        out.max_tokens, out.token_bytes = self.max_tokens, self.token_bytes
+        out._k, out._n, out.start = self._k[: self._n].copy(), self._n, self.start
+        return out
+
     def keys(self) -> np.ndarray:
         """(end - start, layers, n_head_kv, d_k) f16, a view."""
         return self._k[: self._n]
