@@ -319,6 +319,7 @@ def plot(args: argparse.Namespace, results: list[dict]) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "recall.png", dpi=110)
+    plt.close(fig)  # one plot per row written
 
 
 if __name__ == "__main__":
