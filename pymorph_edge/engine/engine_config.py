@@ -69,24 +69,14 @@ class EngineConfig:
         check_flash_attn(self.type_k, self.type_v, self.flash_attn)
         if self.recall_by not in ("bm25", "attention", "both"):
             raise ValueError(f"recall_by must be 'bm25', 'attention' or 'both', got {self.recall_by!r}")
-        if (
-            isinstance(self.recall_key_bytes, bool)
-            or not isinstance(self.recall_key_bytes, int)
-            or self.recall_key_bytes < 0
-        ):
-            raise ValueError(f"recall_key_bytes must be a non-negative int, got {self.recall_key_bytes!r}")
+        _check_non_negative("recall_key_bytes", self.recall_key_bytes)
         if self.recall is not None and not isinstance(self.recall, bool):
             raise ValueError(f"recall must be True, False or None, got {self.recall!r}")
         if self.recall_tokens is not None and (
             isinstance(self.recall_tokens, bool) or not isinstance(self.recall_tokens, int) or self.recall_tokens < 0
         ):
             raise ValueError(f"recall_tokens must be a non-negative int or None, got {self.recall_tokens!r}")
-        if (
-            isinstance(self.recall_log_bytes, bool)
-            or not isinstance(self.recall_log_bytes, int)
-            or self.recall_log_bytes < 0
-        ):
-            raise ValueError(f"recall_log_bytes must be a non-negative int, got {self.recall_log_bytes!r}")
+        _check_non_negative("recall_log_bytes", self.recall_log_bytes)
         if isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int) or self.n_keep < 0:
             raise ValueError(f"keep must be a non-negative int, got {self.n_keep!r}")
         if self.max_span is not None and (
@@ -133,6 +123,11 @@ def default_max_span(n_ctx_train: int, n_cells: int) -> int:
     every span up to n_ctx_train. Never below two caches' worth of cells, so that each renumbering buys
     at least n_cells tokens."""
     return max(n_ctx_train, 2 * n_cells)
+
+
+def _check_non_negative(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 def validate_budget(kv_budget: int | None, policy: KVPolicy, n_swa: int) -> None:
