@@ -1,9 +1,14 @@
-"""Per-turn latency with and without recall at a 4K-token history (SmolLM2, budget 512), interleaved rounds.
+"""What recall adds to a chat turn at a 4K-token history (SmolLM2, budget 512), with recall on and off.
 
-usage: python benchmarks/recall_latency.py [--rounds 2] [--out benchmarks/results/recall-latency-smollm2]
-Each round builds the same 4K-token history in a fresh Llama (not timed), then times one request that extends it
-by a question and answers `--answer` greedy tokens, with recall at its default and with recall off. Writes
-results.json, results.md and a plot when --out is given.
+usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32]
+                                           [--out benchmarks/results/recall-latency-smollm2]
+Each conversation opens with a user message holding personal details, then two long stories given as assistant
+messages and a third one generated (~4K tokens, not timed). Then two timed turns continue it: another story
+(`--story` tokens) and a question about the details (`--answer` tokens), asked in the fact's words or in other
+words. The end-of-turn token is banned in the timed turns, so that both configs answer as many tokens and the
+ratio compares like with like. Recall's cost is what recall_before spends: choosing (BM25, and a 32-token
+query probe for the attention), then decoding the recalled block; it is paid once per turn, so its share falls
+as the answer grows. Writes results.json, results.md and a plot when --out is given.
 """
 
 from __future__ import annotations
@@ -15,31 +20,61 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, "benchmarks")
-from recall_bench import FACTS_SET, filler  # noqa: E402
+from recall_bench import filler  # noqa: E402
 
 from pymorph_edge import Llama  # noqa: E402
 from pymorph_edge.model.default_model import resolve_model  # noqa: E402
 
+FACT = "Hi, I'm Dana from Porto. My locker number is 48213. Please write me a long story about a lighthouse."
+QUESTIONS = {
+    "in the fact's words": "What is my locker number?",
+    "in other words": "Which five-digit number did I give you in my first message?",
+}
 
-def turn(recall: bool, answer: int) -> dict:
-    llm = Llama(resolve_model("smollm2-135m"), kv_budget=512, recall=recall)
-    text = "Records. " + " ".join(f"The code for {n} is {10000 + 7919 * i}." for i, n in enumerate(FACTS_SET)) + " "
-    text += " ".join(filler("tuning", 220, 1))
-    llm.create_completion(text, max_tokens=1, temperature=0.0)
-    history = llm.engine.n_past
+
+def conversation(llm: Llama) -> list[dict]:
+    msgs = [{"role": "user", "content": FACT}]
+    for k, topic in enumerate(("a clockmaker", "a river barge")):
+        msgs.append({"role": "assistant", "content": " ".join(filler("held-out", 108, 11 + k))})
+        msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
+    r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)
+    msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+    return msgs
+
+
+def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[int, float]) -> dict:
+    before = llm.stats
+    msgs.append({"role": "user", "content": content})
     t0 = time.perf_counter()
-    out = llm.create_completion(
-        text + " As recorded at the start, the code for Omar is", max_tokens=answer, temperature=0.0
-    )
+    r = llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, logit_bias=no_end)
     dt = time.perf_counter() - t0
+    msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+    after = llm.stats
+    return {
+        "seconds": dt,
+        "answer_tokens": r["usage"]["completion_tokens"],
+        "prompt_tokens_decoded": r["usage"]["prompt_tokens"]
+        - (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        "recall_s": after.recall_s - before.recall_s,
+        "recalled_tokens": after.recalled_tokens - before.recalled_tokens,
+        "history": llm.engine.n_past,
+        "answer": r["choices"][0]["message"]["content"],
+    }
+
+
+def run(recall: bool, question: str, story: int, answer: int) -> dict:
+    llm = Llama(resolve_model("smollm2-135m"), kv_budget=512, recall=recall)
+    no_end = {t: -1e9 for t in {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}}
+    msgs = conversation(llm)
+    history = llm.engine.n_past
+    story_turn = timed_turn(llm, msgs, "Thanks! Now write another long story, about a mountain village.", story, no_end)
+    question_turn = timed_turn(llm, msgs, question, answer, no_end)
     s = llm.stats
     llm.close()
     return {
-        "seconds": dt,
         "history": history,
-        "answer_tokens": out["usage"]["completion_tokens"],
-        "recall_s": s.recall_s,
-        "recalled_tokens": s.recalled_tokens,
+        "story_turn": story_turn,
+        "question_turn": question_turn,
         "recall_key_bytes": s.recall_key_bytes,
         "recall_log_bytes": s.recall_log_bytes,
     }
@@ -47,28 +82,28 @@ def turn(recall: bool, answer: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--answer", type=int, default=64, help="greedy tokens answered per turn (default 64)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--story", type=int, default=256, help="tokens answered in the story turn (default 256)")
+    ap.add_argument("--answer", type=int, default=32, help="tokens answered in the question turn (default 32)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    rounds = []
-    for _ in range(args.rounds):
-        on, off = turn(True, args.answer), turn(False, args.answer)
-        rounds.append({"on": on, "off": off})
-        print(
-            f"history {on['history']} tokens: recall on {on['seconds']:.3f} s (recall {on['recall_s']:.3f} s, "
-            f"{on['recalled_tokens']} tokens), off {off['seconds']:.3f} s",
-            flush=True,
-        )
-    on_s = sorted(r["on"]["seconds"] for r in rounds)
-    off_s = sorted(r["off"]["seconds"] for r in rounds)
-    ratio = on_s[len(on_s) // 2] / off_s[len(off_s) // 2]
-    print(f"median on/off: {ratio:.3f}")
+    rows = []
+    for r in range(args.rounds):
+        for wording, question in QUESTIONS.items():
+            on, off = run(True, question, args.story, args.answer), run(False, question, args.story, args.answer)
+            rows.append({"round": r + 1, "wording": wording, "on": on, "off": off})
+            for turn in ("story_turn", "question_turn"):
+                a, b = on[turn], off[turn]
+                print(
+                    f"round {r + 1}, asked {wording}, {turn}: on {a['seconds']:.3f} s (recall {a['recall_s']:.3f} s, "
+                    f"{a['recalled_tokens']} tokens), off {b['seconds']:.3f} s, on/off {a['seconds'] / b['seconds']:.3f}",
+                    flush=True,
+                )
     if args.out is not None:
-        write(args, rounds, ratio)
+        write(args, rows)
 
 
-def write(args: argparse.Namespace, rounds: list[dict], ratio: float) -> None:
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,37 +111,48 @@ def write(args: argparse.Namespace, rounds: list[dict], ratio: float) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/recall_latency.py " + " ".join(sys.argv[1:])
-    (args.out / "results.json").write_text(json.dumps({"command": command, "rounds": rounds, "ratio": ratio}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     lines = [
-        "# Recall latency: one chat-style turn at a 4K-token history, SmolLM2, budget 512",
+        "# Recall latency: chat turns at a 4K-token history, SmolLM2, budget 512",
         "",
         f"`{command}`",
         "",
-        "| round | recall on (s) | of which recall (s) | tokens recalled | recall off (s) | on / off |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| round | question asked | turn | tokens answered | recall on (s) | of which recall (s) | tokens recalled "
+        "| recall off (s) | on / off | recall / off |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for i, r in enumerate(rounds):
-        on, off = r["on"], r["off"]
-        lines.append(
-            f"| {i + 1} | {on['seconds']:.3f} | {on['recall_s']:.3f} | {on['recalled_tokens']} | {off['seconds']:.3f} "
-            f"| {on['seconds'] / off['seconds']:.3f} |"
-        )
-    on0 = rounds[0]["on"]
+    labels, ratios = [], []
+    for row in rows:
+        for turn, name in (("story_turn", "story"), ("question_turn", "question")):
+            on, off = row["on"][turn], row["off"][turn]
+            ratio = on["seconds"] / off["seconds"]
+            lines.append(
+                f"| {row['round']} | {row['wording']} | {name} | {on['answer_tokens']} | {on['seconds']:.3f} | "
+                f"{on['recall_s']:.3f} | {on['recalled_tokens']} | {off['seconds']:.3f} | {ratio:.3f} | "
+                f"{on['recall_s'] / off['seconds']:.3f} |"
+            )
+            labels.append(f"{name}\n{row['wording']}")
+            ratios.append(ratio)
+    first = rows[0]["on"]
     lines += [
         "",
-        f"Median on / off: **{ratio:.3f}**. History {on0['history']} tokens; {on0['answer_tokens']} tokens answered; "
-        f"host memory for recall: {on0['recall_log_bytes']} bytes of token ids, {on0['recall_key_bytes']} bytes of keys.",
+        f"History before the timed turns: {first['history']} tokens. Host memory for recall at the end: "
+        f"{first['recall_log_bytes']} bytes of token ids, {first['recall_key_bytes']} bytes of keys.",
+        "",
+        "on / off compares two runs of the turn, so it carries the machine's noise (a few % per turn here); "
+        "recall / off is the time recall_before itself took against the turn without recall.",
     ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3))
-    x = range(len(rounds))
-    ax.bar([i - 0.2 for i in x], [r["on"]["seconds"] for r in rounds], 0.4, label="recall on")
-    ax.bar([i + 0.2 for i in x], [r["off"]["seconds"] for r in rounds], 0.4, label="recall off")
-    ax.set_xticks(list(x), [f"round {i + 1}" for i in x])
-    ax.set_ylabel("turn latency (s)")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(range(len(ratios)), ratios, color="tab:blue")
+    ax.axhline(1.15, color="tab:red", linestyle="--", label="+15%")
+    ax.set_xticks(range(len(ratios)), labels, fontsize=7)
+    ax.set_ylabel("turn latency, recall on / off")
+    ax.set_ylim(0.9, max(1.3, max(ratios) + 0.05))
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "latency.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ typedef struct pme_stats {
     int64_t ubatches;       /* decodes observed */
     int64_t layers_scored;  /* kq_soft_max nodes read during the last ubatch */
     int64_t compactions;    /* pme_compact calls that renumbered positions */
+    /* cost on a non-host backend (CUDA, Metal, RPC): device->host bytes the scorer copied, and the nodes it asked
+     * the scheduler for (each one splits the graph and synchronises), over one-token ubatches (decode steps) and
+     * multi-token ubatches (prompt chunks, probes, recalled blocks) since the last reset; host buffers copy 0 */
+    int64_t decode_steps;
+    int64_t decode_d2h_bytes;
+    int64_t decode_syncs;
+    int64_t prompt_chunks;
+    int64_t prompt_d2h_bytes;
+    int64_t prompt_syncs;
 } pme_stats;
 
 typedef struct pme_state pme_state;
@@ -126,6 +135,9 @@ int              pme_test_scores(const pme_state * st, float * out, int32_t cap)
  * out[1] = max weight, out[2] = max relative difference over weights above 1e-3). out[3] = nodes checked.
  * Counters reset on enable. */
 int              pme_test_fattn_check(pme_state * st, int32_t enable, float * out);
+/* enable 1: read every tensor through ggml_backend_tensor_get, as for a buffer outside host memory, so the
+ * non-host path (and its byte counters) runs on the CPU backend too */
+int              pme_test_force_copy(pme_state * st, int32_t enable);
 /* Key log (pme_keylog.c): with enable(d_k > 0), every ubatch stages the keys it wrote at each scored layer
  * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
  * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's

@@ -29,7 +29,7 @@ int pme_parse_layer(const char * name, const char * prefix) {
 }
 
 const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot) {
-    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
+    if (!pme_needs_copy(st, t)) {
         return t->data;
     }
     /* GPU backends: copy the tensor out through the backend API, one buffer per slot so that several
@@ -45,6 +45,7 @@ const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int 
         st->dev_copy_cap[slot] = nbytes;
     }
     ggml_backend_tensor_get(t, st->dev_copy[slot], 0, nbytes);
+    st->d2h_bytes[pme_ub_kind(st)] += (int64_t) nbytes;
     return st->dev_copy[slot];
 }
 
@@ -168,13 +169,10 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
             on_set_rows(st, t);
             return false;
         }
-        if (t->op == GGML_OP_SOFT_MAX) {
-            return wants_softmax(st, t);
-        }
-        if (t->op == GGML_OP_FLASH_ATTN_EXT) {
-            return wants_fattn(st, t);
-        }
-        return false;
+        const bool want = (t->op == GGML_OP_SOFT_MAX && wants_softmax(st, t)) ||
+                          (t->op == GGML_OP_FLASH_ATTN_EXT && wants_fattn(st, t));
+        st->syncs[pme_ub_kind(st)] += want; /* the scheduler computes up to this node, then synchronises */
+        return want;
     }
     if (st && !st->failed && st->ub_n > 0) {
         const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");

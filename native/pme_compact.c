@@ -61,7 +61,8 @@ int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t
         st->pin_hi = pme_lower_bound(live, n, st->pin_hi);
     }
     const int32_t shift = next_pos - n;
-    st->lpos_offset += shift; /* tokens decoded from now on keep their logical position */
+    st->lpos_offset += shift;   /* tokens decoded from now on keep their logical position */
     st->compactions++;
+    pme_kmirror_invalidate(st); /* llama.cpp re-rotates every moved K row before the next ubatch */
     return shift;
 }

@@ -202,8 +202,8 @@ static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
     }
     /* each source from host memory, or copied out of a GPU buffer into its own slot */
     j->qd = pme_host_or_copy(st, q, 0);
-    j->kd = j->qd ? pme_host_or_copy(st, k, 1) : NULL;
-    j->md = (j->kd && mask) ? pme_host_or_copy(st, mask, 2) : NULL;
+    j->kd = j->qd ? pme_k_rows(st, k, layer) : NULL;
+    j->md = (j->kd && mask) ? pme_mask_rows(st, mask, j->n_tokens) : NULL;
     j->sd = (j->kd && sinks) ? pme_host_or_copy(st, sinks, 3) : NULL;
     if (!j->kd || (mask && !j->md) || (sinks && !j->sd)) {
         return -1;

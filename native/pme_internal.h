@@ -1,6 +1,8 @@
 /* Internal state shared by the native translation units. */
 #ifndef PME_INTERNAL_H
 #define PME_INTERNAL_H
+#include "ggml-backend.h"
+#include "ggml.h"
 #include "pme.h"
 
 #define PME_MAX_GROUPS 4 /* distinct KV caches (k_idxs tensors) per graph: 2 for iSWA */
@@ -26,6 +28,21 @@ struct pme_state {
     int64_t   evict_calls;
     int64_t   ubatches;
     int64_t   compactions;
+    /* what the scorer costs a non-host backend, per kind of ubatch ([0] one decoded token, [1] a prompt chunk or
+     * any other multi-token ubatch): bytes it copied to the host, and nodes it asked for (each splits the graph
+     * and synchronises the backend) */
+    int64_t   d2h_bytes[2];
+    int64_t   syncs[2];
+    int64_t   ub_kind_count[2];
+    int32_t   force_copy; /* test hook: read host tensors through ggml_backend_tensor_get too, as for a GPU */
+    /* host mirror of each layer's K cache when it is not in host memory (pme_kmirror.c) */
+    char **   km;
+    size_t *  km_nb1;
+    uint8_t * km_valid;
+    /* the KQ mask of this ubatch, copied once for every layer that reads it (pme_kmirror.c) */
+    int64_t   ub_serial; /* ubatches begun, to tell this one's mask from the last one's */
+    const struct ggml_tensor * mask_of;
+    int64_t                    mask_serial;
     int64_t   lpos_offset; /* logical position - llama.cpp position, for tokens decoded since the last compaction */
     int64_t * cell_lpos;   /* (n_cells) logical position of each live cell: compaction leaves it alone */
 
@@ -189,12 +206,27 @@ int                    pme_policy_select(pme_state * st, int32_t next_pos, int32
 void                   pme_policy_forget_cell(pme_state * st, int32_t cell);
 
 /* whether the last ubatch was part of a prompt (a chunk or a probe) rather than a decode step */
+/* which counters a ubatch's copies and synchronisations go to: 0 for one token, 1 for several */
+static inline int pme_ub_kind(const pme_state * st) {
+    return st->ub_n > 1 ? 1 : 0;
+}
+
+/* whether t must be read through the backend API (its buffer is not in host memory, or a test forces it) */
+static inline int pme_needs_copy(const pme_state * st, const struct ggml_tensor * t) {
+    return t->buffer != NULL && (st->force_copy || !ggml_backend_buffer_is_host(t->buffer));
+}
+
 static inline int pme_ub_is_prompt(const pme_state * st) {
     return (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
 }
 
-void pme_policy_reset(pme_state * st);
-void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
+void         pme_policy_reset(pme_state * st);
+void         pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
+/* pme_kmirror.c: a layer's K view in host memory, copied whole once and then by the rows each ubatch wrote */
+const char * pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t layer);
+void         pme_kmirror_invalidate(pme_state * st);
+const char * pme_mask_rows(pme_state * st, const struct ggml_tensor * mask, int64_t n_tokens);
+void         pme_kmirror_free(pme_state * st);
 
-int pme_is_pinned(const pme_state * st, int32_t pos);                                 /* pme_pins.c */
+int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
 #endif

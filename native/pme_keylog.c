@@ -73,7 +73,7 @@ static int read_row(pme_state * st, const struct ggml_tensor * t, size_t off, in
     const struct ggml_type_traits * tr = ggml_get_type_traits(t->type);
     const size_t                    rb = ggml_row_size(t->type, d);
     const void *                    src;
-    if (t->buffer == NULL || ggml_backend_buffer_is_host(t->buffer)) {
+    if (!pme_needs_copy(st, t)) {
         src = (const char *) t->data + off;
     } else {
         if (rb > sizeof st->kl_row) {
@@ -81,6 +81,7 @@ static int read_row(pme_state * st, const struct ggml_tensor * t, size_t off, in
             return -1;
         }
         ggml_backend_tensor_get(t, st->kl_row, off, rb);
+        st->d2h_bytes[pme_ub_kind(st)] += (int64_t) rb;
         src = st->kl_row;
     }
     if (t->type == GGML_TYPE_F32) {
@@ -145,7 +146,7 @@ void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t
         for (int64_t h = 0; h < hkv; ++h) {
             uint16_t *   dst = kd + ((size_t) i * hkv + h) * d;
             const size_t off = (size_t) cell * k->nb[1] + (size_t) h * k->nb[2];
-            if (k->type == GGML_TYPE_F16 && (k->buffer == NULL || ggml_backend_buffer_is_host(k->buffer))) {
+            if (k->type == GGML_TYPE_F16 && !pme_needs_copy(st, k)) {
                 memcpy(dst, (const char *) k->data + off, (size_t) d * sizeof(uint16_t));
                 continue;
             }

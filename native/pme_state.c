@@ -107,6 +107,7 @@ void pme_free(pme_state * st) {
     for (int i = 0; i < PME_COPY_SLOTS; ++i) {
         free(st->dev_copy[i]);
     }
+    pme_kmirror_free(st);
     free(st->kl_k);
     free(st->kl_q);
     free(st->kl_scale);
@@ -151,6 +152,10 @@ void pme_reset(pme_state * st) {
     st->main_group = -1;
     st->n_live = st->peak = st->evicted = st->evict_calls = st->ubatches = st->compactions = 0;
     st->lpos_offset                                                                        = 0;
+    memset(st->d2h_bytes, 0, sizeof st->d2h_bytes);
+    pme_kmirror_invalidate(st);
+    memset(st->syncs, 0, sizeof st->syncs);
+    memset(st->ub_kind_count, 0, sizeof st->ub_kind_count);
     st->pin_lo = st->pin_hi = 0; /* n_keep (pin_prefix) is a setting and stays */
     st->ub_n = st->ub_layers = st->ub_rows = 0;
     st->failed                             = 0;
@@ -186,13 +191,19 @@ void pme_get_stats(const pme_state * st, pme_stats * out) {
     if (!st || !out) {
         return;
     }
-    out->cells_in_use   = st->n_live;
-    out->peak_cells     = st->peak;
-    out->tokens_evicted = st->evicted;
-    out->evict_calls    = st->evict_calls;
-    out->ubatches       = st->ubatches;
-    out->layers_scored  = st->ub_layers;
-    out->compactions    = st->compactions;
+    out->cells_in_use     = st->n_live;
+    out->peak_cells       = st->peak;
+    out->tokens_evicted   = st->evicted;
+    out->evict_calls      = st->evict_calls;
+    out->ubatches         = st->ubatches;
+    out->layers_scored    = st->ub_layers;
+    out->compactions      = st->compactions;
+    out->decode_steps     = st->ub_kind_count[0];
+    out->decode_d2h_bytes = st->d2h_bytes[0];
+    out->decode_syncs     = st->syncs[0];
+    out->prompt_chunks    = st->ub_kind_count[1];
+    out->prompt_d2h_bytes = st->d2h_bytes[1];
+    out->prompt_syncs     = st->syncs[1];
 }
 
 int pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap) {
@@ -219,6 +230,8 @@ int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int3
     memcpy(st->ub_pos, pos, (size_t) n_tokens * sizeof(int32_t));
     st->ub_n     = n_tokens;
     st->ub_flags = flags;
+    st->ub_kind_count[pme_ub_kind(st)]++;
+    st->ub_serial++;
     /* graphs may be rebuilt between decodes, so cache groups are re-learned from each graph */
     memset(st->group_mapped, 0, sizeof st->group_mapped);
     memset(st->layer_group, -1, (size_t) st->cfg.n_layer);

@@ -55,6 +55,14 @@ int pme_test_scores(const pme_state * st, float * out, int32_t cap) {
     return n;
 }
 
+int pme_test_force_copy(pme_state * st, int32_t enable) {
+    if (!st) {
+        return -1;
+    }
+    st->force_copy = enable != 0;
+    return 0;
+}
+
 int pme_test_fattn_check(pme_state * st, int32_t enable, float * out) {
     if (!st || !out) {
         return -1;

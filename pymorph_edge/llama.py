@@ -98,6 +98,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         last_n_tokens_size: int = 64,
         lora_path: str | None = None,
         lora_scale: float = 1.0,
+        rpc_servers: str | None = None,
         chat_format: str | None = None,
         chat_handler: Callable[..., Any] | None = None,
         chat_template: str | None = None,
@@ -139,7 +140,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         )
         ubatch = effective_n_ubatch(n_ubatch, n_batch, config.n_ubatch)
         options = ModelOptions(
-            n_gpu_layers, main_gpu, split_mode, tensor_split, use_mmap, use_mlock, lora_path, lora_scale
+            n_gpu_layers, main_gpu, split_mode, tensor_split, use_mmap, use_mlock, lora_path, lora_scale, rpc_servers
         )
         self._model = LoadedModel(model_path, options)
         try:

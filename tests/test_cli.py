@@ -184,3 +184,25 @@ def test_generate_chat_sends_one_user_turn_through_the_template(gqa_model):
     assert r.returncode == 0, r.stderr
     assert "[stats] tokens=" in r.stderr
     assert "<|start_header_id|>" not in r.stdout  # the template's own markup is not echoed as answer text
+
+
+def test_offload_flag_is_taken_by_every_front_end_and_checked(gqa_model):
+    """-ngl reaches Llama(n_gpu_layers=...): on a CPU-only llama.cpp the layers stay on the CPU and the run is the
+    same; a count below -1 is refused, naming it."""
+    base = ("generate", "-m", gqa_model, "--kv-budget", "64", "-p", "hello " * 20, "-n", "8", "--temperature", "0")
+    plain, offloaded = run(*base), run(*base, "-ngl", "-1")
+    assert plain.returncode == 0 and offloaded.returncode == 0, offloaded.stderr
+    assert offloaded.stdout == plain.stdout
+    for cmd in ("generate", "chat", "serve", "bench"):
+        r = run(cmd, "-ngl", "-2")
+        assert r.returncode == 2 and "-ngl/--n-gpu-layers" in r.stderr and "'-2'" in r.stderr, (cmd, r.stderr)
+
+
+def test_bench_config_checks_n_gpu_layers():
+    import pytest
+
+    from pymorph_edge.bench.config import BenchConfig
+
+    with pytest.raises(ValueError, match="n_gpu_layers must be an int >= -1"):
+        BenchConfig(n_gpu_layers=-3)
+    assert BenchConfig(n_gpu_layers=-1).n_gpu_layers == -1

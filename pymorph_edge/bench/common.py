@@ -34,11 +34,14 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         "budget",
         "recall",
         "recall_by",
+        "n_gpu_layers",
+        "force_copy",
     )
     params = {k: v for k, v in spec.items() if k not in engine_keys}
     kv = {k: spec[k] for k in ("flash_attn", "type_k", "type_v") if k in spec}
     budget = spec.get("budget", budget)
     name = spec["name"]
+    ngl = spec.get("n_gpu_layers", 0)
     if name == "snapkv":
         params.setdefault("n_ctx", max(n_ctx_needed, budget + n_ubatch))
     policy = make_policy(name, **params)
@@ -47,17 +50,24 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
             model,
             kv_budget=None,
             policy=policy,
+            n_gpu_layers=ngl,
             config=EngineConfig(n_ctx=n_ctx_needed, n_ubatch=n_ubatch, swa_full=spec.get("swa_full"), **kv),
         )
-    return Llama(
+    llm = Llama(
         model,
         kv_budget=budget,
         policy=policy,
         recall=spec.get("recall"),
+        n_gpu_layers=ngl,
         config=EngineConfig(
             n_ubatch=n_ubatch, max_span=spec.get("max_span"), recall_by=spec.get("recall_by", "both"), **kv
         ),
     )
+    if spec.get("force_copy") and llm.engine.scorer is not None:
+        # read every tensor through the backend API as for a GPU's buffers: the counters then show what a
+        # non-host backend would copy (engine/stats.py), measured on the CPU
+        llm.engine.scorer.force_copy(True)
+    return llm
 
 
 def last_logprobs(llm: Llama) -> np.ndarray:

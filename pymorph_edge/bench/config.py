@@ -29,6 +29,7 @@ class BenchConfig:
     longrun_prefix: int = 256  # prompt before teacher-forced scoring starts
     longrun_tokens: int = 24576  # tokens scored one by one (3x SmolLM2's n_ctx_train)
     longrun_segment: int = 2048  # ppl is reported per segment of this many tokens
+    n_gpu_layers: int = 0  # layers offloaded, as llama.cpp's -ngl (-1: all); a policy spec may set its own
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -48,6 +49,8 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.n_gpu_layers, bool) or not isinstance(self.n_gpu_layers, int) or self.n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers must be an int >= -1 (-1: all layers), got {self.n_gpu_layers!r}")
         if not self.policies or not all(isinstance(p, dict) and "name" in p for p in self.policies):
             raise ValueError("policies must be a non-empty list of {'name': ..., ...} objects")
         if not all(0 <= d <= 1 for d in self.passkey_depths):

@@ -143,12 +143,23 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## Speed (prompt of `budget` tokens, then decode)",
             "",
-            "| policy | prefill tok/s | decode tok/s |",
-            "| --- | --- | --- |",
+            "| policy | prefill tok/s | decode tok/s | syncs per chunk; per step | device->host bytes per chunk; per step |",
+            "| --- | --- | --- | --- | --- |",
         ]
         for r in t["speed"]:
             if "decode_tok_s" in r:
-                out.append(f"| {r['policy']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+                # the scorer's asks and copies (none copied with host buffers); older results lack them
+                syncs = (
+                    f"{r['syncs_per_prompt_chunk']:.0f}; {r['syncs_per_decode_step']:.0f}"
+                    if "syncs_per_decode_step" in r
+                    else "n/a"
+                )
+                d2h = (
+                    f"{r['d2h_bytes_per_prompt_chunk']:.0f}; {r['d2h_bytes_per_decode_step']:.0f}"
+                    if "d2h_bytes_per_decode_step" in r
+                    else "n/a"
+                )
+                out.append(f"| {r['policy']} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {syncs} | {d2h} |")
     if "longrun" in t:
         out += _longrun_table(t["longrun"])
     unsupported = sorted(

@@ -69,6 +69,7 @@ def run(cfg: BenchConfig, out_dir: Path, command: str, merge: bool = False) -> d
             ) as bar:
                 ref = task_fidelity.reference(cfg, model, bar.update)
         for spec in cfg.policies:
+            spec = {"n_gpu_layers": cfg.n_gpu_layers, **spec}  # the config's offload unless the spec sets one
             label = policy_label(spec)
             total = {
                 "passkey": len(cfg.passkey_multipliers) * len(cfg.passkey_depths),

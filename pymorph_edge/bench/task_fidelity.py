@@ -28,7 +28,9 @@ TEMPERATURE = 0.7
 
 
 def reference(cfg: BenchConfig, model: str, tick: Callable[[int], None]) -> dict[str, Any]:
-    llm = open_llm(model, {"name": "full"}, cfg.budget, cfg.n_ubatch, cfg.fidelity_tokens + 512)
+    llm = open_llm(
+        model, {"name": "full", "n_gpu_layers": cfg.n_gpu_layers}, cfg.budget, cfg.n_ubatch, cfg.fidelity_tokens + 512
+    )
     try:
         prompt = llm.tokenize(PROMPT)
         llm.engine.decode(prompt)

@@ -55,6 +55,7 @@ def speed(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[in
         t0 = time.perf_counter()
         llm.engine.decode(prompt)
         prefill_s = time.perf_counter() - t0
+        pre = llm.stats
         ban = {llm.token_eos(): -1e9}
         n = 0
         t1 = time.perf_counter()
@@ -64,11 +65,19 @@ def speed(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[in
                 break
         decode_s = time.perf_counter() - t1
         tick(1)
+        s = llm.stats
+        steps = s.decode_steps - pre.decode_steps
         return {
             "policy": policy_label(spec),
             "prefill_tok_s": len(prompt) / prefill_s,
             "decode_tok_s": n / decode_s,
-            "cells_in_use": llm.stats.cells_in_use,
+            "cells_in_use": s.cells_in_use,
+            # what scoring asked of the backend (engine/stats.py): the prompt's chunks, then per decode step
+            "prompt_chunks": pre.prompt_chunks,
+            "d2h_bytes_per_prompt_chunk": pre.d2h_bytes_per_prompt_chunk,
+            "syncs_per_prompt_chunk": pre.syncs_per_prompt_chunk,
+            "d2h_bytes_per_decode_step": (s.decode_d2h_bytes - pre.decode_d2h_bytes) / steps if steps else 0.0,
+            "syncs_per_decode_step": (s.decode_syncs - pre.decode_syncs) / steps if steps else 0.0,
         }
     finally:
         llm.close()

@@ -25,7 +25,7 @@ from pymorph_edge.engine.kv_cache_types import check_head_size, ggml_type, row_b
 from pymorph_edge.engine.native_scorer import NativeScorer
 from pymorph_edge.engine.prefix_reuse import reusable_prefix
 from pymorph_edge.engine.recall import RecallState, default_recall_tokens
-from pymorph_edge.engine.recall_keys import QUERY_TOKENS, key_layers
+from pymorph_edge.engine.recall_decoding import SEQ, RecallDecoding
 from pymorph_edge.engine.stats import KVStats
 from pymorph_edge.engine.token_history import TokenHistory
 from pymorph_edge.model.llama_log import KVSizeCapture
@@ -34,10 +34,10 @@ from pymorph_edge.policies import FullCache, KVPolicy
 
 logger = logging.getLogger(__name__)
 
-SEQ = 0  # one sequence per context
+__all__ = ["SEQ", "KVEngine"]
 
 
-class KVEngine:
+class KVEngine(RecallDecoding):
     """One llama.cpp context whose KV cache never holds more than kv_budget + n_ubatch cells.
 
     Three modes: the full cache (kv_budget None), a native scorer that evicts after every ubatch
@@ -196,31 +196,6 @@ class KVEngine:
         )
         self.recall_tokens = min(self.recall_tokens, max(0, room - n_keep - 1))
 
-    def decode_block(self, block: Sequence[int], lpos: Sequence[int]) -> None:
-        """Decode a recalled block at the next positions (engine/recall.py): pinned until release_pin, outside the
-        token sequence (history, log and n_past are untouched), then evicted down to the budget."""
-        if self.scorer is None:
-            raise RuntimeError("only a natively scored cache can take a recalled block")
-        m = len(block)
-        if not 0 < m <= self.n_batch:
-            raise ValueError(f"a recalled block must have 1..{self.n_batch} tokens, got {m}")
-        if self.compacts and self.next_pos + m > self.max_span:
-            self.compact()
-        lo = self.next_pos
-        self.consistent = False
-        self.scorer.set_pins(self.n_keep, lo, lo + m)
-        self._decode_ubatch(block, lo, False, False)
-        self.scorer.mark_recalled(lo, list(lpos))
-        self.next_pos += m
-        self.tokens_decoded += m
-        self.scorer.evict(self.mem, SEQ, self.next_pos)
-        self.consistent = True
-
-    def release_pin(self) -> None:
-        """End a recalled block's pin: from now on the policy keeps or evicts it like any other tokens."""
-        if self.scorer is not None:
-            self.scorer.set_pins(self.n_keep, 0, 0)
-
     @property
     def full(self) -> bool:
         """The full cache: no eviction, so it fills up at n_ctx."""
@@ -367,36 +342,6 @@ class KVEngine:
                 self.consistent = False
         self.consistent = True
 
-    def _log_keys(self, index: int, m: int) -> None:
-        """Append the keys the last ubatch wrote for sequence indices index..index+m-1 to the key log."""
-        assert self.scorer is not None  # only a scored cache logs keys
-        info = self.model.info
-        if self.keys is None:
-            layers = key_layers(self.scorer.scored_layers())
-            self.keys = KeyLog(
-                layers, info.n_head_kv, info.n_embd_k_gqa // info.n_head_kv, self.config.recall_key_bytes
-            )
-        rows = self.scorer.staged_keys(self.keys.layers, m, info.n_head_kv)
-        if rows is None:
-            raise RuntimeError(f"the key log read no keys at layers {self.keys.layers} in the last ubatch")
-        self.keys.append(index, rows)
-
-    def query_probe(self, tokens: Sequence[int]) -> tuple[object, object] | None:
-        """Decode the last QUERY_TOKENS of tokens at the next positions for their queries at the key log's layers,
-        then remove them: ((layers, rows, n_head, d_k) queries, per-layer scales), or None (no key log yet)."""
-        if self.scorer is None or self.keys is None or not tokens:
-            return None
-        probe = list(tokens[-QUERY_TOKENS:])
-        if self.compacts and self.next_pos + len(probe) > self.max_span:
-            self.compact()
-        lo = self.next_pos
-        self.consistent = False
-        self._decode_ubatch(probe, lo, False, False, query=True)
-        out = self.scorer.staged_query(self.keys.layers, self.model.info.n_head)
-        self.scorer.truncate(self.mem, SEQ, lo)
-        self.consistent = True
-        return out
-
     def _probes(self, n: int) -> bool:
         """Whether this prompt's chunks are scored by a probe of its last tokens (see MorphKV.prefill_probe).
         Only a prompt of several chunks needs one: a single chunk holds its question already."""
@@ -457,7 +402,11 @@ class KVEngine:
         if self.scorer is not None:
             s = self.scorer.stats()
             used, peak, evicted = s["cells_in_use"], s["peak_cells"], s["tokens_evicted"]
-            extra = {k: s[k] for k in ("compactions", "evict_calls", "ubatches", "layers_scored")}
+            extra = {
+                k: s[k]
+                for k in KVStats.__dataclass_fields__
+                if k in s and k not in ("cells_in_use", "peak_cells", "tokens_evicted")
+            }
         else:
             used, peak = self.next_pos, self._full_peak
             evicted = self.shifter.evicted if self.shifter is not None else 0

@@ -139,6 +139,11 @@ class NativeScorer:
     def reset(self) -> None:
         self._lib.pme_reset(self._state)
 
+    def force_copy(self, enable: bool) -> None:
+        """Test hook: read every tensor through ggml_backend_tensor_get, as for a GPU's buffers, so the non-host
+        path and its byte counters run on the CPU backend."""
+        self._check(self._lib.pme_test_force_copy(self._state, int(enable)), "force copy")
+
     # -- key log (native/pme_keylog.c) ---------------------------------------------------------
     def enable_keylog(self, d_k: int) -> None:
         """From now on every ubatch stages its keys at each scored layer (0 turns it off)."""

@@ -26,6 +26,36 @@ class KVStats:
     recalled_spans: int = 0  # evicted sentences brought back
     recalled_tokens: int = 0  # tokens decoded again for them
     recall_s: float = 0.0  # time spent choosing and decoding them
+    # What scoring costs a backend whose buffers are not host memory (CUDA, Metal, RPC), since the last reset:
+    # device->host bytes the scorer copied and the graph nodes it asked for (each splits the graph and waits
+    # for the backend), over one-token ubatches (decode steps) and multi-token ones (prompt chunks, probes,
+    # recalled blocks). Host buffers are read in place, so the bytes are 0 on the CPU backend.
+    decode_steps: int = 0
+    decode_d2h_bytes: int = 0
+    decode_syncs: int = 0
+    prompt_chunks: int = 0
+    prompt_d2h_bytes: int = 0
+    prompt_syncs: int = 0
+
+    @property
+    def d2h_bytes_per_decode_step(self) -> float:
+        return _mean(self.decode_d2h_bytes, self.decode_steps)
+
+    @property
+    def syncs_per_decode_step(self) -> float:
+        return _mean(self.decode_syncs, self.decode_steps)
+
+    @property
+    def d2h_bytes_per_prompt_chunk(self) -> float:
+        return _mean(self.prompt_d2h_bytes, self.prompt_chunks)
+
+    @property
+    def syncs_per_prompt_chunk(self) -> float:
+        return _mean(self.prompt_syncs, self.prompt_chunks)
 
     def as_dict(self) -> dict[str, int | float | None]:
         return asdict(self)
+
+
+def _mean(total: int, count: int) -> float:
+    return total / count if count else 0.0

@@ -22,6 +22,7 @@ class ModelOptions:
     use_mlock: bool = False
     lora_path: str | None = None  # a LoRA adapter GGUF applied to every context of the model
     lora_scale: float = 1.0
+    rpc_servers: str | None = None  # "host:port,...": offload to llama.cpp RPC servers (model/rpc_backend.py)
 
     def __post_init__(self) -> None:
         for name in ("n_gpu_layers", "main_gpu", "split_mode"):
@@ -48,6 +49,15 @@ class ModelOptions:
             raise ValueError(f"lora_scale must be a number, got {self.lora_scale!r}")
         if self.lora_path is not None:
             self.use_mmap = False  # as llama_cpp.Llama: an adapter is applied to weights read into memory
+        if self.rpc_servers is not None:
+            from pymorph_edge.model.rpc_backend import parse_endpoints
+
+            parse_endpoints(self.rpc_servers)
+            if self.n_gpu_layers == 0:
+                raise ValueError(
+                    f"rpc_servers={self.rpc_servers!r} with n_gpu_layers=0 would offload nothing; "
+                    "pass n_gpu_layers (-1: all layers)"
+                )
         for name in ("use_mmap", "use_mlock"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -61,6 +71,14 @@ class ModelOptions:
             arr = (ctypes.c_float * C.LLAMA_MAX_DEVICES)(*[float(x) for x in self.tensor_split])
             keep_alive.append(arr)
             params.tensor_split = arr
+        if self.rpc_servers is not None:
+            from pymorph_edge.model.rpc_backend import rpc_devices
+
+            # only the devices listed here are used: n_gpu_layers alone leaves every buffer on the CPU
+            devs = rpc_devices(self.rpc_servers)
+            arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+            keep_alive.append(arr)
+            params.devices = ctypes.cast(arr, ctypes.c_void_p)
         # llama.cpp folds the two flags into one load mode (llama_cpp.Llama does the same)
         params.load_mode = {
             (True, True): C.LLAMA_LOAD_MODE_MMAP_MLOCK,

@@ -1,0 +1,72 @@
+"""The engine's side of recall (engine/recall.py): logging each ubatch's keys, the query probe, and decoding a
+recalled block. A mixin of KVEngine, kept apart so the decode loop reads as the decode loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pymorph_edge.engine.key_log import KeyLog
+from pymorph_edge.engine.recall_keys import QUERY_TOKENS, key_layers
+
+if TYPE_CHECKING:
+    from pymorph_edge.engine.kv_engine import KVEngine
+
+SEQ = 0  # one sequence per context (kv_engine re-exports it)
+
+
+class RecallDecoding:
+    def decode_block(self: KVEngine, block: Sequence[int], lpos: Sequence[int]) -> None:
+        """Decode a recalled block at the next positions (engine/recall.py): pinned until release_pin, outside the
+        token sequence (history, log and n_past are untouched), then evicted down to the budget."""
+        if self.scorer is None:
+            raise RuntimeError("only a natively scored cache can take a recalled block")
+        m = len(block)
+        if not 0 < m <= self.n_batch:
+            raise ValueError(f"a recalled block must have 1..{self.n_batch} tokens, got {m}")
+        if self.compacts and self.next_pos + m > self.max_span:
+            self.compact()
+        lo = self.next_pos
+        self.consistent = False
+        self.scorer.set_pins(self.n_keep, lo, lo + m)
+        self._decode_ubatch(block, lo, False, False)
+        self.scorer.mark_recalled(lo, list(lpos))
+        self.next_pos += m
+        self.tokens_decoded += m
+        self.scorer.evict(self.mem, SEQ, self.next_pos)
+        self.consistent = True
+
+    def release_pin(self: KVEngine) -> None:
+        """End a recalled block's pin: from now on the policy keeps or evicts it like any other tokens."""
+        if self.scorer is not None:
+            self.scorer.set_pins(self.n_keep, 0, 0)
+
+    def _log_keys(self: KVEngine, index: int, m: int) -> None:
+        """Append the keys the last ubatch wrote for sequence indices index..index+m-1 to the key log."""
+        assert self.scorer is not None  # only a scored cache logs keys
+        info = self.model.info
+        if self.keys is None:
+            layers = key_layers(self.scorer.scored_layers())
+            self.keys = KeyLog(
+                layers, info.n_head_kv, info.n_embd_k_gqa // info.n_head_kv, self.config.recall_key_bytes
+            )
+        rows = self.scorer.staged_keys(self.keys.layers, m, info.n_head_kv)
+        if rows is None:
+            raise RuntimeError(f"the key log read no keys at layers {self.keys.layers} in the last ubatch")
+        self.keys.append(index, rows)
+
+    def query_probe(self: KVEngine, tokens: Sequence[int]) -> tuple[object, object] | None:
+        """Decode the last QUERY_TOKENS of tokens at the next positions for their queries at the key log's layers,
+        then remove them: ((layers, rows, n_head, d_k) queries, per-layer scales), or None (no key log yet)."""
+        if self.scorer is None or self.keys is None or not tokens:
+            return None
+        probe = list(tokens[-QUERY_TOKENS:])
+        if self.compacts and self.next_pos + len(probe) > self.max_span:
+            self.compact()
+        lo = self.next_pos
+        self.consistent = False
+        self._decode_ubatch(probe, lo, False, False, query=True)
+        out = self.scorer.staged_query(self.keys.layers, self.model.info.n_head)
+        self.scorer.truncate(self.mem, SEQ, lo)
+        self.consistent = True
+        return out

@@ -1,0 +1,122 @@
+"""llama.cpp's RPC backend on loopback: a non-host backend that CI can run without a GPU.
+
+An `rpc-server` child process serves this machine's CPU; the model's layers, its KV cache and the compute
+buffers go to it, so every tensor the scorer reads lives in a non-host buffer and comes through
+ggml_backend_tensor_get (the path a CUDA or Metal device takes). Whatever the backend, the scorer must decide
+the same: the greedy tokens, the cell map and the keep-set equal the CPU backend's run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pymorph_edge import Llama
+from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.model.rpc_backend import RPCError, rpc_supported
+
+PROMPT_WORDS = "The lighthouse keeper wrote in his log every night about the ships, the weather and the sea. "
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, port: int, what: str, deadline_s: float = 120.0) -> None:
+    """Poll until the port accepts a connection (a generous deadline: CI machines are busy)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{what} did not listen on {port} within {deadline_s} s")
+
+
+@pytest.fixture(scope="module")
+def rpc_endpoint():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pymorph_edge.cli", "rpc-server", "--port", str(port), "--threads", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_listening(proc, port, "rpc-server")
+    yield f"127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+def test_this_llama_cpp_has_the_rpc_backend():
+    """The README's setup builds llama-cpp-python with GGML_RPC; a build without it fails here, not in a skip."""
+    assert rpc_supported()
+
+
+def _run(path: str, rpc: str | None, policy: str, flash_attn: bool, kv_type: str, n: int = 24) -> dict:
+    kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
+    cfg = EngineConfig(n_ubatch=128, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type)
+    with Llama(path, kv_budget=256, policy=policy, config=cfg, **kw) as llm:
+        prompt = llm.tokenize((PROMPT_WORDS * 12).encode())
+        tokens = list(itertools.islice(llm.generate(prompt, temp=0.0), n))
+        cells = llm.engine.scorer.cell_positions()
+        return {"tokens": tokens, "cells": cells, "kept": sorted(p for p in cells if p >= 0), "stats": llm.stats}
+
+
+CASES = [
+    (policy, fa, kv) for policy in ("morphkv", "tova") for fa, kv in ((False, "f16"), (True, "f16"), (True, "q8_0"))
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma"])
+@pytest.mark.parametrize("policy,flash_attn,kv_type", CASES)
+def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_endpoint, smollm2_path, gemma_path):
+    path = smollm2_path if model == "smollm2" else gemma_path
+    cpu = _run(path, None, policy, flash_attn, kv_type)
+    rpc = _run(path, rpc_endpoint, policy, flash_attn, kv_type)
+    assert cpu["stats"].tokens_evicted > 0  # the prompt (~250 tokens x 2) overflowed the 256-cell budget
+    assert rpc["tokens"] == cpu["tokens"]
+    assert rpc["cells"] == cpu["cells"]
+    assert rpc["kept"] == cpu["kept"]
+    # the tensors really were off the host: the scorer copied them, and on the CPU backend it copied nothing
+    assert rpc["stats"].decode_d2h_bytes > 0 and cpu["stats"].decode_d2h_bytes == 0
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    port = free_port()  # nothing listens there
+    with pytest.raises(RPCError, match=f"127.0.0.1:{port}"):
+        Llama(_synthetic_path(), n_gpu_layers=-1, rpc_servers=f"127.0.0.1:{port}")
+
+
+def _synthetic_path() -> str:
+    import tempfile
+    from pathlib import Path
+
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    return str(write_synthetic_llama(Path(tempfile.mkdtemp()) / "rpc-err.gguf", n_head=4, n_head_kv=2))
+
+
+@pytest.mark.parametrize(
+    "servers,ngl,message",
+    [
+        ("localhost", -1, "not host:port"),
+        ("127.0.0.1:0", -1, "port in 1..65535"),
+        ("127.0.0.1:50052", 0, "n_gpu_layers=0 would offload nothing"),
+    ],
+)
+def test_bad_rpc_settings_are_refused_before_anything_loads(servers, ngl, message):
+    with pytest.raises(ValueError, match=message):
+        Llama("does-not-matter.gguf", n_gpu_layers=ngl, rpc_servers=servers)
