@@ -39,6 +39,7 @@ struct pme_state {
     char **   km;
     size_t *  km_nb1;
     uint8_t * km_valid;
+    int64_t * km_serial; /* (n_layer) the ubatch whose rows the mirror last fetched */
     /* the KQ mask of this ubatch, copied once for every layer that reads it (pme_kmirror.c) */
     int64_t   ub_serial; /* ubatches begun, to tell this one's mask from the last one's */
     const struct ggml_tensor * mask_of;
@@ -123,7 +124,6 @@ struct pme_state {
     uint8_t *  kl_seen;  /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries staged */
     float *    kl_scale; /* (n_layer) the attention node's scale */
     float      kl_f32[1024];
-    uint8_t    kl_row[4096];
     int32_t    failed;
     char       err[PME_ERR_LEN];
 };

@@ -6,8 +6,8 @@
  *   flash attention on:  node->src[0] Q (d, n_tokens, n_head) f32, node->src[1] K (d, n_kv, n_head_kv)
  *   flash attention off: kq_soft_max->src[0] is kq = mul_mat(K, Q) with the same K and Q views
  * K is a view of the cache, written by SET_ROWS before the node runs, so the rows of this ubatch's cells
- * (on_set_rows records which) hold its keys in the cache's type, after RoPE. Only those rows are read, one
- * row at a time through the backend API when the cache is not in host memory. */
+ * (on_set_rows records which) hold its keys in the cache's type, after RoPE. Only those rows are read; a cache
+ * outside host memory is read through its host mirror (pme_kmirror.c), which fetches them once per ubatch. */
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "pme_internal.h"
@@ -68,33 +68,6 @@ int pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap) {
     return st->cfg.n_layer;
 }
 
-/* one row of t (any type) at byte offset off, as floats; rows outside host memory come one at a time */
-static int read_row(pme_state * st, const struct ggml_tensor * t, size_t off, int64_t d, float * out) {
-    const struct ggml_type_traits * tr = ggml_get_type_traits(t->type);
-    const size_t                    rb = ggml_row_size(t->type, d);
-    const void *                    src;
-    if (!pme_needs_copy(st, t)) {
-        src = (const char *) t->data + off;
-    } else {
-        if (rb > sizeof st->kl_row) {
-            pme_set_error(st, "%s: a %zu-byte row does not fit the key log's row buffer", t->name, rb);
-            return -1;
-        }
-        ggml_backend_tensor_get(t, st->kl_row, off, rb);
-        st->d2h_bytes[pme_ub_kind(st)] += (int64_t) rb;
-        src = st->kl_row;
-    }
-    if (t->type == GGML_TYPE_F32) {
-        memcpy(out, src, (size_t) d * sizeof(float));
-    } else if (tr->to_float) {
-        tr->to_float(src, out, d);
-    } else {
-        pme_set_error(st, "%s: no conversion to float for type %s", t->name, ggml_type_name(t->type));
-        return -1;
-    }
-    return 0;
-}
-
 /* node: the attention node of scored layer il, just computed */
 void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il) {
     if (st->kl_d == 0 || il < 0 || il >= st->cfg.n_layer) {
@@ -119,15 +92,18 @@ void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t
         return;
     }
     if (st->ub_flags & PME_UB_QUERY) {
-        /* the armed ubatch is a query probe: its queries, not its keys (it is removed again) */
+        /* the armed ubatch is a query probe: its queries, not its keys (it is removed again); Q comes over in one
+         * read (not row by row: on RPC every read is a round trip) */
+        const char * qd = pme_host_or_copy(st, q, 0);
+        if (!qd) {
+            return;
+        }
         const int32_t n0 = st->ub_n > PME_KL_QMAX ? st->ub_n - PME_KL_QMAX : 0;
-        float *       qd = st->kl_q + (size_t) il * PME_KL_QMAX * nh * d;
+        float *       qo = st->kl_q + (size_t) il * PME_KL_QMAX * nh * d;
         for (int32_t r = n0; r < st->ub_n; ++r) {
             for (int64_t h = 0; h < nh; ++h) {
-                if (read_row(st, q, (size_t) r * q->nb[1] + (size_t) h * q->nb[2], d,
-                             qd + ((size_t) (r - n0) * nh + h) * d) != 0) {
-                    return;
-                }
+                memcpy(qo + ((size_t) (r - n0) * nh + h) * d, qd + (size_t) r * q->nb[1] + (size_t) h * q->nb[2],
+                       (size_t) d * sizeof(float));
             }
         }
         st->kl_q_rows    = st->ub_n - n0;
@@ -135,7 +111,17 @@ void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t
         st->kl_seen[il] |= 2;
         return;
     }
-    uint16_t * kd = st->kl_k + (size_t) il * st->cfg.max_ubatch * hkv * d;
+    uint16_t *   kd = st->kl_k + (size_t) il * st->cfg.max_ubatch * hkv * d;
+    /* a non-host K comes from the host mirror, which fetches this ubatch's rows once for the scorer too */
+    const char * kb = pme_k_rows(st, k, il);
+    if (!kb) {
+        return;
+    }
+    const struct ggml_type_traits * tr = ggml_get_type_traits(k->type);
+    if (k->type != GGML_TYPE_F16 && !tr->to_float) {
+        pme_set_error(st, "key log: no conversion to float for a %s K cache", ggml_type_name(k->type));
+        return;
+    }
     for (int32_t i = 0; i < st->ub_n; ++i) {
         const int32_t cell = st->ub_cell[i];
         if (cell < 0 || cell >= k->ne[1]) {
@@ -145,15 +131,13 @@ void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t
         }
         for (int64_t h = 0; h < hkv; ++h) {
             uint16_t *   dst = kd + ((size_t) i * hkv + h) * d;
-            const size_t off = (size_t) cell * k->nb[1] + (size_t) h * k->nb[2];
-            if (k->type == GGML_TYPE_F16 && !pme_needs_copy(st, k)) {
-                memcpy(dst, (const char *) k->data + off, (size_t) d * sizeof(uint16_t));
-                continue;
+            const char * src = kb + (size_t) cell * k->nb[1] + (size_t) h * k->nb[2];
+            if (k->type == GGML_TYPE_F16) {
+                memcpy(dst, src, (size_t) d * sizeof(uint16_t));
+            } else {
+                tr->to_float(src, st->kl_f32, d);
+                ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) dst, d);
             }
-            if (read_row(st, k, off, d, st->kl_f32) != 0) {
-                return;
-            }
-            ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) dst, d);
         }
     }
     st->kl_seen[il] |= 1;

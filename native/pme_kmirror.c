@@ -11,6 +11,7 @@
 #include "ggml.h"
 #include "pme_internal.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,9 +30,11 @@ void pme_kmirror_free(pme_state * st) {
     free(st->km);
     free(st->km_nb1);
     free(st->km_valid);
-    st->km       = NULL;
-    st->km_nb1   = NULL;
-    st->km_valid = NULL;
+    free(st->km_serial);
+    st->km        = NULL;
+    st->km_nb1    = NULL;
+    st->km_valid  = NULL;
+    st->km_serial = NULL;
 }
 
 /* The KQ mask's first n_tokens rows in host memory. Layers of one cache share one mask input, so it is copied
@@ -76,10 +79,11 @@ const char * pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t la
         return pme_host_or_copy(st, k, 1);
     }
     if (!st->km) {
-        st->km       = calloc((size_t) st->cfg.n_layer, sizeof *st->km);
-        st->km_nb1   = calloc((size_t) st->cfg.n_layer, sizeof *st->km_nb1);
-        st->km_valid = calloc((size_t) st->cfg.n_layer, 1);
-        if (!st->km || !st->km_nb1 || !st->km_valid) {
+        st->km        = calloc((size_t) st->cfg.n_layer, sizeof *st->km);
+        st->km_nb1    = calloc((size_t) st->cfg.n_layer, sizeof *st->km_nb1);
+        st->km_valid  = calloc((size_t) st->cfg.n_layer, 1);
+        st->km_serial = calloc((size_t) st->cfg.n_layer, sizeof *st->km_serial);
+        if (!st->km || !st->km_nb1 || !st->km_valid || !st->km_serial) {
             pme_set_error(st, "out of memory for the K mirror");
             return NULL;
         }
@@ -102,7 +106,32 @@ const char * pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t la
         const size_t n = (size_t) (n_kv - 1) * nb1 + used;
         ggml_backend_tensor_get(k, m, 0, n);
         st->d2h_bytes[kind] += (int64_t) n;
-        st->km_valid[layer] = 1;
+        st->km_valid[layer]  = 1;
+        st->km_serial[layer] = st->ub_serial;
+        return m;
+    }
+    if (st->km_serial[layer] == st->ub_serial) {
+        return m; /* this ubatch's rows are in already (the key log and the scorer both read this layer) */
+    }
+    st->km_serial[layer] = st->ub_serial;
+    /* every read is a round trip on RPC (and a synchronisation on a GPU): a ubatch's cells are usually one
+     * contiguous slot, fetched in one read; scattered cells one at a time */
+    int32_t lo = INT32_MAX, hi = -1, n_in = 0;
+    for (int32_t i = 0; i < st->ub_n; ++i) {
+        const int32_t c = st->ub_cell[i];
+        if (c >= 0 && c < n_kv) {
+            lo = c < lo ? c : lo;
+            hi = c > hi ? c : hi;
+            n_in++;
+        }
+    }
+    if (n_in == 0) {
+        return m;
+    }
+    if (hi - lo + 1 <= 2 * n_in) {
+        const size_t off = (size_t) lo * nb1, n = (size_t) (hi - lo) * nb1 + used;
+        ggml_backend_tensor_get(k, m + off, off, n);
+        st->d2h_bytes[kind] += (int64_t) n;
         return m;
     }
     for (int32_t i = 0; i < st->ub_n; ++i) {

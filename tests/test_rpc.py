@@ -64,12 +64,17 @@ def test_this_llama_cpp_has_the_rpc_backend():
     assert rpc_supported()
 
 
-def _run(path: str, rpc: str | None, policy: str, flash_attn: bool, kv_type: str, n: int = 24) -> dict:
+# budget and prompt repeats: Gemma 3's 512-token sliding window needs a budget past it, and a prompt past that
+SIZES = {"smollm2": (256, 30), "gemma": (640, 75)}
+
+
+def _run(path: str, rpc: str | None, policy: str, flash_attn: bool, kv_type: str, size: tuple[int, int]) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
     cfg = EngineConfig(n_ubatch=128, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type)
-    with Llama(path, kv_budget=256, policy=policy, config=cfg, **kw) as llm:
-        prompt = llm.tokenize((PROMPT_WORDS * 12).encode())
-        tokens = list(itertools.islice(llm.generate(prompt, temp=0.0), n))
+    budget, repeats = size
+    with Llama(path, kv_budget=budget, policy=policy, config=cfg, **kw) as llm:
+        prompt = llm.tokenize((PROMPT_WORDS * repeats).encode())
+        tokens = list(itertools.islice(llm.generate(prompt, temp=0.0), 24))
         cells = llm.engine.scorer.cell_positions()
         return {"tokens": tokens, "cells": cells, "kept": sorted(p for p in cells if p >= 0), "stats": llm.stats}
 
@@ -84,9 +89,9 @@ CASES = [
 @pytest.mark.parametrize("policy,flash_attn,kv_type", CASES)
 def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_endpoint, smollm2_path, gemma_path):
     path = smollm2_path if model == "smollm2" else gemma_path
-    cpu = _run(path, None, policy, flash_attn, kv_type)
-    rpc = _run(path, rpc_endpoint, policy, flash_attn, kv_type)
-    assert cpu["stats"].tokens_evicted > 0  # the prompt (~250 tokens x 2) overflowed the 256-cell budget
+    cpu = _run(path, None, policy, flash_attn, kv_type, SIZES[model])
+    rpc = _run(path, rpc_endpoint, policy, flash_attn, kv_type, SIZES[model])
+    assert cpu["stats"].tokens_evicted > 0  # the prompt overflowed the budget
     assert rpc["tokens"] == cpu["tokens"]
     assert rpc["cells"] == cpu["cells"]
     assert rpc["kept"] == cpu["kept"]
@@ -120,3 +125,33 @@ def _synthetic_path() -> str:
 def test_bad_rpc_settings_are_refused_before_anything_loads(servers, ngl, message):
     with pytest.raises(ValueError, match=message):
         Llama("does-not-matter.gguf", n_gpu_layers=ngl, rpc_servers=servers)
+
+
+@pytest.mark.slow
+def test_serve_over_rpc_answers_the_openai_client_with_a_bounded_cache(rpc_endpoint, smollm2_path):
+    import json
+    import urllib.request
+
+    import openai
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "pymorph_edge.cli", "serve", "-m", smollm2_path, "--kv-budget", "128"]
+    cmd += ["--n-ubatch", "64", "--port", str(port), "-ngl", "-1", "--rpc", rpc_endpoint]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_listening(proc, port, "serve --rpc")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": "Write a long story about a lighthouse keeper. " * 10}],
+            max_tokens=120,
+            temperature=0,
+        )
+        assert r.choices[0].message.content and r.usage.completion_tokens > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as h:
+            kv = json.loads(h.read())["kv"]
+        assert kv["tokens_evicted"] > 0 and kv["peak_cells"] <= 128 + 64  # bounded, and it did evict
+        assert kv["decode_d2h_bytes"] > 0  # the scorer read the RPC server's tensors
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,0 +1,149 @@
+"""What bounded scoring costs on a non-host backend: llama.cpp's RPC on loopback against the CPU backend.
+
+usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--out benchmarks/results/rpc-cost-smollm2]
+SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at budget 512, flash attention
+off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. Reports each run's
+wall time, MorphKV / full on the same backend, and what scoring copied device->host and how often it made the
+backend wait (llm.stats), per prompt chunk and per decode step. Writes results.json, results.md and a plot.
+On loopback the server shares the client's cores: its compute threads keep polling while the client scores on
+the host, so `--server-threads 1` leaves the client a core, as a separate machine or a GPU would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pymorph_edge import Llama
+from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.model.default_model import resolve_model
+
+TEXT = "The lighthouse keeper wrote in his log every night about the ships, the weather and the sea. "
+
+
+def start_rpc_server(threads: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "pymorph_edge.cli", "rpc-server", "--port", str(port), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("rpc-server did not start")
+
+
+def one(path: str, rpc: str | None, budget: int | None, flash_attn: bool) -> dict:
+    kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
+    cfg = EngineConfig(flash_attn=flash_attn, n_ctx=2048 if budget is None else None)
+    with Llama(path, kv_budget=budget, config=cfg, **kw) as llm:
+        prompt = llm.tokenize((TEXT * 60).encode())[:1200]
+        t0 = time.perf_counter()
+        n = 0
+        for _ in llm.generate(prompt, temp=0.0, logit_bias={llm.token_eos(): -1e9}):
+            n += 1
+            if n >= 120:
+                break
+        s = llm.stats
+        return {
+            "seconds": time.perf_counter() - t0,
+            "prompt_tokens": len(prompt),
+            "tokens": n,
+            "tokens_evicted": s.tokens_evicted,
+            "peak_cells": s.peak_cells,
+            "d2h_bytes_per_decode_step": s.d2h_bytes_per_decode_step,
+            "d2h_bytes_per_prompt_chunk": s.d2h_bytes_per_prompt_chunk,
+            "syncs_per_decode_step": s.syncs_per_decode_step,
+            "syncs_per_prompt_chunk": s.syncs_per_prompt_chunk,
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--server-threads", type=int, default=2, help="the rpc-server's CPU threads (default 2)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    path = str(resolve_model("smollm2-135m"))
+    proc, endpoint = start_rpc_server(args.server_threads)
+    rows = []
+    try:
+        for r in range(args.rounds):
+            for backend, rpc in (("cpu", None), ("rpc", endpoint)):
+                for fa in (False, True):
+                    full, bounded = one(path, rpc, None, fa), one(path, rpc, 512, fa)
+                    row = {"round": r + 1, "backend": backend, "flash_attn": fa, "full": full, "morphkv": bounded}
+                    rows.append(row)
+                    print(
+                        f"{backend} fa={'on' if fa else 'off'}: full {full['seconds']:.2f} s, morphkv "
+                        f"{bounded['seconds']:.2f} s ({bounded['seconds'] / full['seconds']:.2f}x), "
+                        f"{bounded['d2h_bytes_per_decode_step'] / 1e3:.1f} KB/step, "
+                        f"{bounded['d2h_bytes_per_prompt_chunk'] / 1e6:.1f} MB/chunk",
+                        flush=True,
+                    )
+    finally:
+        proc.kill()
+        proc.wait()
+    if args.out is not None:
+        write(args, rows)
+
+
+def write(args: argparse.Namespace, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/rpc_cost.py " + " ".join(sys.argv[1:])
+    (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    lines = [
+        "# Scoring on a non-host backend: llama.cpp RPC on loopback vs the CPU backend (SmolLM2, budget 512)",
+        "",
+        f"`{command}`",
+        "",
+        f"1.2K-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
+        f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores.",
+        "",
+        "| round | backend | flash attention | full cache (s) | MorphKV 512 (s) | MorphKV / full | device->host per "
+        "decode step | per prompt chunk | syncs per step; per chunk |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        f, m = row["full"], row["morphkv"]
+        lines.append(
+            f"| {row['round']} | {row['backend']} | {'on' if row['flash_attn'] else 'off'} | {f['seconds']:.2f} | "
+            f"{m['seconds']:.2f} | {m['seconds'] / f['seconds']:.2f}x | {m['d2h_bytes_per_decode_step'] / 1e3:.1f} KB | "
+            f"{m['d2h_bytes_per_prompt_chunk'] / 1e6:.1f} MB | {m['syncs_per_decode_step']:.0f}; "
+            f"{m['syncs_per_prompt_chunk']:.0f} |"
+        )
+    lines += [
+        "",
+        f"MorphKV evicted {rows[0]['morphkv']['tokens_evicted']} tokens, peak {rows[0]['morphkv']['peak_cells']} cells.",
+    ]
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{r['backend']}\nfa {'on' if r['flash_attn'] else 'off'}" for r in rows]
+    ax.bar(range(len(rows)), [r["morphkv"]["seconds"] / r["full"]["seconds"] for r in rows])
+    ax.axhline(1.15, color="tab:red", linestyle="--", label="1.15x")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("MorphKV 512 / full cache time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "rpc_cost.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
