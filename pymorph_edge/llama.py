@@ -57,6 +57,8 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
     KVPolicy instance. window / fusion / aggregate: the policy's own settings (an unused one is a ValueError).
     keep: the first N tokens, or "system" (each chat's system prompt), are never evicted. recall: bring evicted
     text back for new requests (default: on for MorphKV). config: the rarely changed EngineConfig settings.
+    rpc_servers: "host:port[,...]" of llama.cpp RPC servers to offload to, with n_gpu_layers (the name older
+    llama-cpp-python releases used; docs/offload.md).
 
     Every other keyword is llama_cpp.Llama's, with its meaning (README "Porting from llama-cpp-python"); one that
     cannot be honoured is a ValueError naming it.
