@@ -29,12 +29,12 @@ int pme_parse_layer(const char * name, const char * prefix) {
 }
 
 const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot) {
-    if (!pme_needs_copy(st, t)) {
-        return t->data;
-    }
+    return pme_needs_copy(st, t) ? pme_copy_prefix(st, t, slot, ggml_nbytes(t)) : t->data;
+}
+
+const void * pme_copy_prefix(pme_state * st, const struct ggml_tensor * t, int slot, size_t nbytes) {
     /* GPU backends: copy the tensor out through the backend API, one buffer per slot so that several
      * sources of one node can be held at once */
-    const size_t nbytes = ggml_nbytes(t);
     if (nbytes > st->dev_copy_cap[slot]) {
         void * p = realloc(st->dev_copy[slot], nbytes);
         if (!p) {

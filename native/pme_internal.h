@@ -153,6 +153,8 @@ struct ggml_tensor;
 void         pme_set_error(pme_state * st, const char * fmt, ...);
 int          pme_parse_layer(const char * name, const char * prefix); /* "<prefix><digits>[ suffix]" -> il or -1 */
 const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot);
+/* the first nbytes of t, copied through the backend API into copy slot `slot` (counted as device->host bytes) */
+const void * pme_copy_prefix(pme_state * st, const struct ggml_tensor * t, int slot, size_t nbytes);
 /* flash attention on: recompute layer's attention rows from the FLASH_ATTN_EXT node t and fold them */
 int          pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer);
 /* kernels (pme_kdot.c): s[h] = q[h] . k for nq query rows d apart against one K row in its own type; NULL from

@@ -49,21 +49,12 @@ const char * pme_mask_rows(pme_state * st, const struct ggml_tensor * mask, int6
     if (st->mask_of == mask && st->mask_serial == st->ub_serial) {
         return st->dev_copy[2];
     }
-    const size_t n = (size_t) n_tokens * mask->nb[1];
-    if (n > st->dev_copy_cap[2]) {
-        void * p = realloc(st->dev_copy[2], n);
-        if (!p) {
-            pme_set_error(st, "out of memory copying %s (%zu bytes)", mask->name, n);
-            return NULL;
-        }
-        st->dev_copy[2]     = p;
-        st->dev_copy_cap[2] = n;
+    const char * rows = pme_copy_prefix(st, mask, 2, (size_t) n_tokens * mask->nb[1]);
+    if (rows) {
+        st->mask_of     = mask;
+        st->mask_serial = st->ub_serial;
     }
-    ggml_backend_tensor_get(mask, st->dev_copy[2], 0, n);
-    st->d2h_bytes[pme_ub_kind(st)] += (int64_t) n;
-    st->mask_of     = mask;
-    st->mask_serial = st->ub_serial;
-    return st->dev_copy[2];
+    return rows;
 }
 
 /* k: a layer's K view (d, n_kv, n_head_kv), cells n_kv apart by nb1. Returns its rows in host memory. */

@@ -99,19 +99,10 @@ def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_e
     assert rpc["stats"].decode_d2h_bytes > 0 and cpu["stats"].decode_d2h_bytes == 0
 
 
-def test_an_unreachable_server_is_a_clear_error():
+def test_an_unreachable_server_is_a_clear_error(gqa_model):
     port = free_port()  # nothing listens there
     with pytest.raises(RPCError, match=f"127.0.0.1:{port}"):
-        Llama(_synthetic_path(), n_gpu_layers=-1, rpc_servers=f"127.0.0.1:{port}")
-
-
-def _synthetic_path() -> str:
-    import tempfile
-    from pathlib import Path
-
-    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
-
-    return str(write_synthetic_llama(Path(tempfile.mkdtemp()) / "rpc-err.gguf", n_head=4, n_head_kv=2))
+        Llama(gqa_model, n_gpu_layers=-1, rpc_servers=f"127.0.0.1:{port}")
 
 
 @pytest.mark.parametrize(

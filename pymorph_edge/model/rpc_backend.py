@@ -15,6 +15,7 @@ cache_dir, n_threads, n_devices, devices)` and blocks; a client registers a serv
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 import socket
@@ -46,6 +47,11 @@ def require_rpc() -> ctypes.CDLL:
             "this llama-cpp-python was built without llama.cpp's RPC backend (llama_supports_rpc() is False); "
             'rebuild it with CMAKE_ARGS="-DGGML_RPC=on" as the README\'s setup does'
         )
+    return _rpc_lib()
+
+
+@functools.cache  # loaded and typed once per process
+def _rpc_lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_LIB_DIR / "libggml-rpc.so"))
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
@@ -60,6 +66,7 @@ def require_rpc() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache  # loaded and typed once per process
 def _ggml() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(_LIB_DIR / "libggml.so"))
     lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
