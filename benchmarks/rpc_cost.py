@@ -44,9 +44,11 @@ def start_rpc_server(threads: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("rpc-server did not start")
 
 
-def one(path: str, rpc: str | None, budget: int | None, flash_attn: bool) -> dict:
+def one(path: str, rpc: str | None, budget: int | None, flash_attn: bool, recall: bool | None = None) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
     cfg = EngineConfig(flash_attn=flash_attn, n_ctx=2048 if budget is None else None)
+    if budget is not None:
+        kw["recall"] = recall
     with Llama(path, kv_budget=budget, config=cfg, **kw) as llm:
         prompt = llm.tokenize((TEXT * 60).encode())[:1200]
         t0 = time.perf_counter()
@@ -73,8 +75,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--server-threads", type=int, default=2, help="the rpc-server's CPU threads (default 2)")
+    ap.add_argument(
+        "--no-recall", action="store_true", help="MorphKV without recall, so no key log (its keys cross too)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    recall = False if args.no_recall else None
     path = str(resolve_model("smollm2-135m"))
     proc, endpoint = start_rpc_server(args.server_threads)
     rows = []
@@ -82,7 +88,7 @@ def main() -> None:
         for r in range(args.rounds):
             for backend, rpc in (("cpu", None), ("rpc", endpoint)):
                 for fa in (False, True):
-                    full, bounded = one(path, rpc, None, fa), one(path, rpc, 512, fa)
+                    full, bounded = one(path, rpc, None, fa), one(path, rpc, 512, fa, recall)
                     row = {"round": r + 1, "backend": backend, "flash_attn": fa, "full": full, "morphkv": bounded}
                     rows.append(row)
                     print(

@@ -138,6 +138,9 @@ int              pme_test_fattn_check(pme_state * st, int32_t enable, float * ou
 /* enable 1: read every tensor through ggml_backend_tensor_get, as for a buffer outside host memory, so the
  * non-host path (and its byte counters) runs on the CPU backend too */
 int              pme_test_force_copy(pme_state * st, int32_t enable);
+/* where scores are reduced: 0 (auto) on the attention's own backend for tensors outside host memory, on the host
+ * otherwise; 1 on a backend for host tensors too (the CPU backend); 2 never on a backend (the copy path) */
+int              pme_test_backend_scores(pme_state * st, int32_t mode);
 /* Key log (pme_keylog.c): with enable(d_k > 0), every ubatch stages the keys it wrote at each scored layer
  * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
  * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's

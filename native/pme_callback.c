@@ -181,8 +181,13 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention) {
             return true;
         }
-        if (t->op == GGML_OP_FLASH_ATTN_EXT) {
-            st->cur_layer = il; /* wants_fattn checked it is in range */
+        const int fa  = t->op == GGML_OP_FLASH_ATTN_EXT;
+        st->cur_layer = il; /* wants_softmax / wants_fattn checked it is in range */
+        /* where the attention is not in host memory, reduce it there; the host path otherwise */
+        if (pme_dev_wants(st, fa ? t->src[1] : t) && pme_dev_fold(st, t, il) <= 0) {
+            return true;
+        }
+        if (fa) {
             pme_fold_fattn(st, t, il);
         } else {
             on_softmax(st, t);

@@ -10,6 +10,8 @@
 #define PME_COPY_SLOTS 6
 #define PME_KL_QMAX    32 /* query rows a probe keeps (its last ones) */
 
+enum pme_dev_mode { PME_DEV_AUTO = 0, PME_DEV_ALWAYS = 1, PME_DEV_NEVER = 2 };
+
 /* pos: llama.cpp position (what seq_rm takes); lpos: logical position, never renumbered (pooling) */
 typedef struct pme_candidate {
     float   score;
@@ -21,27 +23,31 @@ struct pme_state {
     pme_config cfg;
 
     /* cell map of the scored cache */
-    int32_t * cell_pos; /* (n_cells) position held by each cell, -1 when free */
-    int64_t   n_live;
-    int64_t   peak;
-    int64_t   evicted;
-    int64_t   evict_calls;
-    int64_t   ubatches;
-    int64_t   compactions;
+    int32_t *        cell_pos; /* (n_cells) position held by each cell, -1 when free */
+    int64_t          n_live;
+    int64_t          peak;
+    int64_t          evicted;
+    int64_t          evict_calls;
+    int64_t          ubatches;
+    int64_t          compactions;
     /* what the scorer costs a non-host backend, per kind of ubatch ([0] one decoded token, [1] a prompt chunk or
      * any other multi-token ubatch): bytes it copied to the host, and nodes it asked for (each splits the graph
      * and synchronises the backend) */
-    int64_t   d2h_bytes[2];
-    int64_t   syncs[2];
-    int64_t   ub_kind_count[2];
-    int32_t   force_copy; /* test hook: read host tensors through ggml_backend_tensor_get too, as for a GPU */
+    int64_t          d2h_bytes[2];
+    int64_t          syncs[2];
+    int64_t          ub_kind_count[2];
+    int32_t          force_copy; /* test hook: read host tensors through ggml_backend_tensor_get too, as for a GPU */
+    /* scores reduced on the attention's own backend (pme_devscore.c) */
+    struct pme_dev * dev;
+    int32_t          dev_mode;   /* PME_DEV_AUTO: for tensors outside host memory; ALWAYS / NEVER: test hooks */
+    int32_t          dev_failed; /* the device could not be set up: the copy path serves */
     /* host mirror of each layer's K cache when it is not in host memory (pme_kmirror.c) */
-    char **   km;
-    size_t *  km_nb1;
-    uint8_t * km_valid;
-    int64_t * km_serial; /* (n_layer) the ubatch whose rows the mirror last fetched */
+    char **          km;
+    size_t *         km_nb1;
+    uint8_t *        km_valid;
+    int64_t *        km_serial; /* (n_layer) the ubatch whose rows the mirror last fetched */
     /* the KQ mask of this ubatch, copied once for every layer that reads it (pme_kmirror.c) */
-    int64_t   ub_serial; /* ubatches begun, to tell this one's mask from the last one's */
+    int64_t          ub_serial; /* ubatches begun, to tell this one's mask from the last one's */
     const struct ggml_tensor * mask_of;
     int64_t                    mask_serial;
     int64_t   lpos_offset; /* logical position - llama.cpp position, for tokens decoded since the last compaction */
@@ -71,7 +77,7 @@ struct pme_state {
     float *   ub_chunk_acc; /* (n_cells) per-cell max over all rows of the ubatch, aggregated */
     float *   ub_sum_acc;   /* (n_cells) per-cell sum over all rows of the ubatch, aggregated */
     float *   tmp;          /* (n_cells) one (layer, kv head) reduction */
-    float *   row_sum;      /* (n_cells) per-cell row sum of one (layer, kv head) */
+    double *  row_sum;      /* (n_cells) per-cell row sum of one (layer, kv head) */
 
     /* per-head weights and their calibration (pme_head_weights.c) */
     float *   head_w;       /* (n_layer * n_head_kv) or NULL: uniform */
@@ -231,4 +237,10 @@ const char * pme_mask_rows(pme_state * st, const struct ggml_tensor * mask, int6
 void         pme_kmirror_free(pme_state * st);
 
 int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
+
+/* pme_devscore.c: whether t's layer is reduced on t's backend; fold returns 0 (done), 1 (use the host path), -1 */
+int  pme_dev_wants(const pme_state * st, const struct ggml_tensor * t);
+int  pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer);
+int  pme_dev_collect(pme_state * st);
+void pme_dev_free(pme_state * st);
 #endif

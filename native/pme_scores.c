@@ -100,10 +100,10 @@ void pme_fold_group(pme_state *   st,
     }
     /* persistent score: max over every row of the ubatch, so a token attended once in its own
      * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
-    float * best  = st->score; /* scratch: selection recomputes score before reading it */
-    float * total = st->row_sum;
+    float *  best  = st->score; /* scratch: selection recomputes score before reading it */
+    double * total = st->row_sum;
     memset(best, 0, (size_t) n_kv * sizeof(float));
-    memset(total, 0, (size_t) n_kv * sizeof(float));
+    memset(total, 0, (size_t) n_kv * sizeof(double));
     for (int64_t t = 0; t < n_tokens; ++t) {
         group_row(st, attn, n_kv, t, nb1, nb2, w, tmp);
         if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= 0 && st->calib_cell[t] < n_kv) {
@@ -113,11 +113,16 @@ void pme_fold_group(pme_state *   st,
             if (tmp[c] > best[c]) {
                 best[c] = tmp[c];
             }
-            total[c] += tmp[c];
+            total[c] += (double) tmp[c];
         }
     }
     fold(st->ub_chunk_acc, best, n_kv, agg);
-    fold(st->ub_sum_acc, total, n_kv, agg);
+    /* the row sum in double, rounded once: ggml's sum_rows does the same, so scores reduced on a device
+     * (pme_devscore.c, on an RPC server's CPU) match these bit for bit */
+    for (int64_t c = 0; c < n_kv; ++c) {
+        tmp[c] = (float) total[c];
+    }
+    fold(st->ub_sum_acc, tmp, n_kv, agg);
 }
 
 int pme_fold_softmax(pme_state *   st,

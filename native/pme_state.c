@@ -79,7 +79,7 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->ub_chunk_acc = calloc(nc, sizeof(float));
     st->ub_sum_acc   = calloc(nc, sizeof(float));
     st->tmp          = calloc(nc, sizeof(float));
-    st->row_sum      = calloc(nc, sizeof(float));
+    st->row_sum      = calloc(nc, sizeof(double));
     st->ring         = calloc(w * nc, sizeof(float));
     st->pscore       = calloc(nc, sizeof(float));
     st->score        = calloc(nc, sizeof(float));
@@ -108,6 +108,7 @@ void pme_free(pme_state * st) {
         free(st->dev_copy[i]);
     }
     pme_kmirror_free(st);
+    pme_dev_free(st);
     free(st->kl_k);
     free(st->kl_q);
     free(st->kl_scale);
@@ -270,6 +271,7 @@ int pme_end_ubatch(pme_state * st) {
                       "pme_end_ubatch: no attention node (kq_soft_max or flash attention) of a scored layer was read");
         return -1;
     }
+    pme_dev_collect(st);
     pme_ubatch_finish_acc(st);
     pme_policy_observe(st);
     st->ubatches++;

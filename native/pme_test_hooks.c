@@ -63,6 +63,14 @@ int pme_test_force_copy(pme_state * st, int32_t enable) {
     return 0;
 }
 
+int pme_test_backend_scores(pme_state * st, int32_t mode) {
+    if (!st || mode < PME_DEV_AUTO || mode > PME_DEV_NEVER) {
+        return -1;
+    }
+    st->dev_mode = mode;
+    return 0;
+}
+
 int pme_test_fattn_check(pme_state * st, int32_t enable, float * out) {
     if (!st || !out) {
         return -1;

@@ -59,6 +59,8 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
     text back for new requests (default: on for MorphKV). config: the rarely changed EngineConfig settings.
     rpc_servers: "host:port[,...]" of llama.cpp RPC servers to offload to, with n_gpu_layers (the name older
     llama-cpp-python releases used; docs/offload.md).
+    use_extra_bufts: llama.cpp's CPU weight repacking (llama_model_params.use_extra_bufts, default on). Off, a
+    CPU run multiplies exactly as an rpc-server does (repacked kernels round differently).
 
     Every other keyword is llama_cpp.Llama's, with its meaning (README "Porting from llama-cpp-python"); one that
     cannot be honoured is a ValueError naming it.
@@ -101,6 +103,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         lora_path: str | None = None,
         lora_scale: float = 1.0,
         rpc_servers: str | None = None,
+        use_extra_bufts: bool = True,
         chat_format: str | None = None,
         chat_handler: Callable[..., Any] | None = None,
         chat_template: str | None = None,
@@ -142,7 +145,16 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         )
         ubatch = effective_n_ubatch(n_ubatch, n_batch, config.n_ubatch)
         options = ModelOptions(
-            n_gpu_layers, main_gpu, split_mode, tensor_split, use_mmap, use_mlock, lora_path, lora_scale, rpc_servers
+            n_gpu_layers,
+            main_gpu,
+            split_mode,
+            tensor_split,
+            use_mmap,
+            use_mlock,
+            lora_path,
+            lora_scale,
+            rpc_servers,
+            use_extra_bufts,
         )
         self._model = LoadedModel(model_path, options)
         try:

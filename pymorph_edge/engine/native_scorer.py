@@ -144,6 +144,16 @@ class NativeScorer:
         path and its byte counters run on the CPU backend."""
         self._check(self._lib.pme_test_force_copy(self._state, int(enable)), "force copy")
 
+    _BACKEND_SCORE_MODES = {"auto": 0, "always": 1, "never": 2}
+
+    def backend_scores(self, mode: str) -> None:
+        """Test hook: where attention is reduced to scores (native/pme_devscore.c). "auto": on the attention's own
+        backend when it is outside host memory; "always": on a backend for host tensors too (the CPU backend);
+        "never": the host path, copying a non-host tensor over."""
+        if mode not in self._BACKEND_SCORE_MODES:
+            raise ValueError(f"backend_scores mode must be one of {sorted(self._BACKEND_SCORE_MODES)}, got {mode!r}")
+        self._check(self._lib.pme_test_backend_scores(self._state, self._BACKEND_SCORE_MODES[mode]), "backend scores")
+
     # -- key log (native/pme_keylog.c) ---------------------------------------------------------
     def enable_keylog(self, d_k: int) -> None:
         """From now on every ubatch stages its keys at each scored layer (0 turns it off)."""

@@ -23,6 +23,8 @@ class ModelOptions:
     lora_path: str | None = None  # a LoRA adapter GGUF applied to every context of the model
     lora_scale: float = 1.0
     rpc_servers: str | None = None  # "host:port,...": offload to llama.cpp RPC servers (model/rpc_backend.py)
+    # llama.cpp's CPU weight repacking (extra buffer types): off, the CPU backend multiplies as an rpc-server does
+    use_extra_bufts: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_gpu_layers", "main_gpu", "split_mode"):
@@ -58,7 +60,7 @@ class ModelOptions:
                     f"rpc_servers={self.rpc_servers!r} with n_gpu_layers=0 would offload nothing; "
                     "pass n_gpu_layers (-1: all layers)"
                 )
-        for name in ("use_mmap", "use_mlock"):
+        for name in ("use_mmap", "use_mlock", "use_extra_bufts"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -79,6 +81,7 @@ class ModelOptions:
             arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
             keep_alive.append(arr)
             params.devices = ctypes.cast(arr, ctypes.c_void_p)
+        params.use_extra_bufts = self.use_extra_bufts
         # llama.cpp folds the two flags into one load mode (llama_cpp.Llama does the same)
         params.load_mode = {
             (True, True): C.LLAMA_LOAD_MODE_MMAP_MLOCK,

@@ -1,0 +1,96 @@
+"""Scores reduced on the attention's own backend (native/pme_devscore.c), driven on the CPU backend.
+
+A GPU's or an RPC server's attention is reduced there by a small ggml graph, and only the per-cell scores come to
+the host. The same graph runs on the CPU backend when a test asks for it (backend_scores("always")), so its
+arithmetic is checked here against the host path, which reads the attention in place: with flash attention off
+the two must agree to the bit (same element-wise adds in the same order, the row sum in double as ggml's
+sum_rows), with it on (ggml's softmax against the host's own kernels) to rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pymorph_edge import Llama
+from pymorph_edge.engine.engine_config import EngineConfig
+
+PROMPT = [(i * 7919) % 200 + 10 for i in range(100)]
+N_LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def gqa(synthetic_dir):
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    return str(write_synthetic_llama(synthetic_dir / "gqa-backend.gguf", n_head=8, n_head_kv=2, n_embd=256))
+
+
+def _run(path: str, mode: str, flash_attn: bool = False, n: int = 20, weights: bool = False, **policy) -> dict:
+    llm = Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=32, flash_attn=flash_attn), recall=False, **policy)
+    llm.engine.scorer.backend_scores(mode)
+    if weights:  # per-head weights scale each (layer, KV head) on prompt chunks: the graph's mul
+        llm.engine.scorer.set_head_weights([0.25, 1.0, 0.5, 0.75][: N_LAYER * 2])
+    out = list(itertools.islice(llm.generate(PROMPT, temp=0.0), n))
+    result = {
+        "tokens": out,
+        "kept": sorted(p for p in llm.engine.scorer.cell_positions() if p >= 0),
+        "scores": np.array(llm.engine.scorer.scores()),
+        "stats": llm.stats,
+    }
+    llm.close()
+    return result
+
+
+@pytest.mark.parametrize(
+    "policy,weights",
+    [("morphkv", False), ("morphkv", True), ("h2o", False), ("tova", False), ("snapkv", False)],
+)
+def test_reduced_on_a_backend_equals_the_host_path_to_the_bit(gqa, policy, weights):
+    host = _run(gqa, "never", policy=policy, weights=weights)
+    dev = _run(gqa, "always", policy=policy, weights=weights)
+    assert host["stats"].tokens_evicted > 0
+    assert dev["tokens"] == host["tokens"]
+    assert dev["kept"] == host["kept"]
+    if policy != "snapkv":  # SnapKV scores once, at the prompt's end; its score array is scratch after that
+        assert np.array_equal(dev["scores"], host["scores"])
+    # the scores did come from the backend: one read of them per ubatch
+    assert dev["stats"].decode_d2h_bytes > 0 and host["stats"].decode_d2h_bytes == 0
+
+
+def test_with_flash_attention_on_the_rebuilt_rows_agree_to_rounding(gqa):
+    """The first eviction (the prompt's) ranks the same scores: ggml's mul_mat and softmax against the host's
+    kernels differ by float rounding only."""
+    host = _run(gqa, "never", flash_attn=True, n=1)
+    dev = _run(gqa, "always", flash_attn=True, n=1)
+    assert host["stats"].tokens_evicted > 0
+    np.testing.assert_allclose(dev["scores"], host["scores"], rtol=1e-4, atol=1e-6)
+    assert dev["kept"] == host["kept"]
+
+
+def test_a_decode_step_copies_one_float_per_cell(gqa):
+    s = _run(gqa, "always")["stats"]
+    assert s.d2h_bytes_per_decode_step <= 4 * s.n_ctx
+    assert s.d2h_bytes_per_decode_step >= 4 * 48  # at least the live cells' scores
+    # the window's rows (W = 32) plus the chunk's max and sum, per cell
+    assert s.d2h_bytes_per_prompt_chunk <= (32 + 2) * 4 * s.n_ctx
+    # each scored layer's node (the graph splits there) plus the one read of the scores
+    assert s.syncs_per_decode_step == N_LAYER + 1
+
+
+def test_the_max_aggregate_takes_the_host_path(gqa):
+    """ggml has no element-wise max to fold heads and layers with: that setting is read through the copy path and
+    decides as the host does."""
+    host = _run(gqa, "never", policy="morphkv", aggregate="max")
+    dev = _run(gqa, "always", policy="morphkv", aggregate="max")
+    assert dev["tokens"] == host["tokens"] and dev["kept"] == host["kept"]
+    assert np.array_equal(dev["scores"], host["scores"])
+    assert dev["stats"].decode_d2h_bytes == 0  # nothing was reduced on the backend
+
+
+def test_an_unknown_mode_is_refused(gqa):
+    with Llama(gqa, kv_budget=48, config=EngineConfig(n_ubatch=32)) as llm:
+        with pytest.raises(ValueError, match="'gpu'"):
+            llm.engine.scorer.backend_scores("gpu")
