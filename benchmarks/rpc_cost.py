@@ -1,10 +1,13 @@
 """What bounded scoring costs on a non-host backend: llama.cpp's RPC on loopback against the CPU backend.
 
-usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--out benchmarks/results/rpc-cost-smollm2]
-SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at budget 512, flash attention
-off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. Reports each run's
-wall time, MorphKV / full on the same backend, and what scoring copied device->host and how often it made the
-backend wait (llm.stats), per prompt chunk and per decode step. Writes results.json, results.md and a plot.
+usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall]
+                                    [--out benchmarks/results/rpc-cost-smollm2]
+SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
+off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. On RPC MorphKV runs
+twice: scores reduced on the backend (native/pme_devscore.c, the default) and, as before it existed, the attention
+copied to the host ("copy path"). Reports each run's wall time, MorphKV / full on the same backend, and what
+scoring copied device->host and how often it made the backend wait (llm.stats), per prompt chunk and per decode
+step, also per cell of the cache. Writes results.json, results.md and a plot.
 On loopback the server shares the client's cores: its compute threads keep polling while the client scores on
 the host, so `--server-threads 1` leaves the client a core, as a separate machine or a GPU would.
 """
@@ -44,12 +47,16 @@ def start_rpc_server(threads: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("rpc-server did not start")
 
 
-def one(path: str, rpc: str | None, budget: int | None, flash_attn: bool, recall: bool | None = None) -> dict:
+def one(
+    path: str, rpc: str | None, budget: int | None, flash_attn: bool, recall: bool | None = None, scores: str = "auto"
+) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
     cfg = EngineConfig(flash_attn=flash_attn, n_ctx=2048 if budget is None else None)
     if budget is not None:
         kw["recall"] = recall
     with Llama(path, kv_budget=budget, config=cfg, **kw) as llm:
+        if llm.engine.scorer is not None:
+            llm.engine.scorer.backend_scores(scores)
         prompt = llm.tokenize((TEXT * 60).encode())[:1200]
         t0 = time.perf_counter()
         n = 0
@@ -63,6 +70,7 @@ def one(path: str, rpc: str | None, budget: int | None, flash_attn: bool, recall
             "prompt_tokens": len(prompt),
             "tokens": n,
             "tokens_evicted": s.tokens_evicted,
+            "n_ctx": s.n_ctx,
             "peak_cells": s.peak_cells,
             "d2h_bytes_per_decode_step": s.d2h_bytes_per_decode_step,
             "d2h_bytes_per_prompt_chunk": s.d2h_bytes_per_prompt_chunk,
@@ -78,6 +86,7 @@ def main() -> None:
     ap.add_argument(
         "--no-recall", action="store_true", help="MorphKV without recall, so no key log (its keys cross too)"
     )
+    ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     recall = False if args.no_recall else None
@@ -88,16 +97,26 @@ def main() -> None:
         for r in range(args.rounds):
             for backend, rpc in (("cpu", None), ("rpc", endpoint)):
                 for fa in (False, True):
-                    full, bounded = one(path, rpc, None, fa), one(path, rpc, 512, fa, recall)
-                    row = {"round": r + 1, "backend": backend, "flash_attn": fa, "full": full, "morphkv": bounded}
-                    rows.append(row)
-                    print(
-                        f"{backend} fa={'on' if fa else 'off'}: full {full['seconds']:.2f} s, morphkv "
-                        f"{bounded['seconds']:.2f} s ({bounded['seconds'] / full['seconds']:.2f}x), "
-                        f"{bounded['d2h_bytes_per_decode_step'] / 1e3:.1f} KB/step, "
-                        f"{bounded['d2h_bytes_per_prompt_chunk'] / 1e6:.1f} MB/chunk",
-                        flush=True,
-                    )
+                    full = one(path, rpc, None, fa)
+                    # on RPC also the copy path, as before scores were reduced on the backend
+                    for scores in ("auto", "never") if rpc else ("auto",):
+                        bounded = one(path, rpc, args.budget, fa, recall, scores)
+                        row = {
+                            "round": r + 1,
+                            "backend": backend,
+                            "scores": "on the backend" if rpc and scores == "auto" else "copy path" if rpc else "host",
+                            "flash_attn": fa,
+                            "full": full,
+                            "morphkv": bounded,
+                        }
+                        rows.append(row)
+                        print(
+                            f"{backend} ({row['scores']}) fa={'on' if fa else 'off'}: full {full['seconds']:.2f} s, "
+                            f"morphkv {bounded['seconds']:.2f} s ({bounded['seconds'] / full['seconds']:.2f}x), "
+                            f"{bounded['d2h_bytes_per_decode_step'] / 1e3:.1f} KB/step, "
+                            f"{bounded['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB/chunk",
+                            flush=True,
+                        )
     finally:
         proc.kill()
         proc.wait()
@@ -115,36 +134,39 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     command = "python benchmarks/rpc_cost.py " + " ".join(sys.argv[1:])
     (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     lines = [
-        "# Scoring on a non-host backend: llama.cpp RPC on loopback vs the CPU backend (SmolLM2, budget 512)",
+        f"# Scoring on a non-host backend: llama.cpp RPC on loopback vs the CPU backend (SmolLM2, budget {args.budget})",
         "",
         f"`{command}`",
         "",
         f"1.2K-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
-        f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores.",
+        f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores. Recall "
+        f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}.",
         "",
-        "| round | backend | flash attention | full cache (s) | MorphKV 512 (s) | MorphKV / full | device->host per "
-        "decode step | per prompt chunk | syncs per step; per chunk |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| round | backend | scores | flash attention | full cache (s) | MorphKV {args.budget} (s) | MorphKV / full | "
+        "device->host per decode step | per cell | per prompt chunk | per cell | syncs per step; per chunk |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         f, m = row["full"], row["morphkv"]
         lines.append(
-            f"| {row['round']} | {row['backend']} | {'on' if row['flash_attn'] else 'off'} | {f['seconds']:.2f} | "
-            f"{m['seconds']:.2f} | {m['seconds'] / f['seconds']:.2f}x | {m['d2h_bytes_per_decode_step'] / 1e3:.1f} KB | "
-            f"{m['d2h_bytes_per_prompt_chunk'] / 1e6:.1f} MB | {m['syncs_per_decode_step']:.0f}; "
-            f"{m['syncs_per_prompt_chunk']:.0f} |"
+            f"| {row['round']} | {row['backend']} | {row['scores']} | {'on' if row['flash_attn'] else 'off'} | "
+            f"{f['seconds']:.2f} | {m['seconds']:.2f} | {m['seconds'] / f['seconds']:.2f}x | "
+            f"{m['d2h_bytes_per_decode_step'] / 1e3:.1f} KB | {m['d2h_bytes_per_decode_step'] / m['n_ctx']:.1f} B | "
+            f"{m['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB | {m['d2h_bytes_per_prompt_chunk'] / m['n_ctx']:.0f} B | "
+            f"{m['syncs_per_decode_step']:.0f}; {m['syncs_per_prompt_chunk']:.0f} |"
         )
     lines += [
         "",
-        f"MorphKV evicted {rows[0]['morphkv']['tokens_evicted']} tokens, peak {rows[0]['morphkv']['peak_cells']} cells.",
+        f"MorphKV evicted {rows[0]['morphkv']['tokens_evicted']} tokens, peak {rows[0]['morphkv']['peak_cells']} cells, "
+        f"of {rows[0]['morphkv']['n_ctx']}.",
     ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    labels = [f"{r['backend']}\nfa {'on' if r['flash_attn'] else 'off'}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    labels = [f"{r['backend']}\n{r['scores']}\nfa {'on' if r['flash_attn'] else 'off'}" for r in rows]
     ax.bar(range(len(rows)), [r["morphkv"]["seconds"] / r["full"]["seconds"] for r in rows])
     ax.axhline(1.15, color="tab:red", linestyle="--", label="1.15x")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("MorphKV 512 / full cache time")
+    ax.set_ylabel(f"MorphKV {args.budget} / full cache time")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "rpc_cost.png", dpi=110)

@@ -75,6 +75,54 @@ int pme_fold_begin(pme_state * st, int64_t n_kv, int64_t n_tokens, int64_t n_hea
     return 0;
 }
 
+/* pme_fold_group for the cells [c0, c0 + n): attn, and every per-cell array, from cell c0 on. Cells are
+ * independent and each sees the same adds in the same order, so any split of the cells gives the same floats. */
+static void fold_cells(pme_state *   st,
+                       const float * attn,
+                       int64_t       n,
+                       int64_t       n_tokens,
+                       size_t        nb1,
+                       size_t        nb2,
+                       float         w,
+                       int32_t       hi,
+                       int64_t       c0) {
+    const int     agg      = st->cfg.aggregate;
+    const size_t  nc       = (size_t) st->cfg.n_cells;
+    float *       tmp      = st->tmp + c0;
+    const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
+    /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
+    for (int32_t r = 0; r < st->ub_rows; ++r) {
+        const int64_t t = n_tokens - st->ub_rows + r;
+        group_row(st, attn, n, t, nb1, nb2, w, tmp);
+        fold(st->ub_row_acc + (size_t) r * nc + c0, tmp, n, agg);
+    }
+    /* persistent score: max over every row of the ubatch, so a token attended once in its own
+     * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
+    float *  best  = st->score + c0; /* scratch: selection recomputes score before reading it */
+    double * total = st->row_sum + c0;
+    memset(best, 0, (size_t) n * sizeof(float));
+    memset(total, 0, (size_t) n * sizeof(double));
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        group_row(st, attn, n, t, nb1, nb2, w, tmp);
+        if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= c0 && st->calib_cell[t] < c0 + n) {
+            st->calib_acc[hi] += tmp[st->calib_cell[t] - c0] / (w * (float) q_per_kv);
+        }
+        for (int64_t c = 0; c < n; ++c) {
+            if (tmp[c] > best[c]) {
+                best[c] = tmp[c];
+            }
+            total[c] += (double) tmp[c];
+        }
+    }
+    fold(st->ub_chunk_acc + c0, best, n, agg);
+    /* the row sum in double, rounded once: ggml's sum_rows does the same, so scores reduced on a device
+     * (pme_devscore.c, on an RPC server's CPU) match these bit for bit */
+    for (int64_t c = 0; c < n; ++c) {
+        tmp[c] = (float) total[c];
+    }
+    fold(st->ub_sum_acc + c0, tmp, n, agg);
+}
+
 void pme_fold_group(pme_state *   st,
                     const float * attn,
                     int64_t       n_kv,
@@ -82,47 +130,25 @@ void pme_fold_group(pme_state *   st,
                     int32_t       g,
                     size_t        nb1,
                     size_t        nb2) {
-    const int     agg      = st->cfg.aggregate;
-    const size_t  nc       = (size_t) st->cfg.n_cells;
-    float *       tmp      = st->tmp;
-    const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
-    const int     prompt   = pme_ub_is_prompt(st);
-    const int32_t hi       = st->cur_layer * st->cfg.n_head_kv + g;
+    const int     prompt = pme_ub_is_prompt(st);
+    const int32_t hi     = st->cur_layer * st->cfg.n_head_kv + g;
     /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
      * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),
      * because the next token depends on the local heads they mute. So prompt ubatches only. */
-    const float   w        = (st->head_w && prompt) ? st->head_w[hi] : 1.0f;
-    /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
-    for (int32_t r = 0; r < st->ub_rows; ++r) {
-        const int64_t t = n_tokens - st->ub_rows + r;
-        group_row(st, attn, n_kv, t, nb1, nb2, w, tmp);
-        fold(st->ub_row_acc + (size_t) r * nc, tmp, n_kv, agg);
+    const float   w      = (st->head_w && prompt) ? st->head_w[hi] : 1.0f;
+    /* A prompt chunk's rows are a memory-bound pass over n_tokens x n_kv x q_per_kv floats per group (9 MB on
+     * SmolLM2 at 1536 cells): the callback runs between llama.cpp's graph splits, while the CPU backend's OpenMP
+     * workers wait, so they share it by blocks of cells. A calibration sums over cells in row order: one thread. */
+    const int64_t blk = 128, n_blk = (n_kv + blk - 1) / blk;
+    if (st->calib_armed || n_tokens * n_kv < (1 << 16) || n_blk < 2) {
+        fold_cells(st, attn, n_kv, n_tokens, nb1, nb2, w, hi, 0);
+        return;
     }
-    /* persistent score: max over every row of the ubatch, so a token attended once in its own
-     * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
-    float *  best  = st->score; /* scratch: selection recomputes score before reading it */
-    double * total = st->row_sum;
-    memset(best, 0, (size_t) n_kv * sizeof(float));
-    memset(total, 0, (size_t) n_kv * sizeof(double));
-    for (int64_t t = 0; t < n_tokens; ++t) {
-        group_row(st, attn, n_kv, t, nb1, nb2, w, tmp);
-        if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= 0 && st->calib_cell[t] < n_kv) {
-            st->calib_acc[hi] += tmp[st->calib_cell[t]] / (w * (float) q_per_kv);
-        }
-        for (int64_t c = 0; c < n_kv; ++c) {
-            if (tmp[c] > best[c]) {
-                best[c] = tmp[c];
-            }
-            total[c] += (double) tmp[c];
-        }
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n_blk; ++b) {
+        const int64_t c0 = b * blk, n = (c0 + blk < n_kv ? blk : n_kv - c0);
+        fold_cells(st, attn + c0, n, n_tokens, nb1, nb2, w, hi, c0);
     }
-    fold(st->ub_chunk_acc, best, n_kv, agg);
-    /* the row sum in double, rounded once: ggml's sum_rows does the same, so scores reduced on a device
-     * (pme_devscore.c, on an RPC server's CPU) match these bit for bit */
-    for (int64_t c = 0; c < n_kv; ++c) {
-        tmp[c] = (float) total[c];
-    }
-    fold(st->ub_sum_acc, tmp, n_kv, agg);
 }
 
 int pme_fold_softmax(pme_state *   st,
