@@ -44,7 +44,11 @@ PME_TARGET static inline float hsum8(__m256 v) {
 }
 
 /* s[h] = q[h] . k for h < nq (nq <= MAXQ), q rows d apart; k is an f16 row */
-PME_TARGET static void kdot_f16(const float * q, int64_t nq, const void * kv, int64_t d, float * s) {
+PME_TARGET static inline __attribute__((always_inline)) void kdot_f16(const float * q,
+                                                                      int64_t       nq,
+                                                                      const void *  kv,
+                                                                      int64_t       d,
+                                                                      float *       s) {
     const uint16_t * k = kv;
     __m256           acc[MAXQ];
     for (int64_t h = 0; h < nq; ++h) {
@@ -66,7 +70,11 @@ PME_TARGET static void kdot_f16(const float * q, int64_t nq, const void * kv, in
 }
 
 /* block_q8_0: an f16 scale, then 32 int8 (34 bytes) */
-PME_TARGET static void kdot_q8_0(const float * q, int64_t nq, const void * kv, int64_t d, float * s) {
+PME_TARGET static inline __attribute__((always_inline)) void kdot_q8_0(const float * q,
+                                                                       int64_t       nq,
+                                                                       const void *  kv,
+                                                                       int64_t       d,
+                                                                       float *       s) {
     const uint8_t * b = kv;
     __m256          acc[MAXQ];
     for (int64_t h = 0; h < nq; ++h) {
@@ -91,7 +99,11 @@ PME_TARGET static void kdot_q8_0(const float * q, int64_t nq, const void * kv, i
 }
 
 /* block_q4_0: an f16 scale, then 16 bytes; element j is (low nibble of byte j) - 8, element j+16 the high one */
-PME_TARGET static void kdot_q4_0(const float * q, int64_t nq, const void * kv, int64_t d, float * s) {
+PME_TARGET static inline __attribute__((always_inline)) void kdot_q4_0(const float * q,
+                                                                       int64_t       nq,
+                                                                       const void *  kv,
+                                                                       int64_t       d,
+                                                                       float *       s) {
     const uint8_t * b = kv;
     __m256          acc[MAXQ];
     for (int64_t h = 0; h < nq; ++h) {
@@ -184,23 +196,42 @@ static int has_avx2(void) {
     return ok;
 }
 
-static void kdot_chunked(pme_kdot_fn one, const float * q, int64_t nq, const void * k, int64_t d, float * s) {
-    for (int64_t h = 0; h < nq; h += MAXQ) {
-        one(q + h * d, nq - h < MAXQ ? nq - h : MAXQ, k, d, s + h);
-    }
-}
-
-static void kdot_f16_any(const float * q, int64_t nq, const void * k, int64_t d, float * s) {
-    kdot_chunked(kdot_f16, q, nq, k, d, s);
-}
-
-static void kdot_q8_0_any(const float * q, int64_t nq, const void * k, int64_t d, float * s) {
-    kdot_chunked(kdot_q8_0, q, nq, k, d, s);
-}
-
-static void kdot_q4_0_any(const float * q, int64_t nq, const void * k, int64_t d, float * s) {
-    kdot_chunked(kdot_q4_0, q, nq, k, d, s);
-}
+/* Each kernel specialised for every head count up to MAXQ: with nq a constant the accumulators stay in registers
+ * (with nq read at run time they went through memory on every multiply-add, 4x slower, measured) */
+#    define PME_KDOT_ANY(kern)                                                                                 \
+        PME_TARGET static void kern##_any(const float * q, int64_t nq, const void * k, int64_t d, float * s) { \
+            for (int64_t h = 0; h < nq; h += MAXQ, q += MAXQ * d, s += MAXQ) {                                 \
+                switch (nq - h < MAXQ ? nq - h : MAXQ) {                                                       \
+                    case 1:                                                                                    \
+                        kern(q, 1, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 2:                                                                                    \
+                        kern(q, 2, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 3:                                                                                    \
+                        kern(q, 3, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 4:                                                                                    \
+                        kern(q, 4, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 5:                                                                                    \
+                        kern(q, 5, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 6:                                                                                    \
+                        kern(q, 6, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    case 7:                                                                                    \
+                        kern(q, 7, k, d, s);                                                                   \
+                        break;                                                                                 \
+                    default:                                                                                   \
+                        kern(q, 8, k, d, s);                                                                   \
+                        break;                                                                                 \
+                }                                                                                              \
+            }                                                                                                  \
+        }
+PME_KDOT_ANY(kdot_f16)
+PME_KDOT_ANY(kdot_q8_0)
+PME_KDOT_ANY(kdot_q4_0)
 
 pme_kdot_fn pme_kdot_pick(int type, int64_t d) {
     if (!has_avx2()) {
