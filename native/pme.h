@@ -20,10 +20,12 @@ enum pme_policy_kind {
 };
 
 enum pme_ubatch_flags {
-    PME_UB_PREFILL = 1, /* multi-token chunk */
-    PME_UB_LAST    = 2, /* last chunk of a prompt */
-    PME_UB_PROBE   = 4, /* the prompt's last tokens, decoded to score the cache and then removed */
-    PME_UB_QUERY   = 8  /* a new text's last tokens, decoded for their queries only (key log) and removed */
+    PME_UB_PREFILL    = 1, /* multi-token chunk */
+    PME_UB_LAST       = 2, /* last chunk of a prompt */
+    PME_UB_PROBE      = 4, /* the prompt's last tokens, decoded to score the cache and then removed */
+    PME_UB_QUERY      = 8, /* a new text's last tokens, decoded for their queries only (key log) and removed */
+    PME_UB_SUPERSEDED = 16 /* a prompt chunk whose last rows a probe of at least W tokens replaces before anything
+                              reads them: a backend need not send them over */
 };
 
 enum pme_fusion { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };

@@ -39,6 +39,9 @@ struct pme_dev {
     struct ggml_tensor *  hw;  /* (n_layer * n_head_kv) f32 head weights */
     int64_t               acc_serial; /* ubatch whose accumulators were cleared */
     int64_t               n_kv;       /* cells the accumulators span this ubatch */
+    int32_t               rows;       /* rows accumulated this ubatch: the last n of the window's ub_rows */
+    int32_t               has_max;    /* and the chunk's per-cell max, sum (prompt ubatches) */
+    int32_t               has_sum;
     int32_t               layers;     /* layers folded on the device this ubatch */
     int32_t               checked;    /* bit k: graph kind k's ops are supported */
     float *               host;       /* (n_cells * (window + 2)) what collect reads */
@@ -244,7 +247,7 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
         return 1;
     }
     const int64_t n_kv = a->ne[0], T = a->ne[1], qpk = st->cfg.n_head / hkv;
-    const int     prompt = pme_ub_is_prompt(st), kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0);
+    const int     prompt = pme_ub_is_prompt(st);
     if (d->acc_serial == st->ub_serial && d->n_kv != n_kv) {
         ggml_free(ctx);
         pme_set_error(st, "layer %d's attention spans %lld cells, an earlier layer's %lld", layer, (long long) n_kv,
@@ -262,25 +265,47 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
             ctx, s,
             ggml_view_3d(ctx, d->hw, 1, 1, hkv, sizeof(float), sizeof(float), (size_t) layer * hkv * sizeof(float)));
     }
-    struct ggml_cgraph * gf   = ggml_new_graph_custom(ctx, PME_DEV_MAX_TENSORS, false);
-    const int64_t        rows = st->ub_rows;
-    const size_t         f    = sizeof(float);
-    struct ggml_tensor * ar   = ggml_view_2d(ctx, d->acc, n_kv, rows, (size_t) n_kv * f, 0);
-    ggml_build_forward_expand(gf, fold_heads(ctx, ar, s, n_kv, rows, (size_t) (T - rows) * s->nb[1], hkv));
+    /* only what the policy reads (pme_policy_ops.reads) is reduced and sent over: a decode step's one row serves
+     * as its max and sum too */
+    const int reads = st->ops->reads;
+    int64_t   rows  = 1; /* a decode step */
     if (T > 1) {
-        /* per-cell max and sum over the chunk's rows: rows made contiguous per cell first */
-        struct ggml_tensor * p  = ggml_cont(ctx, ggml_transpose(ctx, s)); /* (T, n_kv, n_head_kv) */
-        struct ggml_tensor * mx = ggml_pool_2d(ctx, p, GGML_OP_POOL_MAX, (int) T, 1, (int) T, 1, 0.0f, 0.0f);
-        struct ggml_tensor * sm = ggml_sum_rows(ctx, p);
-        struct ggml_tensor * ac = ggml_view_2d(ctx, d->acc, n_kv, 1, (size_t) n_kv * f, (size_t) (rows * n_kv) * f);
-        struct ggml_tensor * as =
-            ggml_view_2d(ctx, d->acc, n_kv, 1, (size_t) n_kv * f, (size_t) ((rows + 1) * n_kv) * f);
-        /* (1, n_kv, n_head_kv) seen as (n_kv, 1, n_head_kv) */
-        mx = ggml_reshape_3d(ctx, mx, n_kv, 1, hkv);
-        sm = ggml_reshape_3d(ctx, sm, n_kv, 1, hkv);
-        ggml_build_forward_expand(gf, fold_heads(ctx, ac, mx, n_kv, 1, 0, hkv));
-        ggml_build_forward_expand(gf, fold_heads(ctx, as, sm, n_kv, 1, 0, hkv));
+        rows = (st->ub_flags & PME_UB_SUPERSEDED) ? 0 :
+               (reads & PME_READS_ROWS)           ? st->ub_rows :
+               (reads & PME_READS_LAST_ROW)       ? 1 :
+                                                    0;
     }
+    const int            has_max = T > 1 && (reads & PME_READS_MAX) != 0;
+    const int            has_sum = T > 1 && (reads & PME_READS_SUM) != 0;
+    struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, PME_DEV_MAX_TENSORS, false);
+    const size_t         f       = sizeof(float);
+    if (rows > 0) {
+        struct ggml_tensor * ar = ggml_view_2d(ctx, d->acc, n_kv, rows, (size_t) n_kv * f, 0);
+        ggml_build_forward_expand(gf, fold_heads(ctx, ar, s, n_kv, rows, (size_t) (T - rows) * s->nb[1], hkv));
+    }
+    if (has_max || has_sum) {
+        /* per-cell max and sum over the chunk's rows: rows made contiguous per cell first */
+        struct ggml_tensor * p   = ggml_cont(ctx, ggml_transpose(ctx, s)); /* (T, n_kv, n_head_kv) */
+        int64_t              off = rows * n_kv;
+        /* (1, n_kv, n_head_kv) results seen as (n_kv, 1, n_head_kv) */
+        if (has_max) {
+            struct ggml_tensor * mx = ggml_pool_2d(ctx, p, GGML_OP_POOL_MAX, (int) T, 1, (int) T, 1, 0.0f, 0.0f);
+            struct ggml_tensor * ac = ggml_view_2d(ctx, d->acc, n_kv, 1, (size_t) n_kv * f, (size_t) off * f);
+            ggml_build_forward_expand(gf, fold_heads(ctx, ac, ggml_reshape_3d(ctx, mx, n_kv, 1, hkv), n_kv, 1, 0, hkv));
+            off += n_kv;
+        }
+        if (has_sum) {
+            struct ggml_tensor * sm = ggml_sum_rows(ctx, p);
+            struct ggml_tensor * as = ggml_view_2d(ctx, d->acc, n_kv, 1, (size_t) n_kv * f, (size_t) off * f);
+            ggml_build_forward_expand(gf, fold_heads(ctx, as, ggml_reshape_3d(ctx, sm, n_kv, 1, hkv), n_kv, 1, 0, hkv));
+        }
+    }
+    if (ggml_graph_n_nodes(gf) == 0) {
+        ggml_free(ctx); /* the policy reads nothing of this ubatch */
+        st->ub_layers++;
+        return 0;
+    }
+    const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0);
     if (!(d->checked & (1 << kind))) {
         if (!graph_supported(d, gf)) {
             ggml_free(ctx);
@@ -290,12 +315,15 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
     }
     if (d->acc_serial != st->ub_serial) {
         /* a new ubatch: its accumulators start at zero, and the prompt's head weights go over with them */
-        ggml_backend_tensor_memset(d->acc, 0, 0, (size_t) (rows + 2) * (size_t) n_kv * f);
+        ggml_backend_tensor_memset(d->acc, 0, 0, (size_t) (rows + has_max + has_sum) * (size_t) n_kv * f);
         if (prompt && st->head_w) {
             ggml_backend_tensor_set(d->hw, st->head_w, 0, ggml_nbytes(d->hw));
         }
         d->acc_serial = st->ub_serial;
         d->n_kv       = n_kv;
+        d->rows       = (int32_t) rows;
+        d->has_max    = has_max;
+        d->has_sum    = has_sum;
         d->layers     = 0;
     }
     if (!ggml_gallocr_alloc_graph(d->galloc, gf) || ggml_backend_graph_compute(d->backend, gf) != GGML_STATUS_SUCCESS) {
@@ -316,24 +344,29 @@ int pme_dev_collect(pme_state * st) {
     if (!d || d->acc_serial != st->ub_serial || d->layers == 0) {
         return 0;
     }
-    const int64_t n_kv = d->n_kv, rows = st->ub_rows, nc = st->cfg.n_cells;
-    const int64_t n  = (st->ub_n > 1 ? rows + 2 : 1) * n_kv;
+    const int64_t n_kv = d->n_kv, nc = st->cfg.n_cells, rows = d->rows;
+    const int64_t n  = (rows + d->has_max + d->has_sum) * n_kv;
     const int     kk = pme_ub_kind(st);
-    ggml_backend_tensor_get(d->acc, d->host, 0, (size_t) n * sizeof(float));
-    st->d2h_bytes[kk] += n * (int64_t) sizeof(float);
-    st->syncs[kk] += 1;
+    if (n > 0) {
+        ggml_backend_tensor_get(d->acc, d->host, 0, (size_t) n * sizeof(float));
+        st->d2h_bytes[kk] += n * (int64_t) sizeof(float);
+        st->syncs[kk] += 1;
+    }
+    /* the last `rows` of the window's ub_rows rows */
     for (int64_t r = 0; r < rows; ++r) {
-        float *       dst = st->ub_row_acc + r * nc;
+        float *       dst = st->ub_row_acc + (st->ub_rows - rows + r) * nc;
         const float * src = d->host + r * n_kv;
         for (int64_t c = 0; c < n_kv; ++c) {
             dst[c] += src[c];
         }
     }
     /* one row: its max and its sum are the row itself */
-    const float * mx = st->ub_n > 1 ? d->host + rows * n_kv : d->host;
-    const float * sm = st->ub_n > 1 ? d->host + (rows + 1) * n_kv : d->host;
-    for (int64_t c = 0; c < n_kv; ++c) {
+    const float * mx = st->ub_n > 1 ? (d->has_max ? d->host + rows * n_kv : NULL) : d->host;
+    const float * sm = st->ub_n > 1 ? (d->has_sum ? d->host + (rows + d->has_max) * n_kv : NULL) : d->host;
+    for (int64_t c = 0; mx && c < n_kv; ++c) {
         st->ub_chunk_acc[c] += mx[c];
+    }
+    for (int64_t c = 0; sm && c < n_kv; ++c) {
         st->ub_sum_acc[c] += sm[c];
     }
     d->layers = 0;

@@ -198,8 +198,12 @@ void pme_ubatch_finish_acc(pme_state * st);
 void pme_calib_resolve(pme_state * st);
 
 /* policy: each pme_policy_<name>.c defines one of these */
+/* what a policy reads of a ubatch's accumulators (pme_policy_ops.reads): a backend sends only that over */
+enum pme_reads { PME_READS_ROWS = 1, PME_READS_LAST_ROW = 2, PME_READS_MAX = 4, PME_READS_SUM = 8 };
+
 typedef struct pme_policy_ops {
     int needs_attention;             /* 0: no softmax node is read at all */
+    int reads;                       /* enum pme_reads: ub_row_acc (all rows or the last), ub_chunk_acc, ub_sum_acc */
     void (*observe)(pme_state * st); /* fold the ubatch accumulators into the policy's state */
     void (*score)(pme_state * st);   /* fill st->score for every cell (higher = keep) */
     int (*evicts_now)(const pme_state * st);

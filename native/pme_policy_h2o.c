@@ -24,6 +24,7 @@ static void h2o_score(pme_state * st) {
 
 const pme_policy_ops pme_h2o_ops = {
     .needs_attention = 1,
+    .reads           = PME_READS_SUM,
     .observe         = h2o_observe,
     .score           = h2o_score,
     .evicts_now      = pme_policy_always,

@@ -65,6 +65,7 @@ static void morphkv_score(pme_state * st) {
 
 const pme_policy_ops pme_morphkv_ops = {
     .needs_attention = 1,
+    .reads           = PME_READS_ROWS | PME_READS_MAX,
     .observe         = morphkv_observe,
     .score           = morphkv_score,
     .evicts_now      = pme_policy_always,

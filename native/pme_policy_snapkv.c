@@ -22,6 +22,7 @@ static int snapkv_at_prompt_end(const pme_state * st) {
 
 const pme_policy_ops pme_snapkv_ops = {
     .needs_attention = 1,
+    .reads           = PME_READS_ROWS,
     .observe         = NULL,
     .score           = snapkv_score,
     .evicts_now      = snapkv_at_prompt_end,

@@ -11,6 +11,7 @@ static void streaming_score(pme_state * st) {
 
 const pme_policy_ops pme_streaming_ops = {
     .needs_attention = 0,
+    .reads           = 0,
     .observe         = NULL,
     .score           = streaming_score,
     .evicts_now      = pme_policy_always,

@@ -11,6 +11,7 @@ static void tova_score(pme_state * st) {
 
 const pme_policy_ops pme_tova_ops = {
     .needs_attention = 1,
+    .reads           = PME_READS_LAST_ROW,
     .observe         = NULL,
     .score           = tova_score,
     .evicts_now      = pme_policy_always,

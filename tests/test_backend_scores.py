@@ -28,8 +28,11 @@ def gqa(synthetic_dir):
     return str(write_synthetic_llama(synthetic_dir / "gqa-backend.gguf", n_head=8, n_head_kv=2, n_embd=256))
 
 
-def _run(path: str, mode: str, flash_attn: bool = False, n: int = 20, weights: bool = False, **policy) -> dict:
-    llm = Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=32, flash_attn=flash_attn), recall=False, **policy)
+def _run(
+    path: str, mode: str, flash_attn: bool = False, n: int = 20, weights: bool = False, n_ubatch: int = 32, **policy
+) -> dict:
+    cfg = EngineConfig(n_ubatch=n_ubatch, flash_attn=flash_attn)
+    llm = Llama(path, kv_budget=48, config=cfg, recall=False, **policy)
     llm.engine.scorer.backend_scores(mode)
     if weights:  # per-head weights scale each (layer, KV head) on prompt chunks: the graph's mul
         llm.engine.scorer.set_head_weights([0.25, 1.0, 0.5, 0.75][: N_LAYER * 2])
@@ -60,6 +63,15 @@ def test_reduced_on_a_backend_equals_the_host_path_to_the_bit(gqa, policy, weigh
     assert dev["stats"].decode_d2h_bytes > 0 and host["stats"].decode_d2h_bytes == 0
 
 
+def test_chunks_a_probe_supersedes_decide_as_on_the_host(gqa):
+    """With 64-token ubatches MorphKV probes the prompt's chunks; the chunks' rows are not sent over, and nothing
+    the scorer decides changes."""
+    host = _run(gqa, "never", n_ubatch=64)
+    dev = _run(gqa, "always", n_ubatch=64)
+    assert dev["tokens"] == host["tokens"] and dev["kept"] == host["kept"]
+    assert np.array_equal(dev["scores"], host["scores"])
+
+
 def test_with_flash_attention_on_the_rebuilt_rows_agree_to_rounding(gqa):
     """The first eviction (the prompt's) ranks the same scores: ggml's mul_mat and softmax against the host's
     kernels differ by float rounding only."""
@@ -78,6 +90,44 @@ def test_a_decode_step_copies_one_float_per_cell(gqa):
     assert s.d2h_bytes_per_prompt_chunk <= (32 + 2) * 4 * s.n_ctx
     # each scored layer's node (the graph splits there) plus the one read of the scores
     assert s.syncs_per_decode_step == N_LAYER + 1
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_a_prompt_chunk_sends_only_what_the_policy_reads(gqa, policy):
+    """H2O reads a chunk's per-cell sum, TOVA its last row: one float per cell either way, not the window's rows."""
+    s = _run(gqa, "always", policy=policy)["stats"]
+    assert 0 < s.d2h_bytes_per_prompt_chunk <= 4 * s.n_ctx
+
+
+def test_a_chunk_a_probe_supersedes_sends_only_its_max(gqa):
+    """MorphKV scores a long prompt's chunks with a probe of its last tokens, whose rows replace the chunk's before
+    anything reads them: such a chunk (flagged PME_UB_SUPERSEDED by the engine) sends its per-cell max alone."""
+    # 64-token ubatches: room for 32-token chunks next to the 32-token probe
+    with Llama(gqa, kv_budget=48, config=EngineConfig(n_ubatch=64), recall=False) as llm:
+        scorer = llm.engine.scorer
+        scorer.backend_scores("always")
+        sent: list[tuple[bool, int, int]] = []  # (superseded, tokens, bytes the ubatch's scores took)
+        begin, end = scorer.begin, scorer.end
+        flags: dict[str, object] = {}
+
+        def spy_begin(first_pos, m, last_chunk, probe=False, query=False, superseded=False):
+            flags.update(superseded=superseded, m=m)
+            begin(first_pos, m, last_chunk, probe, query, superseded)
+
+        def spy_end():
+            before = llm.stats.prompt_d2h_bytes + llm.stats.decode_d2h_bytes
+            end()
+            after = llm.stats.prompt_d2h_bytes + llm.stats.decode_d2h_bytes
+            sent.append((bool(flags["superseded"]), int(flags["m"]), after - before))
+
+        scorer.begin, scorer.end = spy_begin, spy_end
+        llm.engine.decode(PROMPT)
+        n_ctx = llm.stats.n_ctx
+    superseded = [b for sup, m, b in sent if sup]
+    window_rows = [b for sup, m, b in sent if not sup and m >= 32]
+    assert superseded and window_rows
+    assert max(superseded) <= 4 * n_ctx  # the max: one float per cell
+    assert min(window_rows) > 8 * max(superseded)  # against the window's 32 rows and the max
 
 
 def test_the_max_aggregate_takes_the_host_path(gqa):

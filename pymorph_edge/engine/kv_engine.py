@@ -314,8 +314,20 @@ class KVEngine(RecallDecoding):
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
+            # decided before the chunk, so the scorer knows its rows will be superseded by the probe's
+            probes_now = (
+                scorer is not None
+                and probe is not None
+                and not last_chunk
+                and scorer.live_cells() + m > (self.kv_budget or 0)
+            )
             self._decode_ubatch(
-                chunk, self.next_pos, logits_last and last_chunk, last_chunk, all_logits=on_logits is not None
+                chunk,
+                self.next_pos,
+                logits_last and last_chunk,
+                last_chunk,
+                all_logits=on_logits is not None,
+                superseded=probes_now and probe is not None and len(probe) >= self.policy.protected_recent,
             )
             if on_logits is not None:
                 on_logits(start, m)
@@ -327,7 +339,8 @@ class KVEngine(RecallDecoding):
             self.history.extend(chunk)
             self.log.extend(chunk)
             if scorer is not None:
-                if probe is not None and not last_chunk and scorer.live_cells() > (self.kv_budget or 0):
+                if probes_now:
+                    assert probe is not None
                     # the prompt's own last tokens (its question) score what to keep, then leave no trace
                     self._decode_ubatch(probe, self.next_pos, False, False, probe=True)
                     scorer.truncate(self.mem, SEQ, self.next_pos)
@@ -361,6 +374,7 @@ class KVEngine(RecallDecoding):
         probe: bool = False,
         all_logits: bool = False,
         query: bool = False,
+        superseded: bool = False,
     ) -> None:
         b = self.batch
         m = len(chunk)
@@ -372,7 +386,7 @@ class KVEngine(RecallDecoding):
             b.logits[i] = 1 if all_logits or (want_logits and i == m - 1) else 0
         b.n_tokens = m
         if self.scorer is not None:
-            self.scorer.begin(pos0, m, last_chunk, probe, query)
+            self.scorer.begin(pos0, m, last_chunk, probe, query, superseded)
         rc = C.llama_decode(self.ctx, b)
         if rc != 0:
             if self.scorer is not None:

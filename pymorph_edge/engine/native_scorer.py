@@ -61,9 +61,18 @@ class NativeScorer:
     def _mem(self, mem: Any) -> Any:
         return self._ffi.cast("void *", mem)
 
-    def begin(self, first_pos: int, m: int, last_chunk: bool, probe: bool = False, query: bool = False) -> None:
+    def begin(
+        self,
+        first_pos: int,
+        m: int,
+        last_chunk: bool,
+        probe: bool = False,
+        query: bool = False,
+        superseded: bool = False,
+    ) -> None:
         """Announce a ubatch of m tokens at positions first_pos.. (called before llama_decode). query: a key log
-        probe, read for its queries only (see staged_query)."""
+        probe, read for its queries only (see staged_query). superseded: a prompt chunk that a probe of at least
+        the policy's window follows, so its last rows are never read (a non-host backend skips sending them)."""
         for i in range(m):
             self._pos_buf[i] = first_pos + i
         lib = self._lib
@@ -73,6 +82,7 @@ class NativeScorer:
             flags = lib.PME_UB_PROBE
         else:
             flags = (lib.PME_UB_PREFILL if m > 1 else 0) | (lib.PME_UB_LAST if last_chunk else 0)
+            flags |= lib.PME_UB_SUPERSEDED if superseded else 0
         self._check(lib.pme_begin_ubatch(self._state, self._pos_buf, m, flags), "begin ubatch")
 
     def live_cells(self) -> int:
