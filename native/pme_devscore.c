@@ -315,7 +315,8 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
     }
     if (d->acc_serial != st->ub_serial) {
         /* a new ubatch: its accumulators start at zero, and the prompt's head weights go over with them */
-        ggml_backend_tensor_memset(d->acc, 0, 0, (size_t) (rows + has_max + has_sum) * (size_t) n_kv * f);
+        /* the whole buffer: clear is in every backend's buffer interface, memset_tensor is not (an assert) */
+        ggml_backend_buffer_clear(d->acc_buf, 0);
         if (prompt && st->head_w) {
             ggml_backend_tensor_set(d->hw, st->head_w, 0, ggml_nbytes(d->hw));
         }
@@ -326,7 +327,14 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
         d->has_sum    = has_sum;
         d->layers     = 0;
     }
-    if (!ggml_gallocr_alloc_graph(d->galloc, gf) || ggml_backend_graph_compute(d->backend, gf) != GGML_STATUS_SUCCESS) {
+    if (!ggml_gallocr_alloc_graph(d->galloc, gf)) {
+        /* no device memory for this graph (a long prompt chunk on a large model): the copy path serves from now
+         * on, and layers already folded on the device this ubatch are added in by pme_dev_collect */
+        ggml_free(ctx);
+        st->dev_failed = 1;
+        return 1;
+    }
+    if (ggml_backend_graph_compute(d->backend, gf) != GGML_STATUS_SUCCESS) {
         ggml_free(ctx);
         pme_set_error(st, "layer %d: the scoring graph failed on %s", layer, ggml_backend_dev_name(d->dev));
         return -1;

@@ -40,7 +40,7 @@ struct pme_state {
     /* scores reduced on the attention's own backend (pme_devscore.c) */
     struct pme_dev * dev;
     int32_t          dev_mode;   /* PME_DEV_AUTO: for tensors outside host memory; ALWAYS / NEVER: test hooks */
-    int32_t          dev_failed; /* the device could not be set up: the copy path serves */
+    int32_t          dev_failed; /* no device memory for the accumulators or a graph: the copy path serves */
     /* host mirror of each layer's K cache when it is not in host memory (pme_kmirror.c) */
     char **          km;
     size_t *         km_nb1;
