@@ -251,6 +251,25 @@ static void row_prepare(const attn_job * j, int64_t g, int64_t tk, int shared_ma
     }
 }
 
+/* cell c's logits for every head of the group from its dot products s[0..nq), into abuf (-inf where masked) */
+static inline void cell_logits(const attn_job * j,
+                               int64_t          tk,
+                               int64_t          c,
+                               int              shared_mask,
+                               const float *    slope,
+                               row_scratch      r,
+                               const float *    s) {
+    const int64_t nq = j->q_per_kv, n_kv = j->n_kv, n_tokens = j->n_tokens;
+    for (int64_t jh = 0; jh < nq; ++jh) {
+        float x = s[jh] * j->scale;
+        if (j->softcap != 0.0f) {
+            x = j->softcap * tanhf(x);
+        }
+        const float mv                           = j->md ? slope[jh] * r.mrow[(shared_mask ? 0 : jh * n_kv) + c] : 0.0f;
+        j->abuf[(jh * n_tokens + tk) * n_kv + c] = mv == -INFINITY ? -INFINITY : x + mv;
+    }
+}
+
 /* logits of token tk for cells [c0, c1), every head of the group, into abuf (-inf where masked) */
 static void row_logits(const attn_job * j,
                        int64_t          g,
@@ -258,19 +277,31 @@ static void row_logits(const attn_job * j,
                        int              shared_mask,
                        const float *    slope,
                        pme_kdot_fn      kdot,
+                       pme_kdot4_fn     kdot4,
                        row_scratch      r,
                        int64_t          c0,
                        int64_t          c1) {
     const struct ggml_tensor * k = j->k;
     const int64_t              d = j->d, nq = j->q_per_kv, n_kv = j->n_kv, n_tokens = j->n_tokens;
     const char *               kg = j->kd + g * k->nb[2];
-    float                      s[PME_FA_MAX_Q];
-    for (int64_t c = c0; c < c1; ++c) {
+    float                      s[4 * PME_FA_MAX_Q];
+    for (int64_t c = c0; c < c1;) {
         /* a cell every head of the row masks (shared mask) costs no dot product */
-        if (j->md && shared_mask && r.mrow[c] == -INFINITY) {
+        const int masked = j->md && shared_mask && r.mrow[c] == -INFINITY;
+        if (kdot4 && !masked && c + 4 <= c1) {
+            /* four cells in one pass over their K rows (a masked one among them still ends -inf) */
+            kdot4(r.qrows, nq, kg + c * k->nb[1], k->nb[1], d, s);
+            for (int jc = 0; jc < 4; ++jc) {
+                cell_logits(j, tk, c + jc, shared_mask, slope, r, s + jc * nq);
+            }
+            c += 4;
+            continue;
+        }
+        if (masked) {
             for (int64_t jh = 0; jh < nq; ++jh) {
                 j->abuf[(jh * n_tokens + tk) * n_kv + c] = -INFINITY;
             }
+            ++c;
             continue;
         }
         if (kdot) {
@@ -280,14 +311,8 @@ static void row_logits(const attn_job * j,
                 s[jh] = dot(r.qrows + jh * d, j->kbuf + c * d, d);
             }
         }
-        for (int64_t jh = 0; jh < nq; ++jh) {
-            float x = s[jh] * j->scale;
-            if (j->softcap != 0.0f) {
-                x = j->softcap * tanhf(x);
-            }
-            const float mv = j->md ? slope[jh] * r.mrow[(shared_mask ? 0 : jh * n_kv) + c] : 0.0f;
-            j->abuf[(jh * n_tokens + tk) * n_kv + c] = mv == -INFINITY ? -INFINITY : x + mv;
-        }
+        cell_logits(j, tk, c, shared_mask, slope, r, s);
+        ++c;
     }
 }
 
@@ -305,7 +330,8 @@ static void attn_rows(const attn_job * j, int64_t g) {
     const struct ggml_tensor *      k   = j->k;
     const struct ggml_type_traits * ktr = ggml_get_type_traits(k->type);
     const int64_t                   d = j->d, n_kv = j->n_kv, n_tokens = j->n_tokens, nq = j->q_per_kv;
-    const pme_kdot_fn               kdot = pme_kdot_pick(k->type, d);
+    const pme_kdot_fn               kdot  = pme_kdot_pick(k->type, d);
+    const pme_kdot4_fn              kdot4 = kdot && j->q_per_kv <= PME_FA_MAX_Q ? pme_kdot4_pick(k->type, d) : NULL;
 
     if (!kdot) {
         const char * kg = j->kd + g * k->nb[2];
@@ -332,7 +358,8 @@ static void attn_rows(const attn_job * j, int64_t g) {
         const int64_t blk = 128, n_blk = (n_kv + blk - 1) / blk;
 #pragma omp parallel for schedule(static) num_threads(j->n_threads) if (j->n_threads > 1 && n_blk > 1)
         for (int64_t b = 0; b < n_blk; ++b) {
-            row_logits(j, g, 0, shared_mask, slope, kdot, r, b * blk, (b + 1) * blk < n_kv ? (b + 1) * blk : n_kv);
+            row_logits(j, g, 0, shared_mask, slope, kdot, kdot4, r, b * blk,
+                       (b + 1) * blk < n_kv ? (b + 1) * blk : n_kv);
         }
         row_softmax(j, g, 0);
         return;
@@ -341,7 +368,7 @@ static void attn_rows(const attn_job * j, int64_t g) {
     for (int64_t tk = 0; tk < n_tokens; ++tk) {
         const row_scratch r = scratch_of(j, pme_thread_num());
         row_prepare(j, g, tk, shared_mask, r);
-        row_logits(j, g, tk, shared_mask, slope, kdot, r, 0, n_kv);
+        row_logits(j, g, tk, shared_mask, slope, kdot, kdot4, r, 0, n_kv);
         row_softmax(j, g, tk);
     }
 }

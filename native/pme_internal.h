@@ -168,12 +168,15 @@ int          pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_
  * -inf as masked and sink (or -inf: none) as an extra logit in the denominator. */
 typedef void (*pme_kdot_fn)(const float * q, int64_t nq, const void * k, int64_t d, float * s);
 pme_kdot_fn pme_kdot_pick(int type, int64_t d);
-void        pme_softmax_row(float * x, int64_t n, float sink);
-void        pme_softmax_row_portable(float * x, int64_t n, float sink);
+/* the same for four K rows nb1 apart: s[j * nq + h] = q[h] . k_j; NULL where there is no such kernel */
+typedef void (*pme_kdot4_fn)(const float * q, int64_t nq, const void * k, size_t nb1, int64_t d, float * s);
+pme_kdot4_fn pme_kdot4_pick(int type, int64_t d);
+void         pme_softmax_row(float * x, int64_t n, float sink);
+void         pme_softmax_row_portable(float * x, int64_t n, float sink);
 /* check mode with flash attention off: recompute the softmax node t's rows the flash attention way, compare */
-int         pme_check_softmax(pme_state * st, const struct ggml_tensor * t, const float * attn);
-void        pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
-void        pme_cell_free(pme_state * st, int32_t cell);
+int          pme_check_softmax(pme_state * st, const struct ggml_tensor * t, const float * attn);
+void         pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
+void         pme_cell_free(pme_state * st, int32_t cell);
 
 /* scores: fold one layer's softmax (n_head, n_tokens, n_kv) into the ubatch accumulators */
 int  pme_fold_softmax(pme_state *   st,

@@ -69,6 +69,46 @@ PME_TARGET static inline __attribute__((always_inline)) void kdot_f16(const floa
     }
 }
 
+/* s[j * nq + h] = q[h] . k_j for 4 f16 rows k_j = kv + j * nb1 and h < nq (nq <= 3, d % 8 == 0). One pass over
+ * the four rows, and one horizontal reduction (two hadd rounds) per head for all four cells: the per-cell hsum of
+ * kdot_f16 cost as much as its multiply-adds */
+PME_TARGET static inline __attribute__((always_inline)) void kdot4_f16(const float * q,
+                                                                       int64_t       nq,
+                                                                       const void *  kv,
+                                                                       size_t        nb1,
+                                                                       int64_t       d,
+                                                                       float *       s) {
+    const char * kb = kv;
+    __m256       acc[3][4];
+    for (int64_t h = 0; h < nq; ++h) {
+        for (int j = 0; j < 4; ++j) {
+            acc[h][j] = _mm256_setzero_ps();
+        }
+    }
+    for (int64_t i = 0; i < d; i += 8) {
+        __m256 kf[4];
+        for (int j = 0; j < 4; ++j) {
+            kf[j] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (kb + (size_t) j * nb1) + i / 8));
+        }
+        for (int64_t h = 0; h < nq; ++h) {
+            const __m256 qv = _mm256_loadu_ps(q + h * d + i);
+            for (int j = 0; j < 4; ++j) {
+                acc[h][j] = _mm256_fmadd_ps(qv, kf[j], acc[h][j]);
+            }
+        }
+    }
+    for (int64_t h = 0; h < nq; ++h) {
+        const __m256 t0 = _mm256_hadd_ps(acc[h][0], acc[h][1]);
+        const __m256 t1 = _mm256_hadd_ps(acc[h][2], acc[h][3]);
+        const __m256 t2 = _mm256_hadd_ps(t0, t1);
+        float        r[4];
+        _mm_storeu_ps(r, _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1)));
+        for (int j = 0; j < 4; ++j) {
+            s[j * nq + h] = r[j];
+        }
+    }
+}
+
 /* block_q8_0: an f16 scale, then 32 int8 (34 bytes) */
 PME_TARGET static inline __attribute__((always_inline)) void kdot_q8_0(const float * q,
                                                                        int64_t       nq,
@@ -230,8 +270,36 @@ static int has_avx2(void) {
             }                                                                                                  \
         }
 PME_KDOT_ANY(kdot_f16)
+
+/* four cells per call, heads three at a time (the accumulators of 3 heads x 4 cells fill the 16 registers) */
+PME_TARGET static void kdot4_f16_any(const float * q, int64_t nq, const void * k, size_t nb1, int64_t d, float * s) {
+    float part[12];
+    for (int64_t h = 0; h < nq; h += 3) {
+        const int64_t n = nq - h < 3 ? nq - h : 3;
+        switch (n) {
+            case 1:
+                kdot4_f16(q + h * d, 1, k, nb1, d, part);
+                break;
+            case 2:
+                kdot4_f16(q + h * d, 2, k, nb1, d, part);
+                break;
+            default:
+                kdot4_f16(q + h * d, 3, k, nb1, d, part);
+                break;
+        }
+        for (int j = 0; j < 4; ++j) {
+            for (int64_t x = 0; x < n; ++x) {
+                s[j * nq + h + x] = part[j * n + x];
+            }
+        }
+    }
+}
 PME_KDOT_ANY(kdot_q8_0)
 PME_KDOT_ANY(kdot_q4_0)
+
+pme_kdot4_fn pme_kdot4_pick(int type, int64_t d) {
+    return has_avx2() && type == GGML_TYPE_F16 && d % 8 == 0 ? kdot4_f16_any : NULL;
+}
 
 pme_kdot_fn pme_kdot_pick(int type, int64_t d) {
     if (!has_avx2()) {
@@ -257,6 +325,12 @@ void pme_softmax_row(float * x, int64_t n, float sink) {
     }
 }
 #else
+pme_kdot4_fn pme_kdot4_pick(int type, int64_t d) {
+    (void) type;
+    (void) d;
+    return NULL;
+}
+
 pme_kdot_fn pme_kdot_pick(int type, int64_t d) {
     (void) type;
     (void) d;
