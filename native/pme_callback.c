@@ -176,15 +176,20 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     }
     if (st && !st->failed && st->ub_n > 0) {
         const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
-        pme_keylog_capture(st, t, il);
         /* a key log query probe, or a policy that reads no attention (the key log asked for the node) */
         if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention) {
+            pme_keylog_capture(st, t, il);
             return true;
         }
         const int fa  = t->op == GGML_OP_FLASH_ATTN_EXT;
         st->cur_layer = il; /* wants_softmax / wants_fattn checked it is in range */
-        /* where the attention is not in host memory, reduce it there; the host path otherwise */
-        if (pme_dev_wants(st, fa ? t->src[1] : t) && pme_dev_fold(st, t, il) <= 0) {
+        /* where the attention is not in host memory, reduce it there (and stage the key log's rows with it,
+         * pme_devkeys.c); the host path otherwise */
+        const int dev = pme_dev_wants(st, fa ? t->src[1] : t) ? pme_dev_fold(st, t, il) : 1;
+        if (il >= 0 && il < st->cfg.n_layer && !(st->kl_seen[il] & 4)) {
+            pme_keylog_capture(st, t, il);
+        }
+        if (dev <= 0) {
             return true;
         }
         if (fa) {

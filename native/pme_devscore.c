@@ -19,6 +19,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
+#include "pme_dev.h"
 #include "pme_internal.h"
 
 #include <stdlib.h>
@@ -26,28 +27,6 @@
 #ifdef _OPENMP
 #    include <omp.h>
 #endif
-
-#define PME_DEV_MAX_TENSORS 4096
-
-struct pme_dev {
-    ggml_backend_dev_t    dev;     /* device of the attention tensors */
-    ggml_backend_t        backend; /* our own handle on it: ordered after the scheduler's work by its sync */
-    ggml_gallocr_t        galloc;  /* intermediates of the per-layer graphs */
-    struct ggml_context * acc_ctx;
-    ggml_backend_buffer_t acc_buf;
-    struct ggml_tensor *  acc; /* (n_cells * (window + 2)) f32: rows, chunk max, sum, packed by this ubatch's n_kv */
-    struct ggml_tensor *  hw;  /* (n_layer * n_head_kv) f32 head weights */
-    int64_t               acc_serial; /* ubatch whose accumulators were cleared */
-    int64_t               n_kv;       /* cells the accumulators span this ubatch */
-    int32_t               rows;       /* rows accumulated this ubatch: the last n of the window's ub_rows */
-    int32_t               has_max;    /* and the chunk's per-cell max, sum (prompt ubatches) */
-    int32_t               has_sum;
-    int32_t               layers;     /* layers folded on the device this ubatch */
-    int32_t               checked;    /* bit k: graph kind k's ops are supported */
-    float *               host;       /* (n_cells * (window + 2)) what collect reads */
-    void *                meta;
-    size_t                meta_size;
-};
 
 static void dev_free(struct pme_dev * d) {
     if (!d) {
@@ -59,6 +38,12 @@ static void dev_free(struct pme_dev * d) {
     if (d->acc_buf) {
         ggml_backend_buffer_free(d->acc_buf);
     }
+    if (d->kst_buf) {
+        ggml_backend_buffer_free(d->kst_buf);
+    }
+    if (d->kst_ctx) {
+        ggml_free(d->kst_ctx);
+    }
     if (d->acc_ctx) {
         ggml_free(d->acc_ctx);
     }
@@ -67,6 +52,8 @@ static void dev_free(struct pme_dev * d) {
     }
     free(d->host);
     free(d->meta);
+    free(d->kst_layer);
+    free(d->kst_host);
     free(d);
 }
 
@@ -149,7 +136,8 @@ static struct ggml_tensor * wrap(struct ggml_context * ctx, const struct ggml_te
 }
 
 /* softmax(scale * K^T Q + mask) of a flash attention node, as llama.cpp's non-flash path computes it; NULL when
- * its sources have a shape the ops do not take (the caller falls back to the host path) */
+ * its sources have a shape the ops do not take (the caller falls back to the host path). Every condition ggml's
+ * op constructors assert is checked here first: an assert would abort the process */
 static struct ggml_tensor * fattn_rows(struct ggml_context * ctx, const struct ggml_tensor * node) {
     const struct ggml_tensor *q = node->src[0], *k = node->src[1], *mask = node->src[3], *sinks = node->src[4];
     if (!q || !k || q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || k->ne[0] != q->ne[0] ||
@@ -158,7 +146,8 @@ static struct ggml_tensor * fattn_rows(struct ggml_context * ctx, const struct g
         return NULL;
     }
     if (mask && (!(mask->type == GGML_TYPE_F16 || mask->type == GGML_TYPE_F32) || !ggml_is_contiguous(mask) ||
-                 mask->ne[0] != k->ne[1] || mask->ne[1] < q->ne[1] || q->ne[2] % mask->ne[2] != 0)) {
+                 mask->ne[0] != k->ne[1] || mask->ne[1] < q->ne[1] || q->ne[2] % mask->ne[2] != 0 ||
+                 q->ne[3] % mask->ne[3] != 0)) {
         return NULL;
     }
     if (sinks && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] != q->ne[2])) {
@@ -300,12 +289,17 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
             ggml_build_forward_expand(gf, fold_heads(ctx, as, ggml_reshape_3d(ctx, sm, n_kv, 1, hkv), n_kv, 1, 0, hkv));
         }
     }
+    if (d->kst_serial != st->ub_serial) {
+        d->kst_serial = st->ub_serial;
+        d->kst_slots  = 0;
+    }
+    const int staged = pme_devkeys_stage(st, d, ctx, gf, node); /* the key log's rows ride along */
     if (ggml_graph_n_nodes(gf) == 0) {
-        ggml_free(ctx); /* the policy reads nothing of this ubatch */
+        ggml_free(ctx);                                         /* the policy reads nothing of this ubatch */
         st->ub_layers++;
         return 0;
     }
-    const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0);
+    const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0) | (staged ? 16 : 0);
     if (!(d->checked & (1 << kind))) {
         if (!graph_supported(d, gf)) {
             ggml_free(ctx);
@@ -340,6 +334,10 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
         return -1;
     }
     ggml_free(ctx);
+    if (staged) {
+        d->kst_layer[d->kst_slots++] = layer;
+        st->kl_seen[layer] |= 4; /* the callback leaves this layer's keys to pme_devkeys_collect */
+    }
     d->layers++;
     st->ub_layers++;
     return 0;
@@ -378,5 +376,5 @@ int pme_dev_collect(pme_state * st) {
         st->ub_sum_acc[c] += sm[c];
     }
     d->layers = 0;
-    return 0;
+    return pme_devkeys_collect(st, d);
 }

@@ -127,7 +127,7 @@ struct pme_state {
     uint16_t * kl_k;     /* (n_layer, max_ubatch, n_head_kv, d) f16 keys of the last ubatch's tokens */
     float *    kl_q;     /* (n_layer, PME_KL_QMAX, n_head, d) queries of the last probe's last rows */
     int32_t    kl_q_rows;
-    uint8_t *  kl_seen;  /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries staged */
+    uint8_t *  kl_seen;  /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries, bit 2: keys on the device */
     float *    kl_scale; /* (n_layer) the attention node's scale */
     float      kl_f32[1024];
     int32_t    failed;

@@ -6,8 +6,9 @@
  *   flash attention on:  node->src[0] Q (d, n_tokens, n_head) f32, node->src[1] K (d, n_kv, n_head_kv)
  *   flash attention off: kq_soft_max->src[0] is kq = mul_mat(K, Q) with the same K and Q views
  * K is a view of the cache, written by SET_ROWS before the node runs, so the rows of this ubatch's cells
- * (on_set_rows records which) hold its keys in the cache's type, after RoPE. Only those rows are read; a cache
- * outside host memory is read through its host mirror (pme_kmirror.c), which fetches them once per ubatch. */
+ * (on_set_rows records which) hold its keys in the cache's type, after RoPE. Only those rows are read. A cache
+ * outside host memory has them staged on the device by the layer's scoring graph (pme_devkeys.c) where it can,
+ * and read through its host mirror (pme_kmirror.c) otherwise. */
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "pme_internal.h"

@@ -130,6 +130,26 @@ def test_a_chunk_a_probe_supersedes_sends_only_its_max(gqa):
     assert min(window_rows) > 8 * max(superseded)  # against the window's 32 rows and the max
 
 
+def _key_log(path: str, mode: str) -> tuple[np.ndarray, object]:
+    with Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=32), recall=True) as llm:
+        llm.engine.scorer.backend_scores(mode)
+        list(itertools.islice(llm.generate(PROMPT, temp=0.0), 10))
+        assert llm.engine.keys is not None
+        return llm.engine.keys.keys().copy(), llm.stats
+
+
+def test_the_key_logs_rows_staged_on_a_backend_are_the_same_keys(gqa):
+    """Recall's key log keeps every new token's keys; on a backend they are copied into a staging tensor by each
+    layer's reduction graph and read once per ubatch (native/pme_devkeys.c), not read layer by layer."""
+    host, hs = _key_log(gqa, "never")
+    dev, ds = _key_log(gqa, "always")
+    assert host.shape == dev.shape and host.shape[0] == len(PROMPT) + 9
+    assert np.array_equal(host, dev)
+    # one read of the scores and one of the keys per decode step, on top of a sync per scored layer
+    assert ds.syncs_per_decode_step == N_LAYER + 2
+    assert hs.syncs_per_decode_step == N_LAYER
+
+
 def test_the_max_aggregate_takes_the_host_path(gqa):
     """ggml has no element-wise max to fold heads and layers with: that setting is read through the copy path and
     decides as the host does."""

@@ -314,21 +314,12 @@ class KVEngine(RecallDecoding):
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
-            # decided before the chunk, so the scorer knows its rows will be superseded by the probe's
-            probes_now = (
-                scorer is not None
-                and probe is not None
-                and not last_chunk
-                and scorer.live_cells() + m > (self.kv_budget or 0)
-            )
-            self._decode_ubatch(
-                chunk,
-                self.next_pos,
-                logits_last and last_chunk,
-                last_chunk,
-                all_logits=on_logits is not None,
-                superseded=probes_now and probe is not None and len(probe) >= self.policy.protected_recent,
-            )
+            # decided before the chunk, so the scorer knows the probe's rows will supersede the chunk's
+            probes_now = bool(probe) and not last_chunk and scorer.live_cells() + m > (self.kv_budget or 0)
+            superseded = probes_now and len(probe or ()) >= self.policy.protected_recent
+            logits = logits_last and last_chunk
+            all_logits = on_logits is not None
+            self._decode_ubatch(chunk, self.next_pos, logits, last_chunk, all_logits=all_logits, superseded=superseded)
             if on_logits is not None:
                 on_logits(start, m)
             if self._logs_keys:
@@ -340,7 +331,6 @@ class KVEngine(RecallDecoding):
             self.log.extend(chunk)
             if scorer is not None:
                 if probes_now:
-                    assert probe is not None
                     # the prompt's own last tokens (its question) score what to keep, then leave no trace
                     self._decode_ubatch(probe, self.next_pos, False, False, probe=True)
                     scorer.truncate(self.mem, SEQ, self.next_pos)
