@@ -15,7 +15,8 @@
  * running ggml-cpu (RPC) the scores are bit-identical to the CPU run's; on a GPU they differ by rounding only.
  *
  * Not handled here (the caller reads the node through the copy path instead): the max aggregate (ggml has no
- * element-wise max), calibration and check modes, shapes whose ops the backend does not support. */
+ * element-wise max), calibration and check modes, shapes whose ops the backend does not support, layers on a
+ * second device, and a device without memory for a graph (from then on). */
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"

@@ -346,6 +346,7 @@ def test_constructor_takes_llama_cpps_common_keywords(path):
         ({"split_mode": 7}, "split_mode must be 0"),
         ({"tensor_split": [-1.0]}, "tensor_split must be"),
         ({"use_mmap": "yes"}, "use_mmap must be a bool"),
+        ({"use_extra_bufts": 0}, "use_extra_bufts must be a bool"),
         ({"seed": -1}, "seed must be a non-negative int"),
         ({"verbose": "loud"}, "verbose must be True, False or None"),
         ({"embedding": 1}, "embedding must be a bool"),
