@@ -186,7 +186,7 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         /* where the attention is not in host memory, reduce it there (and stage the key log's rows with it,
          * pme_devkeys.c); the host path otherwise */
         const int dev = pme_dev_wants(st, fa ? t->src[1] : t) ? pme_dev_fold(st, t, il) : 1;
-        if (il >= 0 && il < st->cfg.n_layer && !(st->kl_seen[il] & 4)) {
+        if (!(st->kl_seen[il] & 4)) { /* not staged on the device with the scores */
             pme_keylog_capture(st, t, il);
         }
         if (dev <= 0) {

@@ -102,23 +102,13 @@ int pme_devkeys_collect(pme_state * st, struct pme_dev * d) {
     ggml_backend_tensor_get(d->kst, d->kst_host, 0, n);
     st->d2h_bytes[kk] += (int64_t) n;
     st->syncs[kk] += 1;
-    const int64_t                   dk = st->kl_d, hkv = st->cfg.n_head_kv;
-    const struct ggml_type_traits * tr = ggml_get_type_traits(d->kst->type);
+    const int64_t dk = st->kl_d, hkv = st->cfg.n_head_kv;
     for (int32_t s = 0; s < d->kst_slots; ++s) {
         const int32_t il  = d->kst_layer[s];
         uint16_t *    out = st->kl_k + (size_t) il * st->cfg.max_ubatch * hkv * dk;
         for (int32_t i = 0; i < st->ub_n; ++i) {
             const char * r = (const char *) d->kst_host + ((size_t) s * st->ub_n + i) * row;
-            for (int64_t h = 0; h < hkv; ++h) {
-                uint16_t *   dst = out + ((size_t) i * hkv + h) * dk;
-                const char * src = r + (size_t) h * d->kst_nb2;
-                if (d->kst->type == GGML_TYPE_F16) {
-                    memcpy(dst, src, (size_t) dk * sizeof(uint16_t));
-                } else {
-                    tr->to_float(src, st->kl_f32, dk);
-                    ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) dst, dk);
-                }
-            }
+            pme_keylog_store_row(st, out + (size_t) i * hkv * dk, r, d->kst->type, d->kst_nb2);
         }
         st->kl_seen[il] |= 1;
     }

@@ -237,6 +237,8 @@ static inline int pme_ub_is_prompt(const pme_state * st) {
 
 void         pme_policy_reset(pme_state * st);
 void         pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
+/* one token's K row (n_head_kv heads nb_head bytes apart, in the cache's type) into the key log's f16 staging */
+void         pme_keylog_store_row(pme_state * st, uint16_t * dst, const char * row, int type, size_t nb_head);
 /* pme_kmirror.c: a layer's K view in host memory, copied whole once and then by the rows each ubatch wrote */
 const char * pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t layer);
 void         pme_kmirror_invalidate(pme_state * st);

@@ -130,16 +130,20 @@ void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t
                           (long long) k->ne[1]);
             return;
         }
-        for (int64_t h = 0; h < hkv; ++h) {
-            uint16_t *   dst = kd + ((size_t) i * hkv + h) * d;
-            const char * src = kb + (size_t) cell * k->nb[1] + (size_t) h * k->nb[2];
-            if (k->type == GGML_TYPE_F16) {
-                memcpy(dst, src, (size_t) d * sizeof(uint16_t));
-            } else {
-                tr->to_float(src, st->kl_f32, d);
-                ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) dst, d);
-            }
-        }
+        pme_keylog_store_row(st, kd + (size_t) i * hkv * d, kb + (size_t) cell * k->nb[1], k->type, k->nb[2]);
     }
     st->kl_seen[il] |= 1;
+}
+
+void pme_keylog_store_row(pme_state * st, uint16_t * dst, const char * row, int type, size_t nb_head) {
+    const int64_t d = st->kl_d;
+    for (int64_t h = 0; h < st->cfg.n_head_kv; ++h) {
+        const char * src = row + (size_t) h * nb_head;
+        if (type == GGML_TYPE_F16) {
+            memcpy(dst + h * d, src, (size_t) d * sizeof(uint16_t));
+        } else {
+            ggml_get_type_traits((enum ggml_type) type)->to_float(src, st->kl_f32, d);
+            ggml_fp32_to_fp16_row(st->kl_f32, (ggml_fp16_t *) (dst + h * d), d);
+        }
+    }
 }
