@@ -51,6 +51,8 @@ typedef struct pme_config {
     int32_t prefill_probe;  /* 1: prompt chunks are scored by a probe of the prompt's last tokens (MorphKV) */
     float   forget;         /* H2O: the cumulative score is multiplied by this once per token observed (1: the paper) */
     int32_t pool_prompt_only; /* 1: pool only when evicting after a prompt chunk; decode steps rank raw scores */
+    int32_t score_layers;     /* read at most this many layers of the scored cache, evenly spaced over its depth,
+                                 once the first ubatch has shown which layers it has (0: every layer) */
 } pme_config;
 
 typedef struct pme_stats {
@@ -147,11 +149,17 @@ int              pme_test_backend_scores(pme_state * st, int32_t mode);
  * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
  * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's
  * attention scale). A query ubatch folds nothing into the policy. pme_layer_groups: 1 for each layer of the
- * scored cache in the last ubatch. enable(0) turns it off. */
+ * scored cache (as the first ubatch showed them, or the last one before that). enable(0) turns it off. Only read layers stage keys (pme_scored_layers). */
 int              pme_keylog_enable(pme_state * st, int32_t d_k);
 const uint16_t * pme_keylog_keys(const pme_state * st, int32_t layer);
 const float *    pme_keylog_query(const pme_state * st, int32_t layer, int32_t * n_rows, float * scale);
 int              pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap);
+/* 1 for each layer of the scored cache that is read (all of them until the first ubatch chose; see
+ * pme_config.score_layers); returns n_layer, or -1 when cap is too small */
+int              pme_scored_layers(const pme_state * st, int8_t * out, int32_t cap);
+/* read exactly the layers with on[il] != 0 (of the scored cache) from the next ubatch on, in place of the evenly
+ * spaced choice; n must be n_layer, and a ubatch must have shown the layers. Returns 0, or -1 */
+int              pme_set_scored_layers(pme_state * st, const int8_t * on, int32_t n);
 /* CFFI-END */
 #ifdef __cplusplus
 }

@@ -121,7 +121,7 @@ static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
     if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
         return false;
     }
-    return st->layer_group[il] == st->main_group;
+    return st->layer_group[il] == st->main_group && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ));
 }
 
 /* the layer of a flash attention node: its K source is a view of the cache tensor "cache_k_l<il>" */
@@ -139,7 +139,7 @@ static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {
     if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
         return false;
     }
-    return st->layer_group[il] == st->main_group;
+    return st->layer_group[il] == st->main_group && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ));
 }
 
 static void on_softmax(pme_state * st, const struct ggml_tensor * t) {

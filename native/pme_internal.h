@@ -9,6 +9,8 @@
 #define PME_ERR_LEN    256
 #define PME_COPY_SLOTS 6
 #define PME_KL_QMAX    32 /* query rows a probe keeps (its last ones) */
+#define PME_LAYER_MAIN 2
+#define PME_LAYER_READ 1
 
 enum pme_dev_mode { PME_DEV_AUTO = 0, PME_DEV_ALWAYS = 1, PME_DEV_NEVER = 2 };
 
@@ -62,7 +64,10 @@ struct pme_state {
     int8_t *     layer_group; /* (n_layer) group index, -1 unknown */
     const void * group_idx_tensor[PME_MAX_GROUPS];
     int32_t      n_groups;
-    int32_t      main_group;                   /* group whose cache has n_cells cells, -1 until seen */
+    int32_t      main_group; /* group whose cache has n_cells cells, -1 until seen */
+    /* layers read (cfg.score_layers): chosen once, at the end of the first ubatch that showed the groups */
+    uint8_t *    layer_on;                     /* (n_layer) */
+    int32_t      layers_chosen;
     uint8_t      group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
 
     /* current ubatch */

@@ -64,9 +64,55 @@ int pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap) {
         return -1;
     }
     for (int32_t il = 0; il < st->cfg.n_layer; ++il) {
-        out[il] = st->main_group >= 0 && st->layer_group[il] == st->main_group ? 1 : 0;
+        /* once chosen, the layers of the scored cache are remembered through resets (a graph's layers stay) */
+        out[il] = st->layers_chosen ? (st->layer_on[il] & PME_LAYER_MAIN) != 0 :
+                                      st->main_group >= 0 && st->layer_group[il] == st->main_group;
     }
     return st->cfg.n_layer;
+}
+
+int pme_scored_layers(const pme_state * st, int8_t * out, int32_t cap) {
+    if (!st || cap < st->cfg.n_layer) {
+        return -1;
+    }
+    if (!st->layers_chosen) {
+        return pme_layer_groups(st, out, cap);
+    }
+    for (int32_t il = 0; il < st->cfg.n_layer; ++il) {
+        out[il] = (st->layer_on[il] & PME_LAYER_READ) != 0;
+    }
+    return st->cfg.n_layer;
+}
+
+int pme_set_scored_layers(pme_state * st, const int8_t * on, int32_t n) {
+    if (!st) {
+        return -1;
+    }
+    if (!on || n != st->cfg.n_layer) {
+        pme_set_error(st, "pme_set_scored_layers: %d layers given, the model has %d", n, st->cfg.n_layer);
+        return -1;
+    }
+    if (!st->layers_chosen) {
+        pme_set_error(st, "pme_set_scored_layers: no ubatch has shown the scored cache's layers yet");
+        return -1;
+    }
+    int32_t any = 0;
+    for (int32_t il = 0; il < n; ++il) {
+        if (on[il] && !(st->layer_on[il] & PME_LAYER_MAIN)) {
+            pme_set_error(st, "pme_set_scored_layers: layer %d is not a layer of the scored cache", il);
+            return -1;
+        }
+        any |= on[il] != 0;
+    }
+    if (!any) {
+        pme_set_error(st, "pme_set_scored_layers: no layer is on");
+        return -1;
+    }
+    for (int32_t il = 0; il < n; ++il) {
+        st->layer_on[il] =
+            (uint8_t) (PME_LAYER_MAIN * ((st->layer_on[il] & PME_LAYER_MAIN) != 0) + (on[il] ? PME_LAYER_READ : 0));
+    }
+    return 0;
 }
 
 /* node: the attention node of scored layer il, just computed */

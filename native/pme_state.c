@@ -51,6 +51,10 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
         write_err(err, err_len, "pme_create: unknown policy");
         return NULL;
     }
+    if (cfg->score_layers < 0) {
+        write_err(err, err_len, "pme_create: score_layers < 0");
+        return NULL;
+    }
     if (cfg->n_sink < 0) {
         write_err(err, err_len, "pme_create: n_sink < 0");
         return NULL;
@@ -71,6 +75,7 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->cell_pos     = malloc(nc * sizeof(int32_t));
     st->cell_lpos    = malloc(nc * sizeof(int64_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
+    st->layer_on     = calloc((size_t) cfg->n_layer, 1);
     st->ub_pos       = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->ub_cell      = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->kl_seen      = calloc((size_t) cfg->n_layer, 1);
@@ -88,9 +93,9 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->calib_target = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_cell   = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
-    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->ub_pos || !st->ub_cell || !st->kl_seen ||
-        !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp || !st->row_sum ||
-        !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos || !st->calib_target ||
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->layer_on || !st->ub_pos || !st->ub_cell ||
+        !st->kl_seen || !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp ||
+        !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos || !st->calib_target ||
         !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
@@ -135,6 +140,7 @@ void pme_free(pme_state * st) {
     free(st->ub_row_acc);
     free(st->ub_pos);
     free(st->layer_group);
+    free(st->layer_on);
     free(st->cell_lpos);
     free(st->cell_pos);
     free(st);
@@ -246,6 +252,36 @@ int pme_begin_ubatch(pme_state * st, const int32_t * pos, int32_t n_tokens, int3
     return 0;
 }
 
+/* Which layers of the scored cache to read from now on: cfg.score_layers of them, evenly spaced from the first
+ * to the last (all when there are no more). Each read layer splits the graph, and on a GPU or RPC synchronises the
+ * backend, and costs its fold (with flash attention on, a recompute of its attention rows); the mean over a spread
+ * of layers ranks tokens much as the mean over all of them (docs/scoring.md). Chosen once: a graph's layers do not
+ * change, and the first ubatch has read every layer. */
+static void choose_layers(pme_state * st) {
+    if (st->layers_chosen) {
+        return;
+    }
+    int32_t n = 0;
+    for (int32_t il = 0; il < st->cfg.n_layer; ++il) {
+        n += st->layer_group[il] == st->main_group;
+    }
+    const int32_t k = st->cfg.score_layers;
+    for (int32_t il = 0, j = 0; il < st->cfg.n_layer; ++il) {
+        if (st->layer_group[il] != st->main_group) {
+            st->layer_on[il] = 0;
+            continue;
+        }
+        /* layer j of the n is read when some i in [0, k) maps to it: i * (n - 1) / (k - 1), rounded */
+        int on = k == 0 || n <= k;
+        for (int32_t i = 0; !on && i < k; ++i) {
+            on = k > 1 ? (int32_t) ((2 * (int64_t) i * (n - 1) + (k - 1)) / (2 * (k - 1))) == j : j == n - 1;
+        }
+        st->layer_on[il] = (uint8_t) (PME_LAYER_MAIN | (on ? PME_LAYER_READ : 0));
+        ++j;
+    }
+    st->layers_chosen = 1;
+}
+
 int pme_end_ubatch(pme_state * st) {
     if (!st || st->failed) {
         return -1;
@@ -271,6 +307,7 @@ int pme_end_ubatch(pme_state * st) {
                       "pme_end_ubatch: no attention node (kq_soft_max or flash attention) of a scored layer was read");
         return -1;
     }
+    choose_layers(st);
     pme_dev_collect(st);
     pme_ubatch_finish_acc(st);
     pme_policy_observe(st);

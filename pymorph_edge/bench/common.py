@@ -36,9 +36,11 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         "recall_by",
         "n_gpu_layers",
         "force_copy",
+        "score_layers",
     )
     params = {k: v for k, v in spec.items() if k not in engine_keys}
     kv = {k: spec[k] for k in ("flash_attn", "type_k", "type_v") if k in spec}
+    layers = {"score_layers": spec["score_layers"]} if "score_layers" in spec else {}  # null: every layer
     budget = spec.get("budget", budget)
     name = spec["name"]
     ngl = spec.get("n_gpu_layers", 0)
@@ -60,7 +62,11 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         recall=spec.get("recall"),
         n_gpu_layers=ngl,
         config=EngineConfig(
-            n_ubatch=n_ubatch, max_span=spec.get("max_span"), recall_by=spec.get("recall_by", "both"), **kv
+            n_ubatch=n_ubatch,
+            max_span=spec.get("max_span"),
+            recall_by=spec.get("recall_by", "both"),
+            **kv,
+            **layers,
         ),
     )
     if spec.get("force_copy") and llm.engine.scorer is not None:

@@ -39,6 +39,9 @@ class EngineConfig:
     # logged keys), "both" (BM25's picks plus attention's best span)
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
+    # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
+    # (KVPolicy.read_layers; 8 for MorphKV), "all", or a count; each one read costs a graph split and a fold
+    score_layers: int | str | None = None
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
     )
@@ -79,6 +82,12 @@ class EngineConfig:
         _check_non_negative("recall_log_bytes", self.recall_log_bytes)
         if isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int) or self.n_keep < 0:
             raise ValueError(f"keep must be a non-negative int, got {self.n_keep!r}")
+        if self.score_layers not in (None, "all") and (
+            isinstance(self.score_layers, bool) or not isinstance(self.score_layers, int) or self.score_layers < 1
+        ):
+            raise ValueError(
+                f"score_layers must be a positive int, 'all' or None (the policy's default), got {self.score_layers!r}"
+            )
         if self.max_span is not None and (
             isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
         ):
@@ -97,6 +106,13 @@ def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
     if config.type_v not in FLOAT_TYPES:
         return True
     return FLASH_ATTN_WHEN_BOUNDED if bounded_scoring else False
+
+
+def resolve_score_layers(config: EngineConfig, policy: KVPolicy) -> int | None:
+    """Layers a native policy reads: config.score_layers, else the policy's default; None means all."""
+    if config.score_layers is None:
+        return policy.read_layers
+    return None if config.score_layers == "all" else int(config.score_layers)
 
 
 def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:

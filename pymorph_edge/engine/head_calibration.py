@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as C
 
+from pymorph_edge.engine.layer_choice import layers_to_read
+
 if TYPE_CHECKING:
     from pymorph_edge.engine.kv_engine import KVEngine
 
@@ -84,6 +86,11 @@ def calibrate_head_weights(engine: KVEngine) -> list[float] | None:
         return None
     weights = [max(s, 0.0) / best for s in scores]
     scorer.set_head_weights(weights)
+    # with a cap on the layers read, the ones holding the copying heads are among them (layer_choice.py)
+    read = layers_to_read(scorer.cache_layers(), scorer.read_cap, weights, engine.model.info.n_head_kv)
+    scorer.read_layers(read)
+    engine.keys = None  # the calibration's own decode chose the key log's layers among the old ones: choose again
+    logger.info("layers read: %s", read)
     top = sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
     n_kv = engine.model.info.n_head_kv
     logger.info(

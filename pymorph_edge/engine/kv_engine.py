@@ -16,6 +16,7 @@ from pymorph_edge.engine.engine_config import (
     can_compact,
     default_max_span,
     resolve_flash_attn,
+    resolve_score_layers,
     validate_budget,
 )
 from pymorph_edge.engine.evicted_log import EvictedLog
@@ -94,7 +95,8 @@ class KVEngine(RecallDecoding):
             if native_scored:
                 # the native state must exist first: its pointer is the callback's user data
                 assert kv_budget is not None  # native_scored implies it
-                self.scorer = NativeScorer(policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch)
+                layers = resolve_score_layers(config, policy)
+                self.scorer = NativeScorer(policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers)
                 self.scorer.attach(cp)
             self.ctx = C.llama_init_from_model(model.ptr, cp)
         if not self.ctx:

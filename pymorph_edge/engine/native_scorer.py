@@ -21,7 +21,15 @@ from pymorph_edge.policies import KVPolicy
 class NativeScorer:
     """The native state of one context. Create it before the context: its pointer is the callback's user data."""
 
-    def __init__(self, policy: KVPolicy, info: ModelInfo, kv_budget: int, n_cells: int, max_ubatch: int) -> None:
+    def __init__(
+        self,
+        policy: KVPolicy,
+        info: ModelInfo,
+        kv_budget: int,
+        n_cells: int,
+        max_ubatch: int,
+        score_layers: int | None = None,
+    ) -> None:
         ffi, lib = native()
         self._ffi, self._lib = ffi, lib
         cfg = ffi.new("pme_config *")
@@ -33,12 +41,15 @@ class NativeScorer:
         cfg.n_cells = n_cells
         cfg.n_head, cfg.n_head_kv, cfg.n_layer = info.n_head, info.n_head_kv, info.n_layer
         cfg.max_ubatch = max_ubatch
+        self.read_cap = score_layers  # layers read at most (None: all), see engine/layer_choice.py
+        cfg.score_layers = score_layers or 0  # 0: every layer
         err = ffi.new("char[256]")
         st = lib.pme_create(cfg, err, 256)
         if st == ffi.NULL:
             raise ValueError(ffi.string(err).decode())
         self._state: Any = st
         self.n_cells = n_cells
+        self._n_layer = info.n_layer
         self._pos_buf = ffi.new("int32_t[]", max_ubatch)
         self._stats = ffi.new("pme_stats *")
 
@@ -170,11 +181,26 @@ class NativeScorer:
         self._check(self._lib.pme_keylog_enable(self._state, d_k), "key log")
         self._d_k = d_k
 
-    def scored_layers(self) -> list[int]:
-        """The layers of the scored cache, as the last ubatch's graph showed them."""
+    def cache_layers(self) -> list[int]:
+        """The layers of the scored cache (read or not), as the first ubatch's graph showed them."""
         out = self._ffi.new("int8_t[]", 4096)
         n = self._check(self._lib.pme_layer_groups(self._state, out, 4096), "layer groups")
         return [il for il in range(n) if out[il]]
+
+    def scored_layers(self) -> list[int]:
+        """The layers of the scored cache that are read (EngineConfig.score_layers), as the last ubatch's graph
+        showed them."""
+        out = self._ffi.new("int8_t[]", 4096)
+        n = self._check(self._lib.pme_scored_layers(self._state, out, 4096), "scored layers")
+        return [il for il in range(n) if out[il]]
+
+    def read_layers(self, layers: list[int]) -> None:
+        """Read exactly these layers of the scored cache from the next ubatch on (see engine/layer_choice.py)."""
+        n = self._n_layer
+        if not layers or any(not 0 <= il < n for il in layers):
+            raise ValueError(f"layers to read must be a non-empty subset of range({n}), got {layers!r}")
+        on = self._ffi.new("int8_t[]", [1 if il in set(layers) else 0 for il in range(n)])
+        self._check(self._lib.pme_set_scored_layers(self._state, on, n), "scored layers")
 
     def staged_keys(self, layers: list[int], m: int, n_head_kv: int) -> np.ndarray | None:
         """(m, len(layers), n_head_kv, d_k) f16 keys the last ubatch wrote; None if a layer was not read."""

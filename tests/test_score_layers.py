@@ -1,0 +1,110 @@
+"""EngineConfig(score_layers=k): the native policies read the attention of k layers of the scored cache, evenly
+spaced over its depth, instead of all of them. Each layer read is a graph split (a synchronisation on a GPU or
+RPC) and a fold, so fewer layers cost less; which layers, and that nothing else changes, is tested here."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pymorph_edge import Llama
+from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.engine.layer_choice import evenly_spaced, layers_to_read
+
+PROMPT = [(i * 7919) % 200 + 10 for i in range(100)]
+N_LAYER = 6
+
+
+@pytest.fixture(scope="module")
+def deep(synthetic_dir):
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    return str(write_synthetic_llama(synthetic_dir / "deep.gguf", n_layer=N_LAYER, n_head=4, n_head_kv=2))
+
+
+def _run(path: str, score_layers: int | str | None, flash_attn: bool = False, policy: str = "morphkv", recall=None):
+    cfg = EngineConfig(n_ubatch=32, flash_attn=flash_attn, score_layers=score_layers)
+    with Llama(path, kv_budget=48, policy=policy, recall=recall, config=cfg) as llm:
+        out = list(itertools.islice(llm.generate(PROMPT, temp=0.0), 20))
+        return {
+            "tokens": out,
+            "kept": sorted(p for p in llm.engine.scorer.cell_positions() if p >= 0),
+            "scores": llm.engine.scorer.scores(),
+            "layers": llm.engine.scorer.scored_layers(),
+            "key_layers": llm.engine.keys.layers if llm.engine.keys is not None else None,
+            "stats": llm.stats,
+        }
+
+
+@pytest.mark.parametrize("k, layers", [(1, [5]), (2, [0, 5]), (3, [0, 3, 5]), (4, [0, 2, 3, 5])])
+def test_k_layers_evenly_spaced_from_the_first_to_the_last(deep, k, layers):
+    r = _run(deep, k)
+    assert r["layers"] == layers
+    s = r["stats"]
+    assert s.layers_scored == k  # the last ubatch folded exactly these
+    assert s.syncs_per_decode_step == k  # one node asked for per layer read, host buffers
+    assert s.tokens_evicted > 0
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_as_many_layers_as_the_model_has_is_every_layer(deep, flash_attn):
+    every = _run(deep, "all", flash_attn)
+    for k in (N_LAYER, N_LAYER + 10):
+        r = _run(deep, k, flash_attn)
+        assert r["layers"] == list(range(N_LAYER))
+        assert (r["tokens"], r["kept"], r["scores"]) == (every["tokens"], every["kept"], every["scores"])
+
+
+def test_fewer_layers_change_the_scores(deep):
+    """The subset really is what the policy reads: its scores differ from the mean over every layer."""
+    assert _run(deep, 2)["scores"] != _run(deep, "all")["scores"]
+
+
+def test_the_key_log_takes_its_layers_among_those_read(deep):
+    r = _run(deep, 3, recall=True)
+    assert r["key_layers"] and set(r["key_layers"]) <= set(r["layers"])
+
+
+def test_morphkv_reads_8_layers_by_default_and_the_baselines_all(synthetic_dir):
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "ten-layers.gguf", n_layer=10, n_head=4, n_head_kv=2))
+    assert _run(path, None)["layers"] == evenly_spaced(range(10), 8) == [0, 1, 3, 4, 5, 6, 8, 9]
+    assert _run(path, None, policy="tova")["layers"] == list(range(10))
+    assert _run(path, "all")["layers"] == list(range(10))
+
+
+def test_with_head_weights_the_copying_heads_layers_are_read():
+    """Half the layers are those with the most head weight, the rest spread farthest first (layer_choice.py)."""
+    n_kv = 3
+    w = [0.01] * (30 * n_kv)
+    for il, x in ((17, 1.0), (18, 0.7), (23, 0.6), (20, 0.3), (2, 0.05)):
+        w[il * n_kv] = x
+    read = layers_to_read(list(range(30)), 8, w, n_kv)
+    assert len(read) == 8 and {17, 18, 20, 23} <= set(read)
+    assert read[0] == 0 and read[-1] == 29  # the spread reaches both ends
+    assert layers_to_read(list(range(30)), 8, None, n_kv) == evenly_spaced(range(30), 8)
+    assert layers_to_read(list(range(30)), None, w, n_kv) == list(range(30))
+    assert layers_to_read([5, 11, 17], 8, w, n_kv) == [5, 11, 17]  # Gemma 3's 3 global layers: all of them
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "8", "every"])
+def test_a_bad_score_layers_is_a_value_error_naming_it(bad):
+    with pytest.raises(ValueError, match="score_layers"):
+        EngineConfig(score_layers=bad)
+
+
+@pytest.mark.slow
+def test_smollm2_reads_8_layers_with_its_copying_heads_and_recall_logs_keys_among_them(smollm2_path):
+    with Llama(smollm2_path, kv_budget=256, config=EngineConfig(n_ubatch=128)) as llm:
+        read = llm.engine.scorer.scored_layers()
+        w = llm.engine.head_weights
+        assert w is not None and len(read) == 8
+        n_kv = llm.engine.model.info.n_head_kv
+        best = max(range(len(w)), key=w.__getitem__) // n_kv
+        assert best in read  # the strongest induction head's layer is read
+        llm.create_chat_completion([{"role": "user", "content": "Tell me a story about a lighthouse."}], max_tokens=400)
+        assert llm.stats.tokens_evicted > 0
+        assert llm.engine.keys is not None and set(llm.engine.keys.layers) <= set(read)
+        assert llm.stats.syncs_per_decode_step == 8
