@@ -75,16 +75,19 @@ def test_morphkv_reads_8_layers_by_default_and_the_baselines_all(synthetic_dir):
     assert _run(path, "all")["layers"] == list(range(10))
 
 
-def test_with_head_weights_the_copying_heads_layers_are_read():
-    """Half the layers are those with the most head weight, the rest spread farthest first (layer_choice.py)."""
+def test_with_head_weights_the_layer_of_most_weight_is_read():
+    """The layers are spread evenly; the one nearest the layer of most head weight moves onto it (layer_choice.py)."""
     n_kv = 3
     w = [0.01] * (30 * n_kv)
-    for il, x in ((17, 1.0), (18, 0.7), (23, 0.6), (20, 0.3), (2, 0.05)):
+    for il, x in ((18, 1.0), (23, 0.6), (2, 0.05)):
         w[il * n_kv] = x
-    read = layers_to_read(list(range(30)), 8, w, n_kv)
-    assert len(read) == 8 and {17, 18, 20, 23} <= set(read)
-    assert read[0] == 0 and read[-1] == 29  # the spread reaches both ends
-    assert layers_to_read(list(range(30)), 8, None, n_kv) == evenly_spaced(range(30), 8)
+    spread = evenly_spaced(range(30), 8)
+    assert spread == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert layers_to_read(list(range(30)), 8, w, n_kv) == [0, 4, 8, 12, 18, 21, 25, 29]  # 17 moved onto 18
+    w[18 * n_kv] = 0.01
+    w[21 * n_kv + 1] = 2.0
+    assert layers_to_read(list(range(30)), 8, w, n_kv) == spread  # the top layer is already read
+    assert layers_to_read(list(range(30)), 8, None, n_kv) == spread
     assert layers_to_read(list(range(30)), None, w, n_kv) == list(range(30))
     assert layers_to_read([5, 11, 17], 8, w, n_kv) == [5, 11, 17]  # Gemma 3's 3 global layers: all of them
 
