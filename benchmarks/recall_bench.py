@@ -59,10 +59,12 @@ DIALOGUE_FACTS = {
 def open_llm(path: Path, config: str, budget: int) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
+    # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads
+    config, _, layers = config.partition("@")
     policy, off, _ = config.partition("-norecall")
     # "-attention" / "-bm25": recall judged one way only; otherwise the default ("both")
     policy, by = (policy.split("-", 1) + ["both"])[:2]
-    cfg = EngineConfig(recall_by=by)
+    cfg = EngineConfig(recall_by=by, score_layers=None if not layers else layers if layers == "all" else int(layers))
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 

@@ -130,7 +130,7 @@ def test_rpc_scoring_copies_a_few_bytes_per_cell(flash_attn, rpc_endpoint, smoll
     assert s.d2h_bytes_per_decode_step <= 4 * n_cells + 8
     assert s.d2h_bytes_per_prompt_chunk <= (window + 2) * 4 * n_cells + 8 * 128
     # one synchronisation per scored layer (the node asked for) plus one read of the scores
-    assert s.syncs_per_decode_step == 8 + 1  # MorphKV reads 8 of the 30 layers (layer_choice.py)
+    assert s.syncs_per_decode_step == 30 + 1
 
 
 def test_an_unreachable_server_is_a_clear_error(gqa_model):

@@ -66,13 +66,13 @@ def test_the_key_log_takes_its_layers_among_those_read(deep):
     assert r["key_layers"] and set(r["key_layers"]) <= set(r["layers"])
 
 
-def test_morphkv_reads_8_layers_by_default_and_the_baselines_all(synthetic_dir):
+@pytest.mark.parametrize("policy", ["morphkv", "tova", "h2o"])
+def test_every_policy_reads_every_layer_by_default(synthetic_dir, policy):
     from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
     path = str(write_synthetic_llama(synthetic_dir / "ten-layers.gguf", n_layer=10, n_head=4, n_head_kv=2))
-    assert _run(path, None)["layers"] == evenly_spaced(range(10), 8) == [0, 1, 3, 4, 5, 6, 8, 9]
-    assert _run(path, None, policy="tova")["layers"] == list(range(10))
-    assert _run(path, "all")["layers"] == list(range(10))
+    assert _run(path, None, policy=policy)["layers"] == list(range(10))
+    assert _run(path, 8, policy=policy)["layers"] == evenly_spaced(range(10), 8) == [0, 1, 3, 4, 5, 6, 8, 9]
 
 
 def test_with_head_weights_the_layer_of_most_weight_is_read():
@@ -99,8 +99,8 @@ def test_a_bad_score_layers_is_a_value_error_naming_it(bad):
 
 
 @pytest.mark.slow
-def test_smollm2_reads_8_layers_with_its_copying_heads_and_recall_logs_keys_among_them(smollm2_path):
-    with Llama(smollm2_path, kv_budget=256, config=EngineConfig(n_ubatch=128)) as llm:
+def test_smollm2_asked_for_8_layers_reads_8_with_its_copying_heads_and_recall_logs_keys_among_them(smollm2_path):
+    with Llama(smollm2_path, kv_budget=256, config=EngineConfig(n_ubatch=128, score_layers=8)) as llm:
         read = llm.engine.scorer.scored_layers()
         w = llm.engine.head_weights
         assert w is not None and len(read) == 8

@@ -40,7 +40,8 @@ class EngineConfig:
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
-    # (KVPolicy.read_layers; 8 for MorphKV), "all", or a count; each one read costs a graph split and a fold
+    # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
+    # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
     score_layers: int | str | None = None
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)

@@ -64,8 +64,6 @@ class MorphKV(KVPolicy):
 
     name = "morphkv"
     recalls = True  # measured: benchmarks/results/recall-*
-    # 8 of SmolLM2's 30 layers, the copying heads' among them, kept passkey and ppl (docs/scoring.md, "Layers read")
-    read_layers = 8
 
     def __post_init__(self) -> None:
         check_positive_int("window", self.window)
