@@ -1,6 +1,6 @@
 """What bounded scoring costs on a non-host backend: llama.cpp's RPC on loopback against the CPU backend.
 
-usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall]
+usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K]
                                     [--out benchmarks/results/rpc-cost-smollm2]
 SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
 off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. On RPC MorphKV runs
@@ -48,10 +48,18 @@ def start_rpc_server(threads: int) -> tuple[subprocess.Popen, str]:
 
 
 def one(
-    path: str, rpc: str | None, budget: int | None, flash_attn: bool, recall: bool | None = None, scores: str = "auto"
+    path: str,
+    rpc: str | None,
+    budget: int | None,
+    flash_attn: bool,
+    recall: bool | None = None,
+    scores: str = "auto",
+    layers: int | None = None,
 ) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
-    cfg = EngineConfig(flash_attn=flash_attn, n_ctx=2048 if budget is None else None)
+    cfg = EngineConfig(
+        flash_attn=flash_attn, n_ctx=2048 if budget is None else None, score_layers=layers if budget else None
+    )
     if budget is not None:
         kw["recall"] = recall
     with Llama(path, kv_budget=budget, config=cfg, **kw) as llm:
@@ -87,6 +95,7 @@ def main() -> None:
         "--no-recall", action="store_true", help="MorphKV without recall, so no key log (its keys cross too)"
     )
     ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--score-layers", type=int, default=None, help="EngineConfig(score_layers=...): layers read")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     recall = False if args.no_recall else None
@@ -100,7 +109,7 @@ def main() -> None:
                     full = one(path, rpc, None, fa)
                     # on RPC also the copy path, as before scores were reduced on the backend
                     for scores in ("auto", "never") if rpc else ("auto",):
-                        bounded = one(path, rpc, args.budget, fa, recall, scores)
+                        bounded = one(path, rpc, args.budget, fa, recall, scores, args.score_layers)
                         row = {
                             "round": r + 1,
                             "backend": backend,
@@ -140,7 +149,8 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"1.2K-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
         f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores. Recall "
-        f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}.",
+        f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}. MorphKV read "
+        f"{args.score_layers or 'every'} layer(s) (EngineConfig(score_layers)).",
         "",
         f"| round | backend | scores | flash attention | full cache (s) | MorphKV {args.budget} (s) | MorphKV / full | "
         "device->host per decode step | per cell | per prompt chunk | per cell | syncs per step; per chunk |",
