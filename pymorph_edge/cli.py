@@ -61,6 +61,7 @@ def _open_model(args: argparse.Namespace):
         flash_attn=flash_attn,
         type_k=args.type_k,
         type_v=args.type_v,
+        score_layers=None if args.kv_budget is None else args.score_layers,
     )
     return Llama(
         path,

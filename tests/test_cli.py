@@ -206,3 +206,15 @@ def test_bench_config_checks_n_gpu_layers():
     with pytest.raises(ValueError, match="n_gpu_layers must be an int >= -1"):
         BenchConfig(n_gpu_layers=-3)
     assert BenchConfig(n_gpu_layers=-1).n_gpu_layers == -1
+
+
+def test_score_layers_from_the_command_line(synthetic_dir):
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "cli-six-layers.gguf", n_layer=6))
+    args = ("generate", "-m", path, "--kv-budget", "48", "-p", "hello " * 40, "-n", "20", "--ignore-eos")
+    r = run(*args, "--score-layers", "2", "--n-ubatch", "32")
+    assert r.returncode == 0, r.stderr
+    assert int(re.search(r"tokens evicted\s*: (\d+)", r.stderr).group(1)) > 0
+    bad = run(*args, "--score-layers", "0")
+    assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
