@@ -154,6 +154,10 @@ int              pme_keylog_enable(pme_state * st, int32_t d_k);
 const uint16_t * pme_keylog_keys(const pme_state * st, int32_t layer);
 const float *    pme_keylog_query(const pme_state * st, int32_t layer, int32_t * n_rows, float * scale);
 int              pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap);
+/* the key log keeps only the layers with on[il] != 0 from the next ubatch on (until enable is called again): the
+ * others' keys are not staged, nor a probe's queries, and a probe asks for no other node. n must be n_layer;
+ * (NULL, 0): every layer again */
+int              pme_keylog_layers(pme_state * st, const int8_t * on, int32_t n);
 /* 1 for each layer of the scored cache that is read (all of them until the first ubatch chose; see
  * pme_config.score_layers); returns n_layer, or -1 when cap is too small */
 int              pme_scored_layers(const pme_state * st, int8_t * out, int32_t cap);

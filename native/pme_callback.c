@@ -116,12 +116,21 @@ static void on_set_rows(pme_state * st, const struct ggml_tensor * t) {
     st->group_mapped[g] = 1;
 }
 
-static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
-    const int il = pme_parse_layer(t->name, "kq_soft_max-");
-    if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
+/* whether the callback reads layer il's attention node: a layer the policy reads, or one whose keys (or a query
+ * probe's queries) the key log keeps */
+static bool layer_wanted(const pme_state * st, int il) {
+    if (il < 0 || il >= st->cfg.n_layer || st->main_group < 0 || st->layer_group[il] != st->main_group) {
         return false;
     }
-    return st->layer_group[il] == st->main_group && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ));
+    const bool keys = st->kl_d && (!st->kl_layers_set || (st->layer_on[il] & PME_LAYER_KEYS));
+    if (st->ub_flags & PME_UB_QUERY) {
+        return keys;
+    }
+    return (st->ops->needs_attention && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ))) || keys;
+}
+
+static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
+    return layer_wanted(st, pme_parse_layer(t->name, "kq_soft_max-"));
 }
 
 /* the layer of a flash attention node: its K source is a view of the cache tensor "cache_k_l<il>" */
@@ -135,11 +144,7 @@ static int fattn_layer(const struct ggml_tensor * t) {
 }
 
 static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {
-    const int il = fattn_layer(t);
-    if (!(st->ops->needs_attention || st->kl_d) || il < 0 || il >= st->cfg.n_layer || st->main_group < 0) {
-        return false;
-    }
-    return st->layer_group[il] == st->main_group && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ));
+    return layer_wanted(st, fattn_layer(t));
 }
 
 static void on_softmax(pme_state * st, const struct ggml_tensor * t) {
@@ -176,8 +181,10 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
     }
     if (st && !st->failed && st->ub_n > 0) {
         const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
-        /* a key log query probe, or a policy that reads no attention (the key log asked for the node) */
-        if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention) {
+        /* a key log query probe, a policy that reads no attention, or a layer it does not read: the key log
+         * asked for the node */
+        if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention ||
+            (st->layers_chosen && !(st->layer_on[il] & PME_LAYER_READ))) {
             pme_keylog_capture(st, t, il);
             return true;
         }

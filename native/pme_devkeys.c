@@ -46,7 +46,7 @@ int pme_devkeys_stage(pme_state *                st,
                       struct ggml_context *      ctx,
                       struct ggml_cgraph *       gf,
                       const struct ggml_tensor * node) {
-    if (st->kl_d == 0 || (st->ub_flags & PME_UB_QUERY)) {
+    if (!pme_keylog_wants(st, st->cur_layer) || (st->ub_flags & PME_UB_QUERY)) {
         return 0;
     }
     const struct ggml_tensor * k = NULL;

@@ -9,8 +9,9 @@
 #define PME_ERR_LEN    256
 #define PME_COPY_SLOTS 6
 #define PME_KL_QMAX    32 /* query rows a probe keeps (its last ones) */
-#define PME_LAYER_MAIN 2
-#define PME_LAYER_READ 1
+#define PME_LAYER_READ 1  /* layer_on bits: its attention is read */
+#define PME_LAYER_MAIN 2  /* it is a layer of the scored cache */
+#define PME_LAYER_KEYS 4  /* the key log keeps its keys (once kl_layers_set) */
 
 enum pme_dev_mode { PME_DEV_AUTO = 0, PME_DEV_ALWAYS = 1, PME_DEV_NEVER = 2 };
 
@@ -66,8 +67,9 @@ struct pme_state {
     int32_t      n_groups;
     int32_t      main_group; /* group whose cache has n_cells cells, -1 until seen */
     /* layers read (cfg.score_layers): chosen once, at the end of the first ubatch that showed the groups */
-    uint8_t *    layer_on;                     /* (n_layer) */
+    uint8_t *    layer_on;      /* (n_layer) PME_LAYER_* bits */
     int32_t      layers_chosen;
+    int32_t      kl_layers_set; /* the key log named its layers: keys and queries of the others are not staged */
     uint8_t      group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
 
     /* current ubatch */
@@ -162,6 +164,8 @@ static inline int32_t pme_lower_bound(const int32_t * sorted, int32_t n, int32_t
 struct ggml_tensor;
 
 void         pme_set_error(pme_state * st, const char * fmt, ...);
+/* whether the key log keeps layer il's keys (and a probe's queries): it is on, and il is one of its layers */
+int          pme_keylog_wants(const pme_state * st, int32_t il);
 int          pme_parse_layer(const char * name, const char * prefix); /* "<prefix><digits>[ suffix]" -> il or -1 */
 const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot);
 /* the first nbytes of t, copied through the backend API into copy slot `slot` (counted as device->host bytes) */

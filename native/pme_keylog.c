@@ -26,9 +26,10 @@ int pme_keylog_enable(pme_state * st, int32_t d_k) {
     }
     free(st->kl_k);
     free(st->kl_q);
-    st->kl_k = NULL;
-    st->kl_q = NULL;
-    st->kl_d = d_k;
+    st->kl_k          = NULL;
+    st->kl_q          = NULL;
+    st->kl_d          = d_k;
+    st->kl_layers_set = 0; /* every layer read until the key log names its own */
     if (d_k == 0) {
         return 0;
     }
@@ -57,6 +58,30 @@ const float * pme_keylog_query(const pme_state * st, int32_t layer, int32_t * n_
     *n_rows = st->kl_q_rows;
     *scale  = st->kl_scale[layer];
     return st->kl_q + (size_t) layer * PME_KL_QMAX * st->cfg.n_head * st->kl_d;
+}
+
+int pme_keylog_wants(const pme_state * st, int32_t il) {
+    return st->kl_d > 0 && il >= 0 && il < st->cfg.n_layer &&
+           (!st->kl_layers_set || (st->layer_on[il] & PME_LAYER_KEYS));
+}
+
+int pme_keylog_layers(pme_state * st, const int8_t * on, int32_t n) {
+    if (!st) {
+        return -1;
+    }
+    if (!on && n == 0) { /* every layer again */
+        st->kl_layers_set = 0;
+        return 0;
+    }
+    if (!on || n != st->cfg.n_layer) {
+        pme_set_error(st, "pme_keylog_layers: %d layers given, the model has %d", n, st->cfg.n_layer);
+        return -1;
+    }
+    for (int32_t il = 0; il < n; ++il) {
+        st->layer_on[il] = (uint8_t) ((st->layer_on[il] & ~PME_LAYER_KEYS) | (on[il] ? PME_LAYER_KEYS : 0));
+    }
+    st->kl_layers_set = 1;
+    return 0;
 }
 
 int pme_layer_groups(const pme_state * st, int8_t * out, int32_t cap) {
@@ -117,7 +142,7 @@ int pme_set_scored_layers(pme_state * st, const int8_t * on, int32_t n) {
 
 /* node: the attention node of scored layer il, just computed */
 void pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il) {
-    if (st->kl_d == 0 || il < 0 || il >= st->cfg.n_layer) {
+    if (!pme_keylog_wants(st, il)) {
         return;
     }
     const struct ggml_tensor * q = NULL;

@@ -111,3 +111,15 @@ def test_smollm2_asked_for_8_layers_reads_8_with_its_copying_heads_and_recall_lo
         assert llm.stats.tokens_evicted > 0
         assert llm.engine.keys is not None and set(llm.engine.keys.layers) <= set(read)
         assert llm.stats.syncs_per_decode_step == 8
+
+
+def test_the_key_log_stages_its_own_layers_only(deep):
+    """StreamingLLM reads no attention, so every node asked for is the key log's: 4 of the 6 layers (the upper two
+    thirds), and the other layers' keys are not staged."""
+    with Llama(deep, kv_budget=48, policy="streaming", recall=True, config=EngineConfig(n_ubatch=32)) as llm:
+        list(itertools.islice(llm.generate(PROMPT, temp=0.0), 20))
+        layers = llm.engine.keys.layers
+        assert layers == [2, 3, 4, 5]
+        assert llm.stats.syncs_per_decode_step == len(layers)
+        assert llm.engine.scorer.staged_keys([0], 1, 2) is None
+        assert llm.engine.scorer.staged_keys(layers, 1, 2) is not None

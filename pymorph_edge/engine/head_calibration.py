@@ -89,7 +89,9 @@ def calibrate_head_weights(engine: KVEngine) -> list[float] | None:
     # with a cap on the layers read, the ones holding the copying heads are among them (layer_choice.py)
     read = layers_to_read(scorer.cache_layers(), scorer.read_cap, weights, engine.model.info.n_head_kv)
     scorer.read_layers(read)
-    engine.keys = None  # the calibration's own decode chose the key log's layers among the old ones: choose again
+    # the calibration's own decode chose the key log's layers among the old ones: choose again at the next ubatch
+    engine.keys = None
+    scorer.keylog_layers(None)
     logger.info("layers read: %s", read)
     top = sorted(range(len(scores)), key=lambda i: -scores[i])[:5]
     n_kv = engine.model.info.n_head_kv

@@ -194,6 +194,15 @@ class NativeScorer:
         n = self._check(self._lib.pme_scored_layers(self._state, out, 4096), "scored layers")
         return [il for il in range(n) if out[il]]
 
+    def keylog_layers(self, layers: list[int] | None) -> None:
+        """Stage keys (and a probe's queries) at these layers only, from the next ubatch on (None: every layer)."""
+        if layers is None:
+            self._check(self._lib.pme_keylog_layers(self._state, self._ffi.NULL, 0), "key log layers")
+            return
+        n = self._n_layer
+        on = self._ffi.new("int8_t[]", [1 if il in set(layers) else 0 for il in range(n)])
+        self._check(self._lib.pme_keylog_layers(self._state, on, n), "key log layers")
+
     def read_layers(self, layers: list[int]) -> None:
         """Read exactly these layers of the scored cache from the next ubatch on (see engine/layer_choice.py)."""
         n = self._n_layer
