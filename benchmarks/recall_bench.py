@@ -64,7 +64,13 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
     policy, off, _ = config.partition("-norecall")
     # "-attention" / "-bm25": recall judged one way only; otherwise the default ("both")
     policy, by = (policy.split("-", 1) + ["both"])[:2]
-    cfg = EngineConfig(recall_by=by, score_layers=None if not layers else layers if layers == "all" else int(layers))
+    rotate = layers.startswith("r")  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers)
+    layers = layers.removeprefix("r")
+    cfg = EngineConfig(
+        recall_by=by,
+        score_layers=None if not layers else layers if layers == "all" else int(layers),
+        rotate_layers=rotate,
+    )
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 

@@ -126,7 +126,7 @@ static bool layer_wanted(const pme_state * st, int il) {
     if (st->ub_flags & PME_UB_QUERY) {
         return keys;
     }
-    return (st->ops->needs_attention && (!st->layers_chosen || (st->layer_on[il] & PME_LAYER_READ))) || keys;
+    return (st->ops->needs_attention && pme_layer_read(st, il)) || keys;
 }
 
 static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
@@ -183,8 +183,7 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
         /* a key log query probe, a policy that reads no attention, or a layer it does not read: the key log
          * asked for the node */
-        if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention ||
-            (st->layers_chosen && !(st->layer_on[il] & PME_LAYER_READ))) {
+        if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention || !pme_layer_read(st, il)) {
             pme_keylog_capture(st, t, il);
             return true;
         }

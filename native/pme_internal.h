@@ -70,6 +70,8 @@ struct pme_state {
     uint8_t *    layer_on;      /* (n_layer) PME_LAYER_* bits */
     int32_t      layers_chosen;
     int32_t      kl_layers_set; /* the key log named its layers: keys and queries of the others are not staged */
+    int16_t *    layer_rank;    /* (n_layer) index among the scored cache's layers (rotate_layers), -1 for others */
+    int32_t      n_main;        /* layers of the scored cache */
     uint8_t      group_mapped[PME_MAX_GROUPS]; /* cell map already updated for this ubatch */
 
     /* current ubatch */
@@ -233,6 +235,21 @@ void                   pme_policy_forget_cell(pme_state * st, int32_t cell);
 /* which counters a ubatch's copies and synchronisations go to: 0 for one token, 1 for several */
 static inline int pme_ub_kind(const pme_state * st) {
     return st->ub_n > 1 ? 1 : 0;
+}
+
+/* whether this ubatch reads layer il's attention for the policy (not only for the key log's keys) */
+static inline int pme_layer_read(const pme_state * st, int32_t il) {
+    if (!st->layers_chosen) {
+        return 1;
+    }
+    if (st->cfg.rotate_layers && st->cfg.score_layers > 0 && st->n_main > st->cfg.score_layers) {
+        if (st->ub_n > 1) {
+            return st->layer_rank[il] >= 0; /* a prompt chunk: every layer */
+        }
+        const int32_t stride = (st->n_main + st->cfg.score_layers - 1) / st->cfg.score_layers;
+        return st->layer_rank[il] >= 0 && st->layer_rank[il] % stride == st->ub_kind_count[0] % stride;
+    }
+    return (st->layer_on[il] & PME_LAYER_READ) != 0;
 }
 
 /* whether t must be read through the backend API (its buffer is not in host memory, or a test forces it) */

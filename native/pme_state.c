@@ -76,6 +76,7 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->cell_lpos    = malloc(nc * sizeof(int64_t));
     st->layer_group  = malloc((size_t) cfg->n_layer);
     st->layer_on     = calloc((size_t) cfg->n_layer, 1);
+    st->layer_rank   = malloc((size_t) cfg->n_layer * sizeof(int16_t));
     st->ub_pos       = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->ub_cell      = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->kl_seen      = calloc((size_t) cfg->n_layer, 1);
@@ -93,10 +94,10 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->calib_target = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_cell   = malloc((size_t) cfg->max_ubatch * sizeof(int32_t));
     st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
-    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->layer_on || !st->ub_pos || !st->ub_cell ||
-        !st->kl_seen || !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc || !st->tmp ||
-        !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos || !st->calib_target ||
-        !st->calib_cell || !st->calib_acc) {
+    if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->layer_on || !st->layer_rank || !st->ub_pos ||
+        !st->ub_cell || !st->kl_seen || !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc ||
+        !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos ||
+        !st->calib_target || !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -141,6 +142,7 @@ void pme_free(pme_state * st) {
     free(st->ub_pos);
     free(st->layer_group);
     free(st->layer_on);
+    free(st->layer_rank);
     free(st->cell_lpos);
     free(st->cell_pos);
     free(st);
@@ -268,7 +270,8 @@ static void choose_layers(pme_state * st) {
     const int32_t k = st->cfg.score_layers;
     for (int32_t il = 0, j = 0; il < st->cfg.n_layer; ++il) {
         if (st->layer_group[il] != st->main_group) {
-            st->layer_on[il] = 0;
+            st->layer_on[il]   = 0;
+            st->layer_rank[il] = -1;
             continue;
         }
         /* layer j of the n is read when some i in [0, k) maps to it: i * (n - 1) / (k - 1), rounded */
@@ -276,9 +279,11 @@ static void choose_layers(pme_state * st) {
         for (int32_t i = 0; !on && i < k; ++i) {
             on = k > 1 ? (int32_t) ((2 * (int64_t) i * (n - 1) + (k - 1)) / (2 * (k - 1))) == j : j == n - 1;
         }
-        st->layer_on[il] = (uint8_t) (PME_LAYER_MAIN | (on ? PME_LAYER_READ : 0));
+        st->layer_on[il]   = (uint8_t) (PME_LAYER_MAIN | (on ? PME_LAYER_READ : 0));
+        st->layer_rank[il] = (int16_t) (j < INT16_MAX ? j : INT16_MAX);
         ++j;
     }
+    st->n_main        = n;
     st->layers_chosen = 1;
 }
 

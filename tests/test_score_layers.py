@@ -123,3 +123,24 @@ def test_the_key_log_stages_its_own_layers_only(deep):
         assert llm.stats.syncs_per_decode_step == len(layers)
         assert llm.engine.scorer.staged_keys([0], 1, 2) is None
         assert llm.engine.scorer.staged_keys(layers, 1, 2) is not None
+
+
+def test_rotating_layers_read_every_layer_in_turn(synthetic_dir):
+    """rotate_layers: prompt chunks read every layer, decode steps the next ceil(n/k)-th of them in turn."""
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "ten-layers.gguf", n_layer=10, n_head=4, n_head_kv=2))
+    cfg = EngineConfig(n_ubatch=32, score_layers=4, rotate_layers=True)
+    with Llama(path, kv_budget=48, recall=False, config=cfg) as llm:
+        per_step = []
+        for _ in itertools.islice(llm.generate(PROMPT, temp=0.0), 8):
+            per_step.append(llm.stats.layers_scored)
+        # the first token comes from the prompt's last chunk (every layer); then ranks 0,3,6,9 / 1,4,7 / 2,5,8
+        assert per_step[0] == 10
+        assert sorted(set(per_step[1:])) == [3, 4] and sum(per_step[1:4]) == 10
+        assert llm.stats.tokens_evicted > 0
+
+
+def test_rotate_layers_must_be_a_bool():
+    with pytest.raises(ValueError, match="rotate_layers"):
+        EngineConfig(rotate_layers=1)

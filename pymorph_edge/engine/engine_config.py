@@ -43,6 +43,8 @@ class EngineConfig:
     # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
     # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
     score_layers: int | str | None = None
+    # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn
+    rotate_layers: bool = False
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
     )
@@ -89,6 +91,8 @@ class EngineConfig:
             raise ValueError(
                 f"score_layers must be a positive int, 'all' or None (the policy's default), got {self.score_layers!r}"
             )
+        if not isinstance(self.rotate_layers, bool):
+            raise ValueError(f"rotate_layers must be True or False, got {self.rotate_layers!r}")
         if self.max_span is not None and (
             isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
         ):

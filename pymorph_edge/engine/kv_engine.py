@@ -96,7 +96,9 @@ class KVEngine(RecallDecoding):
                 # the native state must exist first: its pointer is the callback's user data
                 assert kv_budget is not None  # native_scored implies it
                 layers = resolve_score_layers(config, policy)
-                self.scorer = NativeScorer(policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers)
+                self.scorer = NativeScorer(
+                    policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, config.rotate_layers
+                )
                 self.scorer.attach(cp)
             self.ctx = C.llama_init_from_model(model.ptr, cp)
         if not self.ctx:

@@ -29,6 +29,7 @@ class NativeScorer:
         n_cells: int,
         max_ubatch: int,
         score_layers: int | None = None,
+        rotate_layers: bool = False,
     ) -> None:
         ffi, lib = native()
         self._ffi, self._lib = ffi, lib
@@ -43,6 +44,7 @@ class NativeScorer:
         cfg.max_ubatch = max_ubatch
         self.read_cap = score_layers  # layers read at most (None: all), see engine/layer_choice.py
         cfg.score_layers = score_layers or 0  # 0: every layer
+        cfg.rotate_layers = int(rotate_layers)
         err = ffi.new("char[256]")
         st = lib.pme_create(cfg, err, 256)
         if st == ffi.NULL:
