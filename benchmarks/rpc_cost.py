@@ -1,6 +1,6 @@
 """What bounded scoring costs on a non-host backend: llama.cpp's RPC on loopback against the CPU backend.
 
-usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K]
+usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K [--rotate-layers]]
                                     [--out benchmarks/results/rpc-cost-smollm2]
 SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
 off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. On RPC MorphKV runs
@@ -55,10 +55,14 @@ def one(
     recall: bool | None = None,
     scores: str = "auto",
     layers: int | None = None,
+    rotate: bool = False,
 ) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
     cfg = EngineConfig(
-        flash_attn=flash_attn, n_ctx=2048 if budget is None else None, score_layers=layers if budget else None
+        flash_attn=flash_attn,
+        n_ctx=2048 if budget is None else None,
+        score_layers=layers if budget else None,
+        rotate_layers=bool(rotate and budget),
     )
     if budget is not None:
         kw["recall"] = recall
@@ -96,6 +100,7 @@ def main() -> None:
     )
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--score-layers", type=int, default=None, help="EngineConfig(score_layers=...): layers read")
+    ap.add_argument("--rotate-layers", action="store_true", help="with --score-layers: in turn (rotate_layers)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     recall = False if args.no_recall else None
@@ -109,7 +114,7 @@ def main() -> None:
                     full = one(path, rpc, None, fa)
                     # on RPC also the copy path, as before scores were reduced on the backend
                     for scores in ("auto", "never") if rpc else ("auto",):
-                        bounded = one(path, rpc, args.budget, fa, recall, scores, args.score_layers)
+                        bounded = one(path, rpc, args.budget, fa, recall, scores, args.score_layers, args.rotate_layers)
                         row = {
                             "round": r + 1,
                             "backend": backend,
@@ -150,7 +155,8 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         f"1.2K-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
         f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores. Recall "
         f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}. MorphKV read "
-        f"{args.score_layers or 'every'} layer(s) (EngineConfig(score_layers)).",
+        f"{args.score_layers or 'every'} layer(s) (EngineConfig(score_layers)"
+        f"{', rotating a decode step at a time' if args.rotate_layers else ''}).",
         "",
         f"| round | backend | scores | flash attention | full cache (s) | MorphKV {args.budget} (s) | MorphKV / full | "
         "device->host per decode step | per cell | per prompt chunk | per cell | syncs per step; per chunk |",

@@ -46,6 +46,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if results["tasks"] else 1
 
 
+def _layers_count(v: int | str) -> int | str:
+    return int(v[1:]) if isinstance(v, str) and v.startswith("r") else v
+
+
 def _open_model(args: argparse.Namespace):
     from pymorph_edge.engine.engine_config import EngineConfig
     from pymorph_edge.llama import Llama
@@ -61,7 +65,8 @@ def _open_model(args: argparse.Namespace):
         flash_attn=flash_attn,
         type_k=args.type_k,
         type_v=args.type_v,
-        score_layers=None if args.kv_budget is None else args.score_layers,
+        score_layers=None if args.kv_budget is None else _layers_count(args.score_layers),
+        rotate_layers=args.kv_budget is not None and str(args.score_layers).startswith("r"),
     )
     return Llama(
         path,

@@ -33,7 +33,11 @@ def _budget(v: str) -> int | None:
 
 
 def _score_layers(v: str) -> int | str:
-    return "all" if v.lower() == "all" else _positive(v)
+    """all, N, or rN (N layers a decode step, in turn: EngineConfig(rotate_layers=True)), kept as given"""
+    if v.lower() == "all":
+        return "all"
+    _positive(v[1:] if v[:1].lower() == "r" else v)
+    return v.lower() if v[:1].lower() == "r" else int(v)
 
 
 def _gpu_layers(v: str) -> int:
@@ -105,9 +109,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--score-layers",
         type=_score_layers,
         default="all",
-        metavar="N|all",
+        metavar="N|rN|all",
         help="layers whose attention the policy reads (default all); fewer is faster with flash attention on or "
-        "offloaded (8: RPC 1.1x the full cache's time instead of 1.5x) and recalls less in chat (docs/scoring.md)",
+        "offloaded, and recalls less in chat; rN reads every layer for prompts and N a decode step in turn "
+        "(docs/scoring.md, 'Layers read')",
     )
     add_offload_arg(p)
     p.add_argument(

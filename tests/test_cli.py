@@ -216,5 +216,6 @@ def test_score_layers_from_the_command_line(synthetic_dir):
     r = run(*args, "--score-layers", "2", "--n-ubatch", "32")
     assert r.returncode == 0, r.stderr
     assert int(re.search(r"tokens evicted\s*: (\d+)", r.stderr).group(1)) > 0
+    assert run(*args, "--score-layers", "r2", "--n-ubatch", "32").returncode == 0
     bad = run(*args, "--score-layers", "0")
     assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
