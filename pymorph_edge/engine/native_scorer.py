@@ -201,17 +201,19 @@ class NativeScorer:
         if layers is None:
             self._check(self._lib.pme_keylog_layers(self._state, self._ffi.NULL, 0), "key log layers")
             return
-        n = self._n_layer
-        on = self._ffi.new("int8_t[]", [1 if il in set(layers) else 0 for il in range(n)])
-        self._check(self._lib.pme_keylog_layers(self._state, on, n), "key log layers")
+        self._check(self._lib.pme_keylog_layers(self._state, self._layer_mask(layers), self._n_layer), "key log layers")
 
     def read_layers(self, layers: list[int]) -> None:
         """Read exactly these layers of the scored cache from the next ubatch on (see engine/layer_choice.py)."""
         n = self._n_layer
         if not layers or any(not 0 <= il < n for il in layers):
             raise ValueError(f"layers to read must be a non-empty subset of range({n}), got {layers!r}")
-        on = self._ffi.new("int8_t[]", [1 if il in set(layers) else 0 for il in range(n)])
-        self._check(self._lib.pme_set_scored_layers(self._state, on, n), "scored layers")
+        self._check(self._lib.pme_set_scored_layers(self._state, self._layer_mask(layers), n), "scored layers")
+
+    def _layer_mask(self, layers: list[int]) -> Any:
+        """(n_layer) int8 flags, 1 for each layer in layers, as the native layer setters take them."""
+        chosen = set(layers)
+        return self._ffi.new("int8_t[]", [1 if il in chosen else 0 for il in range(self._n_layer)])
 
     def staged_keys(self, layers: list[int], m: int, n_head_kv: int) -> np.ndarray | None:
         """(m, len(layers), n_head_kv, d_k) f16 keys the last ubatch wrote; None if a layer was not read."""
