@@ -182,6 +182,12 @@ pme_kdot_fn pme_kdot_pick(int type, int64_t d);
 /* the same for four K rows nb1 apart: s[j * nq + h] = q[h] . k_j; NULL where there is no such kernel */
 typedef void (*pme_kdot4_fn)(const float * q, int64_t nq, const void * k, size_t nb1, int64_t d, float * s);
 pme_kdot4_fn pme_kdot4_pick(int type, int64_t d);
+/* the same with the query rows quantised in the type ggml-cpu multiplies K in (q8_0 blocks for a q8_0 K), for nc = 1
+ * or 4 K rows nb1 apart: s[j * nq + h]; NULL where there is no integer kernel */
+typedef void (*pme_kdotq_fn)(const void * q, int64_t nq, const void * k, size_t nb1, int nc, int64_t d, float * s);
+pme_kdotq_fn pme_kdotq_pick(int type, int64_t d);
+/* n f16 values (a KQ mask row) to float */
+void         pme_f16_to_f32(const uint16_t * x, float * y, int64_t n);
 void         pme_softmax_row(float * x, int64_t n, float sink);
 void         pme_softmax_row_portable(float * x, int64_t n, float sink);
 /* check mode with flash attention off: recompute the softmax node t's rows the flash attention way, compare */

@@ -90,37 +90,55 @@ static void fold_cells(pme_state *   st,
     const size_t  nc       = (size_t) st->cfg.n_cells;
     float *       tmp      = st->tmp + c0;
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
-    /* rows kept for the MorphKV window: the last ub_rows tokens of the ubatch */
-    for (int32_t r = 0; r < st->ub_rows; ++r) {
-        const int64_t t = n_tokens - st->ub_rows + r;
-        group_row(st, attn, n, t, nb1, nb2, w, tmp);
-        fold(st->ub_row_acc + (size_t) r * nc + c0, tmp, n, agg);
-    }
+    const int     reads    = st->ops ? st->ops->reads : (PME_READS_MAX | PME_READS_SUM);
+    /* the per-cell max and sum over the rows are only worked out for a policy that reads them (a decode step's one
+     * row is its own max and sum); every row is visited only for them or for a calibration */
+    const int     want_max = (reads & PME_READS_MAX) != 0, want_sum = (reads & PME_READS_SUM) != 0;
+    const int64_t first = (want_max || want_sum || st->calib_armed) ? 0 : n_tokens - st->ub_rows;
+    const int64_t ring0 = n_tokens - st->ub_rows; /* rows kept for the MorphKV window: the last ub_rows */
     /* persistent score: max over every row of the ubatch, so a token attended once in its own
      * prefill chunk keeps a mark until a later question needs it (the prefill variants in benchmarks/results/passkey_variants/) */
-    float *  best  = st->score + c0; /* scratch: selection recomputes score before reading it */
-    double * total = st->row_sum + c0;
-    memset(best, 0, (size_t) n * sizeof(float));
-    memset(total, 0, (size_t) n * sizeof(double));
-    for (int64_t t = 0; t < n_tokens; ++t) {
+    float *       best  = st->score + c0; /* scratch: selection recomputes score before reading it */
+    double *      total = st->row_sum + c0;
+    if (want_max) {
+        memset(best, 0, (size_t) n * sizeof(float));
+    }
+    if (want_sum) {
+        memset(total, 0, (size_t) n * sizeof(double));
+    }
+    /* each row's group sum once, for the window, the max, the sum and the calibration alike */
+    for (int64_t t = first; t < n_tokens; ++t) {
         group_row(st, attn, n, t, nb1, nb2, w, tmp);
+        if (t >= ring0) {
+            fold(st->ub_row_acc + (size_t) (t - ring0) * nc + c0, tmp, n, agg);
+        }
         if (st->calib_armed && t < st->calib_n && st->calib_cell[t] >= c0 && st->calib_cell[t] < c0 + n) {
             st->calib_acc[hi] += tmp[st->calib_cell[t] - c0] / (w * (float) q_per_kv);
         }
-        for (int64_t c = 0; c < n; ++c) {
-            if (tmp[c] > best[c]) {
-                best[c] = tmp[c];
+        if (want_max) {
+            for (int64_t c = 0; c < n; ++c) {
+                if (tmp[c] > best[c]) {
+                    best[c] = tmp[c];
+                }
             }
-            total[c] += (double) tmp[c];
+        }
+        if (want_sum) {
+            for (int64_t c = 0; c < n; ++c) {
+                total[c] += (double) tmp[c];
+            }
         }
     }
-    fold(st->ub_chunk_acc + c0, best, n, agg);
+    if (want_max) {
+        fold(st->ub_chunk_acc + c0, best, n, agg);
+    }
     /* the row sum in double, rounded once: ggml's sum_rows does the same, so scores reduced on a device
      * (pme_devscore.c, on an RPC server's CPU) match these bit for bit */
-    for (int64_t c = 0; c < n; ++c) {
-        tmp[c] = (float) total[c];
+    if (want_sum) {
+        for (int64_t c = 0; c < n; ++c) {
+            tmp[c] = (float) total[c];
+        }
+        fold(st->ub_sum_acc + c0, tmp, n, agg);
     }
-    fold(st->ub_sum_acc + c0, tmp, n, agg);
 }
 
 void pme_fold_group(pme_state *   st,

@@ -32,9 +32,9 @@ def one_layer_gqa(synthetic_dir):
     return str(write_synthetic_llama(synthetic_dir / "gqa-1l.gguf", n_head=8, n_head_kv=2, n_embd=256, n_layer=1))
 
 
-def _run(path: str, budget: int = 64, n: int = 30, **cfg):
+def _run(path: str, budget: int = 64, n: int = 30, check_mode: bool = True, **cfg):
     llm = Llama(path, kv_budget=budget, config=EngineConfig(n_ubatch=32, **cfg))
-    check = llm.engine.scorer.fattn_check(True)
+    check = llm.engine.scorer.fattn_check(check_mode)
     out = list(itertools.islice(llm.generate(PROMPT, temp=0.0), n))
     check = llm.engine.scorer.fattn_check(False)
     result = {
@@ -48,11 +48,15 @@ def _run(path: str, budget: int = 64, n: int = 30, **cfg):
     return result
 
 
-def test_flash_attention_scores_match_the_softmax_path(one_layer_gqa):
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+@pytest.mark.parametrize("check_mode", [True, False], ids=["group-by-group", "decode-all-groups-at-once"])
+def test_flash_attention_scores_match_the_softmax_path(one_layer_gqa, check_mode, type_k):
     """Flash attention on vs off over a real decode with evictions: the same tokens, per-cell scores within 1e-3
-    relative, and the same keep-set."""
-    off = _run(one_layer_gqa, flash_attn=False)
-    on = _run(one_layer_gqa, flash_attn=True)
+    relative, and the same keep-set. Check mode recomputes a decode step one KV group at a time; without it every
+    group's row is computed in one parallel region (pme_fattn.c attn_decode): both must score alike. A q8_0 K is
+    multiplied by the q8_0-rounded query in integers (pme_kdot.c kdotq_q8_0), as llama.cpp's softmax path does."""
+    off = _run(one_layer_gqa, flash_attn=False, type_k=type_k)
+    on = _run(one_layer_gqa, check_mode=check_mode, flash_attn=True, type_k=type_k)
     assert on["tokens"] == off["tokens"]
     live = off["scores"] > 1e-6
     rel = np.abs(on["scores"][live] - off["scores"][live]) / off["scores"][live]
