@@ -14,6 +14,8 @@
  * an f16 cache, q8_0 for q8_0/q4_0), the scale goes inside the softcap, ALiBi slopes scale the mask.
  * Rows are computed one KV head's group at a time so the scratch is (q_per_kv, n_tokens, n_kv), not the
  * whole layer's (n_head, n_tokens, n_kv) that flash attention exists to avoid. */
+#include "pme_fattn.h"
+
 #include "ggml.h"
 #include "pme_internal.h"
 
@@ -62,7 +64,7 @@ static enum ggml_type query_type_for(enum ggml_type k) {
     }
 }
 
-static void * grow(pme_state * st, void ** buf, size_t * cap, size_t need, const char * what) {
+void * pme_fa_grow(pme_state * st, void ** buf, size_t * cap, size_t need, const char * what) {
     if (need > *cap) {
         void * p = realloc(*buf, need);
         if (!p) {
@@ -108,72 +110,7 @@ static inline float dot(const float * restrict a, const float * restrict b, int6
     return s;
 }
 
-/* Check mode (pme_test_fattn_check): rebuild the node's output sum_c A[c] V[c] from the recomputed rows of
- * one group and compare it with what flash attention wrote, which holds only if Q, K, V and the mask were
- * intact and the rows are right */
-static int check_output(pme_state *                st,
-                        const struct ggml_tensor * t,
-                        const float *              rows,
-                        int64_t                    g,
-                        int64_t                    q_per_kv,
-                        int64_t                    n_tokens,
-                        int64_t                    n_kv) {
-    const struct ggml_tensor *      v   = t->src[2];
-    const struct ggml_tensor *      o   = t;
-    const struct ggml_type_traits * vtr = ggml_get_type_traits(v->type);
-    if (!vtr->to_float || v->nb[0] != ggml_type_size(v->type) || o->nb[0] != sizeof(float)) {
-        pme_set_error(st, "fattn check: unsupported V (%s) or output layout", ggml_type_name(v->type));
-        return -1;
-    }
-    const int64_t dv = v->ne[0];
-    const char *  vd = pme_host_or_copy(st, v, 4); /* slots 0-3 hold the scoring sources */
-    const char *  od = vd ? pme_host_or_copy(st, o, 5) : NULL;
-    float *       vrow =
-        grow(st, &st->fa_check_v, &st->fa_check_v_cap, (size_t) (n_kv + 1) * (size_t) dv * sizeof(float), "V rows");
-    if (!od || !vrow) {
-        return -1;
-    }
-    float * acc = vrow + n_kv * dv;
-    for (int64_t c = 0; c < n_kv; ++c) {
-        vtr->to_float(vd + c * v->nb[1] + g * v->nb[2], vrow + c * dv, dv);
-    }
-    for (int64_t j = 0; j < q_per_kv; ++j) {
-        const int64_t h = g * q_per_kv + j;
-        for (int64_t tk = 0; tk < n_tokens; ++tk) {
-            const float * a = rows + (j * n_tokens + tk) * n_kv;
-            memset(acc, 0, (size_t) dv * sizeof(float));
-            for (int64_t c = 0; c < n_kv; ++c) {
-                if (a[c] != 0.0f) {
-                    for (int64_t i = 0; i < dv; ++i) {
-                        acc[i] += a[c] * vrow[c * dv + i];
-                    }
-                }
-            }
-            /* output ne = (dv, n_head, n_tokens) */
-            const float * out = (const float *) (od + h * o->nb[1] + tk * o->nb[2]);
-            for (int64_t i = 0; i < dv; ++i) {
-                const float err = fabsf(out[i] - acc[i]), mag = fabsf(acc[i]);
-                st->fa_check_err = err > st->fa_check_err ? err : st->fa_check_err;
-                st->fa_check_mag = mag > st->fa_check_mag ? mag : st->fa_check_mag;
-            }
-        }
-    }
-    st->fa_check_nodes++;
-    return 0;
-}
-
-/* the attention inputs of one layer, from a flash attention node or (check mode) a softmax node's ancestors */
-typedef struct attn_job {
-    const struct ggml_tensor *q, *k, *mask, *sinks;
-    const char *              qd, *kd, *md, *sd; /* their data in host memory */
-    float                     scale, max_bias, softcap;
-    int64_t                   d, n_tokens, n_head, n_kv, n_head_kv, q_per_kv;
-    enum ggml_type            qt;
-    float *                   kbuf, *abuf, *mrow, *qrow; /* mrow and qrow: n_threads scratch copies */
-    int                       n_threads;
-} attn_job;
-
-static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
+int pme_attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
     const struct ggml_tensor *q = j->q, *k = j->k, *mask = j->mask, *sinks = j->sinks;
     if (!q || !k || q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || q->ne[3] != 1 || k->ne[3] != 1 ||
         k->ne[0] != q->ne[0] || k->nb[0] != ggml_type_size(k->type) ||
@@ -209,16 +146,17 @@ static int attn_prepare(pme_state * st, attn_job * j, int32_t layer) {
         return -1;
     }
     const int64_t d = j->d, n_kv = j->n_kv;
-    j->kbuf            = grow(st, &st->fa_k, &st->fa_k_cap, (size_t) (n_kv * d) * sizeof(float), "K rows");
+    j->kbuf            = pme_fa_grow(st, &st->fa_k, &st->fa_k_cap, (size_t) (n_kv * d) * sizeof(float), "K rows");
     /* a decode step's rows for every group at once (attn_decode), a prompt chunk's one group at a time */
     const int64_t rows = j->n_tokens == 1 ? j->n_head : j->q_per_kv * j->n_tokens;
-    j->abuf        = grow(st, &st->fa_rows, &st->fa_rows_cap, (size_t) (rows * n_kv) * sizeof(float), "attention rows");
+    j->abuf = pme_fa_grow(st, &st->fa_rows, &st->fa_rows_cap, (size_t) (rows * n_kv) * sizeof(float), "attention rows");
     j->n_threads   = pme_max_threads();
     /* scratch slots: one per thread, and one per group for a decode step */
     const size_t T = (size_t) (j->n_threads > j->n_head_kv ? j->n_threads : j->n_head_kv);
-    j->mrow = grow(st, &st->fa_mask, &st->fa_mask_cap, T * (size_t) (j->q_per_kv * n_kv) * sizeof(float), "mask rows");
-    j->qrow =
-        grow(st, &st->fa_q, &st->fa_q_cap, T * (size_t) ((2 * j->q_per_kv + 1) * d + 64) * sizeof(float), "query rows");
+    j->mrow =
+        pme_fa_grow(st, &st->fa_mask, &st->fa_mask_cap, T * (size_t) (j->q_per_kv * n_kv) * sizeof(float), "mask rows");
+    j->qrow = pme_fa_grow(st, &st->fa_q, &st->fa_q_cap, T * (size_t) ((2 * j->q_per_kv + 1) * d + 64) * sizeof(float),
+                          "query rows");
     return (j->kbuf && j->abuf && j->mrow && j->qrow) ? 0 : -1;
 }
 
@@ -399,7 +337,7 @@ static int attn_decode(const attn_job * j) {
 /* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv).
  * The callback runs on llama.cpp's main thread while the CPU backend's OpenMP workers wait, so the work is
  * shared among them: by token rows for a prompt chunk, by cells for a decode step. */
-static void attn_rows(const attn_job * j, int64_t g) {
+void pme_attn_rows(const attn_job * j, int64_t g) {
     const struct ggml_tensor *      k   = j->k;
     const struct ggml_type_traits * ktr = ggml_get_type_traits(k->type);
     const int64_t                   d = j->d, n_kv = j->n_kv, n_tokens = j->n_tokens, nq = j->q_per_kv;
@@ -446,7 +384,7 @@ int pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer) 
     j.softcap  = params[2];
     j.scale    = j.softcap != 0.0f ? params[0] / j.softcap : params[0]; /* ggml-cpu: the scale goes inside tanh */
     j.max_bias = params[1];
-    if (attn_prepare(st, &j, layer) != 0 || pme_fold_begin(st, j.n_kv, j.n_tokens, j.n_head) != 0) {
+    if (pme_attn_prepare(st, &j, layer) != 0 || pme_fold_begin(st, j.n_kv, j.n_tokens, j.n_head) != 0) {
         return -1;
     }
     const int all_groups = j.n_tokens == 1 && !st->fa_check && attn_decode(&j) == 0;
@@ -456,8 +394,8 @@ int pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer) 
                            (size_t) j.n_kv * sizeof(float), (size_t) j.n_kv * sizeof(float));
             continue;
         }
-        attn_rows(&j, g);
-        if (st->fa_check && check_output(st, t, j.abuf, g, j.q_per_kv, j.n_tokens, j.n_kv) != 0) {
+        pme_attn_rows(&j, g);
+        if (st->fa_check && pme_fattn_check_output(st, t, j.abuf, g, j.q_per_kv, j.n_tokens, j.n_kv) != 0) {
             return -1;
         }
         /* rows laid out (q_per_kv, n_tokens, n_kv), as the softmax node's (n_head, n_tokens, n_kv) */
@@ -465,41 +403,5 @@ int pme_fold_fattn(pme_state * st, const struct ggml_tensor * t, int32_t layer) 
                        (size_t) (j.n_tokens * j.n_kv) * sizeof(float));
     }
     st->ub_layers++;
-    return 0;
-}
-
-int pme_check_softmax(pme_state * st, const struct ggml_tensor * t, const float * attn) {
-    /* the softmax path's kq = mul_mat(K view, Q) sits right under kq_soft_max when there is no softcap or bias */
-    const struct ggml_tensor * kq = t->src[0];
-    if (!kq || kq->op != GGML_OP_MUL_MAT) {
-        pme_set_error(st, "%s: the check needs kq = mul_mat(K, Q) right under the softmax", t->name);
-        return -1;
-    }
-    attn_job j = { .q = kq->src[1], .k = kq->src[0], .mask = t->src[1], .sinks = t->src[2] };
-    float    params[2];
-    memcpy(params, t->op_params, sizeof params);
-    j.scale = params[0], j.max_bias = params[1], j.softcap = 0.0f;
-    if (attn_prepare(st, &j, st->cur_layer) != 0) {
-        return -1;
-    }
-    for (int64_t g = 0; g < j.n_head_kv; ++g) {
-        attn_rows(&j, g);
-        for (int64_t jh = 0; jh < j.q_per_kv; ++jh) {
-            for (int64_t tk = 0; tk < j.n_tokens; ++tk) {
-                const float * mine = j.abuf + (jh * j.n_tokens + tk) * j.n_kv;
-                const float * ref =
-                    (const float *) ((const char *) attn + tk * t->nb[1] + (g * j.q_per_kv + jh) * t->nb[2]);
-                for (int64_t c = 0; c < j.n_kv; ++c) {
-                    const float err  = fabsf(mine[c] - ref[c]);
-                    st->fa_check_err = err > st->fa_check_err ? err : st->fa_check_err;
-                    st->fa_check_mag = ref[c] > st->fa_check_mag ? ref[c] : st->fa_check_mag;
-                    if (ref[c] > 1e-3f && err / ref[c] > st->fa_check_rel) {
-                        st->fa_check_rel = err / ref[c];
-                    }
-                }
-            }
-        }
-    }
-    st->fa_check_nodes++;
     return 0;
 }

@@ -1,0 +1,30 @@
+/* Shared by pme_fattn.c (flash attention rows for scoring) and pme_fattn_check.c (its check mode). */
+#ifndef PME_FATTN_H
+#define PME_FATTN_H
+#include "pme_internal.h"
+
+/* the attention inputs of one layer, from a flash attention node or (check mode) a softmax node's ancestors */
+typedef struct attn_job {
+    const struct ggml_tensor *q, *k, *mask, *sinks;
+    const char *              qd, *kd, *md, *sd; /* their data in host memory */
+    float                     scale, max_bias, softcap;
+    int64_t                   d, n_tokens, n_head, n_kv, n_head_kv, q_per_kv;
+    enum ggml_type            qt;
+    float *                   kbuf, *abuf, *mrow, *qrow; /* mrow and qrow: n_threads scratch copies */
+    int                       n_threads;
+} attn_job;
+
+/* j's sources read (or copied to the host) and its scratch sized; 0 or -1 (error set) */
+int    pme_attn_prepare(pme_state * st, attn_job * j, int32_t layer);
+/* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv) */
+void   pme_attn_rows(const attn_job * j, int64_t g);
+void * pme_fa_grow(pme_state * st, void ** buf, size_t * cap, size_t need, const char * what);
+/* check mode: the node t's output rebuilt from group g's rows, the error kept in st->fa_check_* */
+int    pme_fattn_check_output(pme_state *                st,
+                              const struct ggml_tensor * t,
+                              const float *              rows,
+                              int64_t                    g,
+                              int64_t                    q_per_kv,
+                              int64_t                    n_tokens,
+                              int64_t                    n_kv);
+#endif
