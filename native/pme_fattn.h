@@ -3,6 +3,8 @@
 #define PME_FATTN_H
 #include "pme_internal.h"
 
+#define PME_FA_MAX_Q 64 /* query heads per KV head */
+
 /* the attention inputs of one layer, from a flash attention node or (check mode) a softmax node's ancestors */
 typedef struct attn_job {
     const struct ggml_tensor *q, *k, *mask, *sinks;
@@ -12,12 +14,17 @@ typedef struct attn_job {
     enum ggml_type            qt;
     float *                   kbuf, *abuf, *mrow, *qrow; /* mrow and qrow: n_threads scratch copies */
     int                       n_threads;
+    int                       fused;                     /* a prompt chunk folded as its rows are made (attn_chunk) */
 } attn_job;
 
 /* j's sources read (or copied to the host) and its scratch sized; 0 or -1 (error set) */
 int    pme_attn_prepare(pme_state * st, attn_job * j, int32_t layer);
 /* j->abuf = the attention rows of KV head g's query heads, laid out (q_per_kv, n_tokens, n_kv) */
 void   pme_attn_rows(const attn_job * j, int64_t g);
+/* a decode step: every group's rows into j->abuf, laid out (n_head, 1, n_kv); 1 where this path does not apply */
+int    pme_attn_decode(const attn_job * j);
+/* a prompt chunk (j->fused): KV group g's rows folded into the ubatch accumulators as they are made */
+void   pme_attn_chunk(pme_state * st, const attn_job * j, int64_t g);
 void * pme_fa_grow(pme_state * st, void ** buf, size_t * cap, size_t need, const char * what);
 /* check mode: the node t's output rebuilt from group g's rows, the error kept in st->fa_check_* */
 int    pme_fattn_check_output(pme_state *                st,

@@ -196,26 +196,31 @@ void         pme_cell_assign(pme_state * st, int32_t cell, int32_t pos);
 void         pme_cell_free(pme_state * st, int32_t cell);
 
 /* scores: fold one layer's softmax (n_head, n_tokens, n_kv) into the ubatch accumulators */
-int  pme_fold_softmax(pme_state *   st,
-                      const float * attn,
-                      int64_t       n_kv,
-                      int64_t       n_tokens,
-                      int64_t       n_head,
-                      size_t        nb1,
-                      size_t        nb2);
+int   pme_fold_softmax(pme_state *   st,
+                       const float * attn,
+                       int64_t       n_kv,
+                       int64_t       n_tokens,
+                       int64_t       n_head,
+                       size_t        nb1,
+                       size_t        nb2);
 /* the same in parts, for attention computed one KV head's group at a time (pme_fattn.c): begin checks the
  * shape, each group's attn starts at its first query head, and the caller counts the layer in ub_layers */
-int  pme_fold_begin(pme_state * st, int64_t n_kv, int64_t n_tokens, int64_t n_head);
-void pme_fold_group(pme_state *   st,
-                    const float * attn,
-                    int64_t       n_kv,
-                    int64_t       n_tokens,
-                    int32_t       g,
-                    size_t        nb1,
-                    size_t        nb2);
-void pme_ubatch_reset_acc(pme_state * st);
-void pme_ubatch_finish_acc(pme_state * st);
-void pme_calib_resolve(pme_state * st);
+int   pme_fold_begin(pme_state * st, int64_t n_kv, int64_t n_tokens, int64_t n_head);
+void  pme_fold_group(pme_state *   st,
+                     const float * attn,
+                     int64_t       n_kv,
+                     int64_t       n_tokens,
+                     int32_t       g,
+                     size_t        nb1,
+                     size_t        nb2);
+void  pme_ubatch_reset_acc(pme_state * st);
+/* the prompt's head weight of KV group g at the current layer (1 outside a prompt or without weights) */
+float pme_group_weight(const pme_state * st, int32_t g);
+/* for rows folded one token at a time (pme_fattn.c): row v of the window's r-th row, a group's per-cell max */
+void  pme_fold_window_row(pme_state * st, int32_t r, const float * v, int64_t n);
+void  pme_fold_chunk_max(pme_state * st, const float * best, int64_t n);
+void  pme_ubatch_finish_acc(pme_state * st);
+void  pme_calib_resolve(pme_state * st);
 
 /* policy: each pme_policy_<name>.c defines one of these */
 /* what a policy reads of a ubatch's accumulators (pme_policy_ops.reads): a backend sends only that over */

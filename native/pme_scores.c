@@ -141,6 +141,21 @@ static void fold_cells(pme_state *   st,
     }
 }
 
+float pme_group_weight(const pme_state * st, int32_t g) {
+    /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
+     * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),
+     * because the next token depends on the local heads they mute. So prompt ubatches only. */
+    return (st->head_w && pme_ub_is_prompt(st)) ? st->head_w[st->cur_layer * st->cfg.n_head_kv + g] : 1.0f;
+}
+
+void pme_fold_window_row(pme_state * st, int32_t r, const float * v, int64_t n) {
+    fold(st->ub_row_acc + (size_t) r * (size_t) st->cfg.n_cells, v, n, st->cfg.aggregate);
+}
+
+void pme_fold_chunk_max(pme_state * st, const float * best, int64_t n) {
+    fold(st->ub_chunk_acc, best, n, st->cfg.aggregate);
+}
+
 void pme_fold_group(pme_state *   st,
                     const float * attn,
                     int64_t       n_kv,
@@ -148,12 +163,8 @@ void pme_fold_group(pme_state *   st,
                     int32_t       g,
                     size_t        nb1,
                     size_t        nb2) {
-    const int     prompt = pme_ub_is_prompt(st);
-    const int32_t hi     = st->cur_layer * st->cfg.n_head_kv + g;
-    /* Weights serve recall of the prompt (passkey 2/24 -> 23/24 on SmolLM2); during decode they
-     * raised the KL to the full model (4.1e-3 vs 2.5e-3 uniform, smollm2-135m-b512-decode-ablation),
-     * because the next token depends on the local heads they mute. So prompt ubatches only. */
-    const float   w      = (st->head_w && prompt) ? st->head_w[hi] : 1.0f;
+    const int32_t hi  = st->cur_layer * st->cfg.n_head_kv + g;
+    const float   w   = pme_group_weight(st, g);
     /* A prompt chunk's rows are a memory-bound pass over n_tokens x n_kv x q_per_kv floats per group (9 MB on
      * SmolLM2 at 1536 cells): the callback runs between llama.cpp's graph splits, while the CPU backend's OpenMP
      * workers wait, so they share it by blocks of cells. A calibration sums over cells in row order: one thread. */

@@ -65,6 +65,20 @@ def test_flash_attention_scores_match_the_softmax_path(one_layer_gqa, check_mode
     assert on["stats"].tokens_evicted == off["stats"].tokens_evicted > 0
 
 
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+def test_rows_folded_as_they_are_made_score_bit_for_bit_as_whole_groups(wide_gqa, type_k):
+    """The default flash-attention path folds a prompt chunk's rows as each is made (pme_fattn.c attn_chunk) and a
+    decode step's groups in one parallel region (attn_decode); check mode keeps every row of a group and folds it
+    afterwards (pme_scores.c). Same adds in the same order: identical floats, tokens and keep-set, on a model with
+    several layers and two KV groups."""
+    whole = _run(wide_gqa, check_mode=True, flash_attn=True, type_k=type_k)
+    fused = _run(wide_gqa, check_mode=False, flash_attn=True, type_k=type_k)
+    assert fused["tokens"] == whole["tokens"]
+    assert np.array_equal(fused["scores"], whole["scores"])
+    assert fused["kept"] == whole["kept"]
+    assert fused["stats"].tokens_evicted == whole["stats"].tokens_evicted > 0
+
+
 def test_softmax_rows_recomputed_the_flash_attention_way(wide_gqa):
     """The same arithmetic run on the softmax path's own Q and K (check mode) reproduces kq_soft_max, on every
     layer of every decode: the two paths differ only in where Q and K come from."""
