@@ -22,19 +22,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#    include <omp.h>
-
-static int pme_max_threads(void) {
-    return omp_get_max_threads();
-}
-
-#else
-static int pme_max_threads(void) {
-    return 1;
-}
-
-#endif
 
 /* the type ggml-cpu converts Q to before its K dot products (ggml-cpu.c type_traits_cpu[].vec_dot_type) */
 static enum ggml_type query_type_for(enum ggml_type k) {

@@ -3,6 +3,27 @@
 #define PME_FATTN_H
 #include "pme_internal.h"
 
+#ifdef _OPENMP
+#    include <omp.h>
+
+/* the OpenMP threads llama.cpp's CPU backend runs, which the scorer shares its work among (1 without OpenMP) */
+static inline int pme_max_threads(void) {
+    return omp_get_max_threads();
+}
+
+static inline int pme_thread_num(void) {
+    return omp_get_thread_num();
+}
+#else
+static inline int pme_max_threads(void) {
+    return 1;
+}
+
+static inline int pme_thread_num(void) {
+    return 0;
+}
+#endif
+
 #define PME_FA_MAX_Q 64 /* query heads per KV head */
 
 /* the attention inputs of one layer, from a flash attention node or (check mode) a softmax node's ancestors */

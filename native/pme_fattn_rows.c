@@ -8,17 +8,6 @@
 
 #include <math.h>
 #include <string.h>
-#ifdef _OPENMP
-#    include <omp.h>
-
-static int pme_thread_num(void) {
-    return omp_get_thread_num();
-}
-#else
-static int pme_thread_num(void) {
-    return 0;
-}
-#endif
 
 /* q rounded as ggml-cpu rounds it; scratch holds one row of the query type */
 static void round_query(enum ggml_type qt, float * q, int64_t d, void * scratch) {
@@ -275,18 +264,8 @@ void pme_attn_chunk(pme_state * st, const attn_job * j, int64_t g) {
             row_prepare(j, g, t, shared_mask, kdotq != NULL, r);
             row_logits(&jt, g, 0, shared_mask, slope, kdot, kdot4, kdotq, r, 0, n_kv);
             row_softmax(&jt, g, 0);
-            /* pme_scores.c group_row: the group's heads summed in order, then weighted */
-            memset(sum, 0, (size_t) n_kv * sizeof(float));
-            for (int64_t jh = 0; jh < nq; ++jh) {
-                for (int64_t c = 0; c < n_kv; ++c) {
-                    sum[c] += arow[jh * n_kv + c];
-                }
-            }
-            if (w != 1.0f) {
-                for (int64_t c = 0; c < n_kv; ++c) {
-                    sum[c] *= w;
-                }
-            }
+            pme_group_row(st, arow, n_kv, 0, (size_t) (nq * n_kv) * sizeof(float), (size_t) n_kv * sizeof(float), w,
+                          sum);
             if (t >= ring0) {
                 pme_fold_window_row(st, (int32_t) (t - ring0), sum, n_kv);
             }

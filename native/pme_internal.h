@@ -216,6 +216,16 @@ void  pme_fold_group(pme_state *   st,
 void  pme_ubatch_reset_acc(pme_state * st);
 /* the prompt's head weight of KV group g at the current layer (1 outside a prompt or without weights) */
 float pme_group_weight(const pme_state * st, int32_t g);
+/* out[c] = w * the sum over one KV group's query heads of token row t (attn at the group's first head, rows nb1 and
+ * heads nb2 bytes apart): the heads added in order, then weighted */
+void  pme_group_row(const pme_state * st,
+                    const float *     attn,
+                    int64_t           n_kv,
+                    int64_t           t,
+                    size_t            nb1,
+                    size_t            nb2,
+                    float             w,
+                    float *           out);
 /* for rows folded one token at a time (pme_fattn.c): row v of the window's r-th row, a group's per-cell max */
 void  pme_fold_window_row(pme_state * st, int32_t r, const float * v, int64_t n);
 void  pme_fold_chunk_max(pme_state * st, const float * best, int64_t n);

@@ -7,6 +7,7 @@
  * group's heads and exp is a polynomial. Elsewhere the portable loops run (K rows go through to_float). */
 #include "ggml.h"
 #include "pme_internal.h"
+#include "pme_simd.h"
 
 #include <math.h>
 #include <string.h>
@@ -31,17 +32,14 @@ void pme_softmax_row_portable(float * x, int64_t n, float sink) {
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#    include <immintrin.h>
-#    define PME_TARGET __attribute__((target("avx2,fma,f16c")))
-#    define MAXQ       8 /* query heads per pass over K */
-
-PME_TARGET static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s        = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s        = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+static void f16_to_f32_portable(const uint16_t * x, float * y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] = ggml_fp16_to_fp32(x[i]);
+    }
 }
+
+#ifdef PME_X86
+#    define MAXQ 8 /* query heads per pass over K */
 
 /* s[h] = q[h] . k for h < nq (nq <= MAXQ), q rows d apart; k is an f16 row */
 PME_TARGET static inline __attribute__((always_inline)) void kdot_f16(const float * q,
@@ -227,15 +225,6 @@ PME_TARGET static void softmax_row_avx2(float * x, int64_t n, float sink) {
     }
 }
 
-static int has_avx2(void) {
-    static int ok = -1;
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    }
-    return ok;
-}
-
 /* Each kernel specialised for every head count up to MAXQ: with nq a constant the accumulators stay in registers
  * (with nq read at run time they went through memory on every multiply-add, 4x slower, measured) */
 #    define PME_KDOT_ANY(kern)                                                                                 \
@@ -297,99 +286,6 @@ PME_TARGET static void kdot4_f16_any(const float * q, int64_t nq, const void * k
 PME_KDOT_ANY(kdot_q8_0)
 PME_KDOT_ANY(kdot_q4_0)
 
-/* the eight 32-bit sums of x_i * y_i over byte quads, as floats: ggml-cpu's mul_sum_i8_pairs_float (q8_0 values
- * lie in [-127, 127], so maddubs never saturates) */
-PME_TARGET static inline __attribute__((always_inline)) __m256 mul_sum_i8(__m256i x, __m256i y) {
-    const __m256i dot = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
-}
-
-/* s[j * nq + h] = q_h . k_j for NC (1 or 4) q8_0 K rows nb1 apart and nq (<= 3) q8_0 query rows: per block an
- * integer dot product scaled by both blocks' scales, which is how ggml-cpu's flash attention multiplies a q8_0 K
- * by its q8_0-rounded Q (vec_dot_q8_0_q8_0). The float kernel above dequantised each K element first: 4x the
- * work (perf: 7% of a q8_0 prompt chunk's time) */
-PME_TARGET static inline __attribute__((always_inline)) void
-kdotq_q8_0(const uint8_t * q, int64_t nq, const char * kb, size_t nb1, int NC, int64_t d, float * s) {
-    const int64_t nb = d / 32;
-    __m256        acc[3][4];
-    for (int64_t h = 0; h < nq; ++h) {
-        for (int j = 0; j < NC; ++j) {
-            acc[h][j] = _mm256_setzero_ps();
-        }
-    }
-    for (int64_t b = 0; b < nb; ++b) {
-        __m256i kx[4];
-        float   kd[4];
-        for (int j = 0; j < NC; ++j) {
-            const uint8_t * blk = (const uint8_t *) kb + (size_t) j * nb1 + b * 34;
-            uint16_t        dh;
-            memcpy(&dh, blk, sizeof dh);
-            kd[j] = _cvtsh_ss(dh);
-            kx[j] = _mm256_loadu_si256((const __m256i *) (blk + 2));
-        }
-        for (int64_t h = 0; h < nq; ++h) {
-            const uint8_t * qb = q + (h * nb + b) * 34;
-            uint16_t        dh;
-            memcpy(&dh, qb, sizeof dh);
-            const float   qd = _cvtsh_ss(dh);
-            const __m256i qy = _mm256_loadu_si256((const __m256i *) (qb + 2));
-            for (int j = 0; j < NC; ++j) {
-                acc[h][j] = _mm256_fmadd_ps(_mm256_set1_ps(kd[j] * qd), mul_sum_i8(kx[j], qy), acc[h][j]);
-            }
-        }
-    }
-    for (int64_t h = 0; h < nq; ++h) {
-        for (int j = 0; j < NC; ++j) {
-            s[j * nq + h] = hsum8(acc[h][j]);
-        }
-    }
-}
-
-/* every head count, three heads at a time (3 heads x 4 cells of accumulators fill the registers) */
-PME_TARGET static void
-kdotq_q8_0_any(const void * qv, int64_t nq, const void * k, size_t nb1, int nc, int64_t d, float * s) {
-    const uint8_t * q   = qv;
-    const size_t    row = (size_t) (d / 32) * 34;
-    float           part[12];
-    for (int64_t h = 0; h < nq; h += 3) {
-        const int64_t n = nq - h < 3 ? nq - h : 3;
-        if (nc == 4) {
-            switch (n) {
-                case 1:
-                    kdotq_q8_0(q + h * row, 1, k, nb1, 4, d, part);
-                    break;
-                case 2:
-                    kdotq_q8_0(q + h * row, 2, k, nb1, 4, d, part);
-                    break;
-                default:
-                    kdotq_q8_0(q + h * row, 3, k, nb1, 4, d, part);
-                    break;
-            }
-        } else {
-            switch (n) {
-                case 1:
-                    kdotq_q8_0(q + h * row, 1, k, nb1, 1, d, part);
-                    break;
-                case 2:
-                    kdotq_q8_0(q + h * row, 2, k, nb1, 1, d, part);
-                    break;
-                default:
-                    kdotq_q8_0(q + h * row, 3, k, nb1, 1, d, part);
-                    break;
-            }
-        }
-        for (int j = 0; j < nc; ++j) {
-            for (int64_t x = 0; x < n; ++x) {
-                s[j * nq + h + x] = part[j * n + x];
-            }
-        }
-    }
-}
-
-pme_kdotq_fn pme_kdotq_pick(int type, int64_t d) {
-    return has_avx2() && type == GGML_TYPE_Q8_0 && d % 32 == 0 ? kdotq_q8_0_any : NULL;
-}
-
 PME_TARGET static void f16_to_f32_avx2(const uint16_t * x, float * y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -401,21 +297,19 @@ PME_TARGET static void f16_to_f32_avx2(const uint16_t * x, float * y, int64_t n)
 }
 
 void pme_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
-    if (has_avx2()) {
+    if (pme_has_avx2()) {
         f16_to_f32_avx2(x, y, n);
-        return;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-        y[i] = ggml_fp16_to_fp32(x[i]);
+    } else {
+        f16_to_f32_portable(x, y, n);
     }
 }
 
 pme_kdot4_fn pme_kdot4_pick(int type, int64_t d) {
-    return has_avx2() && type == GGML_TYPE_F16 && d % 8 == 0 ? kdot4_f16_any : NULL;
+    return pme_has_avx2() && type == GGML_TYPE_F16 && d % 8 == 0 ? kdot4_f16_any : NULL;
 }
 
 pme_kdot_fn pme_kdot_pick(int type, int64_t d) {
-    if (!has_avx2()) {
+    if (!pme_has_avx2()) {
         return NULL;
     }
     switch (type) {
@@ -431,23 +325,15 @@ pme_kdot_fn pme_kdot_pick(int type, int64_t d) {
 }
 
 void pme_softmax_row(float * x, int64_t n, float sink) {
-    if (has_avx2()) {
+    if (pme_has_avx2()) {
         softmax_row_avx2(x, n, sink);
     } else {
         pme_softmax_row_portable(x, n, sink);
     }
 }
 #else
-pme_kdotq_fn pme_kdotq_pick(int type, int64_t d) {
-    (void) type;
-    (void) d;
-    return NULL;
-}
-
 void pme_f16_to_f32(const uint16_t * x, float * y, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-        y[i] = ggml_fp16_to_fp32(x[i]);
-    }
+    f16_to_f32_portable(x, y, n);
 }
 
 pme_kdot4_fn pme_kdot4_pick(int type, int64_t d) {

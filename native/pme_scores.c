@@ -32,15 +32,14 @@ static inline void fold(float * acc, const float * v, int64_t n, int agg) {
     }
 }
 
-/* out[c] = w * sum over the query heads of one KV head's group, for token row t; attn starts at the group's first head */
-static void group_row(const pme_state * st,
-                      const float *     attn,
-                      int64_t           n_kv,
-                      int64_t           t,
-                      size_t            nb1,
-                      size_t            nb2,
-                      float             w,
-                      float *           out) {
+void pme_group_row(const pme_state * st,
+                   const float *     attn,
+                   int64_t           n_kv,
+                   int64_t           t,
+                   size_t            nb1,
+                   size_t            nb2,
+                   float             w,
+                   float *           out) {
     const int32_t q_per_kv = st->cfg.n_head / st->cfg.n_head_kv;
     memset(out, 0, (size_t) n_kv * sizeof(float));
     for (int32_t q = 0; q < q_per_kv; ++q) {
@@ -108,7 +107,7 @@ static void fold_cells(pme_state *   st,
     }
     /* each row's group sum once, for the window, the max, the sum and the calibration alike */
     for (int64_t t = first; t < n_tokens; ++t) {
-        group_row(st, attn, n, t, nb1, nb2, w, tmp);
+        pme_group_row(st, attn, n, t, nb1, nb2, w, tmp);
         if (t >= ring0) {
             fold(st->ub_row_acc + (size_t) (t - ring0) * nc + c0, tmp, n, agg);
         }

@@ -54,7 +54,7 @@ def test_flash_attention_scores_match_the_softmax_path(one_layer_gqa, check_mode
     """Flash attention on vs off over a real decode with evictions: the same tokens, per-cell scores within 1e-3
     relative, and the same keep-set. Check mode recomputes a decode step one KV group at a time; without it every
     group's row is computed in one parallel region (pme_fattn.c attn_decode): both must score alike. A q8_0 K is
-    multiplied by the q8_0-rounded query in integers (pme_kdot.c kdotq_q8_0), as llama.cpp's softmax path does."""
+    multiplied by the q8_0-rounded query in integers (pme_kdotq.c kdotq_q8_0), as llama.cpp's softmax path does."""
     off = _run(one_layer_gqa, flash_attn=False, type_k=type_k)
     on = _run(one_layer_gqa, check_mode=check_mode, flash_attn=True, type_k=type_k)
     assert on["tokens"] == off["tokens"]
