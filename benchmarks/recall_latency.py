@@ -56,6 +56,8 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
         "prompt_tokens_decoded": r["usage"]["prompt_tokens"]
         - (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         "recall_s": after.recall_s - before.recall_s,
+        "probe_s": after.recall_probe_s - before.recall_probe_s,
+        "block_s": after.recall_block_s - before.recall_block_s,
         "recalled_tokens": after.recalled_tokens - before.recalled_tokens,
         "history": llm.engine.n_past,
         "answer": r["choices"][0]["message"]["content"],
@@ -103,6 +105,12 @@ def main() -> None:
         write(args, rows)
 
 
+def parts(turn: dict) -> str:
+    """Recall's time split: the query probe, choosing (the rest), and the block's decode."""
+    probe, block = turn.get("probe_s", 0.0), turn.get("block_s", 0.0)
+    return f"{probe:.3f} / {turn['recall_s'] - probe - block:.3f} / {block:.3f}"
+
+
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
     import matplotlib
 
@@ -117,9 +125,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"`{command}`",
         "",
-        "| round | question asked | turn | tokens answered | recall on (s) | of which recall (s) | tokens recalled "
-        "| recall off (s) | on / off | recall / off |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | question asked | turn | tokens answered | recall on (s) | of which recall (s) | probe / choosing / "
+        "block (s) | tokens recalled | recall off (s) | on / off | recall / off |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels, ratios = [], []
     for row in rows:
@@ -128,7 +136,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             ratio = on["seconds"] / off["seconds"]
             lines.append(
                 f"| {row['round']} | {row['wording']} | {name} | {on['answer_tokens']} | {on['seconds']:.3f} | "
-                f"{on['recall_s']:.3f} | {on['recalled_tokens']} | {off['seconds']:.3f} | {ratio:.3f} | "
+                f"{on['recall_s']:.3f} | {parts(on)} | {on['recalled_tokens']} | {off['seconds']:.3f} | {ratio:.3f} | "
                 f"{on['recall_s'] / off['seconds']:.3f} |"
             )
             labels.append(f"{name}\n{row['wording']}")

@@ -57,6 +57,20 @@ def test_the_last_sentence_of_the_new_text_is_the_query():
     assert rank(spans, query_weights("Nothing here matches.")) == []
 
 
+def test_a_recall_state_saved_before_the_time_split_still_loads():
+    """Session files and kept conversations from before recall_checks / recall_probe_s / recall_block_s load,
+    with those at zero; a state missing an older field is still refused by name."""
+    from pymorph_edge.engine.recall import RecallState
+
+    old = {"barrier": 3, "next_lpos": BLOCK_LPOS, "blocks": [], "recalls": 1, "recalled_spans": 1}
+    old |= {"recalled_tokens": 9, "recall_s": 0.5}
+    st = RecallState.from_json(old)
+    assert (st.counters.recalls, st.counters.recall_checks, st.counters.recall_block_s) == (1, 0, 0.0)
+    assert RecallState.from_json(st.to_json()) == st
+    with pytest.raises(ValueError, match="recall_s"):
+        RecallState.from_json({k: v for k, v in old.items() if k != "recall_s"})
+
+
 # -- mechanism on the synthetic model (byte tokens, so the text is real) --------------------------------
 @pytest.mark.parametrize("policy", NATIVE)
 def test_every_native_policy_has_the_fact_a_continuation_asks_for(gqa_model, policy):

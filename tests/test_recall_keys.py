@@ -103,6 +103,25 @@ def test_recall_by_attention_works_for_every_native_policy(gqa_model, policy):
         assert not any("The code for Tom is 90517." in t for t in recalled_text(llm)) or in_cache(llm, lo, hi)
 
 
+def test_recall_time_is_split_and_counts_a_look_that_found_nothing(gqa_model):
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        text += FILLER + " As recorded at the start, the code for Tom is"
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        s = llm.stats
+        assert s.recall_checks == 1 and s.recalls == 1 and s.recalled_tokens > 0
+        assert 0 < s.recall_probe_s and 0 < s.recall_block_s and s.recall_probe_s + s.recall_block_s < s.recall_s
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64, recall_by="bm25")) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        # no evicted word is rarer than the filler's: a look that finds nothing, and no probe by the words alone
+        llm.create_completion(text + " Zzqx qqv wwvx.", max_tokens=1, temperature=0.0)
+        t = llm.stats
+        assert llm.stats.tokens_evicted > 0
+        assert (t.recall_checks, t.recalls, t.recall_probe_s, t.recall_block_s) == (1, 0, 0.0, 0.0) and t.recall_s > 0
+
+
 def test_recall_by_is_checked_by_name():
     with pytest.raises(ValueError, match="recall_by"):
         EngineConfig(recall_by="embeddings")

@@ -41,7 +41,10 @@ class RecallCounters:
     recalls: int = 0  # requests that brought text back
     recalled_spans: int = 0  # evicted sentences brought back
     recalled_tokens: int = 0  # tokens decoded again for them (recomputed, wrapper included)
-    recall_s: float = 0.0  # time spent choosing and decoding them
+    recall_s: float = 0.0  # all of recall's time, requests that brought nothing back included
+    recall_checks: int = 0  # requests that looked for evicted text to bring back
+    recall_probe_s: float = 0.0  # of recall_s: decoding the query probes (recall_by "attention" or "both")
+    recall_block_s: float = 0.0  # of recall_s: decoding the recalled blocks; the rest is choosing
 
 
 @dataclass
@@ -59,7 +62,11 @@ class RecallState:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RecallState:
         try:
-            counters = RecallCounters(**{k: d[k] for k in RecallCounters.__dataclass_fields__})
+            # the time split and the checks came later: a session file saved before them has none
+            later = {"recall_checks", "recall_probe_s", "recall_block_s"}
+            counters = RecallCounters(
+                **{k: d[k] for k in RecallCounters.__dataclass_fields__ if k not in later or k in d}
+            )
             return cls(int(d["barrier"]), int(d["next_lpos"]), [list(b) for b in d["blocks"]], counters)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed recall state: {exc!r}") from None
@@ -122,7 +129,9 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
 def _by_attention(
     engine: KVEngine, new_tokens: Sequence[int], spans: list[Span], piece: Callable[[int], str]
 ) -> list[tuple[float, Span]]:
+    t0 = time.perf_counter()
     probe = engine.query_probe(new_tokens)
+    engine.recall_state.counters.recall_probe_s += time.perf_counter() - t0
     if probe is None or engine.keys is None:
         return []
     mass = attention_mass(probe[0], probe[1], engine.keys.keys())
@@ -148,23 +157,29 @@ def recall_before(
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return 0
     t0 = time.perf_counter()
+    state = engine.recall_state
+    c = state.counters
+    c.recall_checks += 1
     chosen = select(engine, new_tokens, piece, engine.recall_tokens)
-    if not chosen:
-        return 0
     raw = [t for s in chosen for t in engine.log.tokens(s.lo, s.hi)]
-    block = wrap(raw) if wrap is not None else raw
-    if not block or len(block) > engine.n_batch:
+    block = (wrap(raw) if wrap is not None else raw) if chosen else []
+    if chosen and (not block or len(block) > engine.n_batch):
         logger.debug("recall skipped: %s", "no well-formed place for it" if not block else "block too long")
+        block = []
+    if not block:
+        c.recall_s += time.perf_counter() - t0  # a look that found nothing costs time too
         return 0
     if head:
+        t_head = time.perf_counter()
         engine.decode(head, logits_last=False)
-    state = engine.recall_state
+        t0 += time.perf_counter() - t_head  # the turn's own token, not recall's
     lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+    t_block = time.perf_counter()
     engine.decode_block(block, lpos)
+    c.recall_block_s += time.perf_counter() - t_block
     state.blocks.append([lpos[0], lpos[-1] + 1, [[s.lo, s.hi] for s in chosen]])
     state.next_lpos += len(block)
     state.barrier = engine.n_past
-    c = state.counters
     c.recalls += 1
     c.recalled_spans += len(chosen)
     c.recalled_tokens += len(block)

@@ -25,7 +25,10 @@ class KVStats:
     recalls: int = 0  # requests that brought evicted text back (engine/recall.py)
     recalled_spans: int = 0  # evicted sentences brought back
     recalled_tokens: int = 0  # tokens decoded again for them
-    recall_s: float = 0.0  # time spent choosing and decoding them
+    recall_s: float = 0.0  # all of recall's time: probes, choosing and blocks, requests that recalled nothing included
+    recall_checks: int = 0  # requests that looked for evicted text to bring back
+    recall_probe_s: float = 0.0  # of recall_s: the query probes' decodes
+    recall_block_s: float = 0.0  # of recall_s: the recalled blocks' decodes (the rest is choosing)
     # What scoring costs a backend whose buffers are not host memory (CUDA, Metal, RPC), since the last reset:
     # device->host bytes the scorer copied and the graph nodes it asked for (each splits the graph and waits
     # for the backend), over one-token ubatches (decode steps) and multi-token ones (prompt chunks, probes,
