@@ -103,10 +103,31 @@ def test_a_chunk_a_probe_supersedes_sends_only_its_max(gqa):
     """MorphKV scores a long prompt's chunks with a probe of its last tokens, whose rows replace the chunk's before
     anything reads them: such a chunk (flagged PME_UB_SUPERSEDED by the engine) sends its per-cell max alone."""
     # 64-token ubatches: room for 32-token chunks next to the 32-token probe
-    with Llama(gqa, kv_budget=48, config=EngineConfig(n_ubatch=64), recall=False) as llm:
+    sent, n_ctx = _sent_per_ubatch(gqa, 64)
+    superseded = [b for sup, m, b in sent if sup]
+    window_rows = [b for sup, m, b in sent if not sup and m >= 32]
+    assert superseded and window_rows
+    assert max(superseded) <= 4 * n_ctx  # the max: one float per cell
+    assert min(window_rows) > 8 * max(superseded)  # against the window's 32 rows and the max
+
+
+def test_a_chunk_the_next_one_refills_sends_only_its_max(gqa):
+    """A chunk that no eviction follows and whose next chunk holds a whole window: nothing reads its last rows
+    (the next chunk's replace them in the ring), so it is flagged PME_UB_SUPERSEDED too. Here the first 32-token
+    chunk fits the 48-cell budget; the later ones are evicted after and send their rows. (That the scores and
+    keep-sets still equal the host path's is test_reduced_on_a_backend_equals_the_host_path_to_the_bit.)"""
+    sent, n_ctx = _sent_per_ubatch(gqa, 32)
+    assert [sup for sup, _, _ in sent[:3]] == [True, False, False]
+    assert sent[0][2] <= 4 * n_ctx and sent[1][2] > 8 * sent[0][2]
+
+
+def _sent_per_ubatch(path: str, n_ubatch: int) -> tuple[list[tuple[bool, int, int]], int]:
+    """(superseded, tokens, bytes its scores took) for each ubatch of PROMPT under MorphKV at budget 48, reduced
+    on the (CPU) backend; and n_ctx."""
+    with Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=n_ubatch), recall=False) as llm:
         scorer = llm.engine.scorer
         scorer.backend_scores("always")
-        sent: list[tuple[bool, int, int]] = []  # (superseded, tokens, bytes the ubatch's scores took)
+        sent: list[tuple[bool, int, int]] = []
         begin, end = scorer.begin, scorer.end
         flags: dict[str, object] = {}
 
@@ -122,12 +143,7 @@ def test_a_chunk_a_probe_supersedes_sends_only_its_max(gqa):
 
         scorer.begin, scorer.end = spy_begin, spy_end
         llm.engine.decode(PROMPT)
-        n_ctx = llm.stats.n_ctx
-    superseded = [b for sup, m, b in sent if sup]
-    window_rows = [b for sup, m, b in sent if not sup and m >= 32]
-    assert superseded and window_rows
-    assert max(superseded) <= 4 * n_ctx  # the max: one float per cell
-    assert min(window_rows) > 8 * max(superseded)  # against the window's 32 rows and the max
+        return sent, llm.stats.n_ctx
 
 
 def _key_log(path: str, mode: str) -> tuple[np.ndarray, object]:

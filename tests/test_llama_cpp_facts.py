@@ -227,3 +227,74 @@ def test_gemma3_shape_and_iswa(gemma_path):
     assert C.llama_memory_can_shift(C.llama_get_memory(ctx))  # ... but at equal size it can
     C.llama_free(ctx)
     model.close()
+
+
+# -- what restoring saved KV into llama.cpp-allocated cells would rely on (docs/recall.md) -------------------------
+class StopAtFirstKWrite:
+    """An eval callback that asks for the first write into a K cache (layer 0's SET_ROWS), reads the cells it names,
+    and returns false once it has run: the scheduler then computes nothing more of that split."""
+
+    def __init__(self, stop: bool = True):
+        self.stop, self.asked, self.cells = stop, 0, None
+        self.cb = C.ggml_backend_sched_eval_callback(self._cb)
+
+    def _cb(self, t, ask, _ud):
+        tt = ctypes.cast(t, ctypes.POINTER(Tensor)).contents
+        if ask:
+            self.asked += 1
+            return self.cells is None and tt.name.decode().startswith("cache_k_l0")
+        s1 = tt.src[1].contents
+        self.cells = list(ctypes.cast(s1.data, ctypes.POINTER(ctypes.c_int64))[: s1.ne[0]])
+        return not self.stop
+
+
+def _decode_seq(ctx, tokens, pos0, seq):
+    b = C.llama_batch_init(len(tokens), 0, 1)
+    for i, t in enumerate(tokens):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + i, 1, 0
+        b.seq_id[i][0] = seq
+    b.n_tokens = len(tokens)
+    rc = C.llama_decode(ctx, b)
+    C.llama_batch_free(b)
+    return rc
+
+
+def _two_seq_context(model, cb):
+    cp = C.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 256, 64, 64, 2, True
+    cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    cp.cb_eval = cb
+    return C.llama_init_from_model(model.ptr, cp)
+
+
+def test_a_callback_returning_false_stops_the_graph_but_the_cells_are_taken(gqa_model):
+    model = LoadedModel(gqa_model)
+    full, stop = StopAtFirstKWrite(stop=False), StopAtFirstKWrite()
+    for spy in (full, stop):
+        ctx = _two_seq_context(model, spy.cb)
+        mem = C.llama_get_memory(ctx)
+        assert _decode_seq(ctx, list(range(3, 13)), 0, 0) == 0  # llama_decode still succeeds
+        assert spy.cells == list(range(10)) and C.llama_memory_seq_pos_max(mem, 0) == 9
+        C.llama_free(ctx)
+    # the scheduler stopped asking at layer 0's K write: the rest of the graph was never computed
+    assert stop.asked * 3 < full.asked
+    model.close()
+
+
+def test_an_empty_second_sequence_takes_any_start_and_hands_its_cells_to_the_first(gqa_model):
+    model = LoadedModel(gqa_model)
+    spy = StopAtFirstKWrite(stop=False)
+    ctx = _two_seq_context(model, spy.cb)
+    mem = C.llama_get_memory(ctx)
+    assert _decode_seq(ctx, list(range(3, 13)), 0, 0) == 0
+    assert _decode_seq(ctx, [20, 21, 22], 50, 0) != 0  # sequence 0 must go on from its last position + 1
+    assert _decode_seq(ctx, [20, 21, 22], 100, 1) == 0  # an empty sequence starts anywhere
+    assert C.llama_memory_seq_pos_max(mem, 1) == 102
+    C.llama_memory_seq_add(mem, 1, 100, 103, -90)  # to positions 10..12 (llama.cpp re-rotates K at the next decode)
+    C.llama_memory_seq_cp(mem, 1, 0, -1, -1)
+    assert C.llama_memory_seq_rm(mem, 1, -1, -1)
+    assert (C.llama_memory_seq_pos_min(mem, 0), C.llama_memory_seq_pos_max(mem, 0)) == (0, 12)
+    assert C.llama_memory_seq_pos_max(mem, 1) == -1
+    assert _decode_seq(ctx, [30], 13, 0) == 0  # sequence 0 goes on after the handed-over cells
+    C.llama_free(ctx)
+    model.close()

@@ -47,20 +47,14 @@ class KVEngine(RecallDecoding):
     def __init__(self, model: LoadedModel, kv_budget: int | None, policy: KVPolicy, config: EngineConfig) -> None:
         if kv_budget is not None and not policy.evicts:
             raise ValueError(f"policy {policy.name!r} does not evict; use kv_budget=None with it")
-        if kv_budget is None:
-            policy = FullCache()
-        else:
-            policy = policy.for_budget(kv_budget)
+        policy = FullCache() if kv_budget is None else policy.for_budget(kv_budget)
         validate_budget(kv_budget, policy, model.info.n_swa)
         self.model, self.kv_budget, self.policy, self.config = model, kv_budget, policy, config
         self.scorer: NativeScorer | None = None
         self.shifter: ContextShifter | None = None
 
         cp = C.llama_context_default_params()
-        if kv_budget is None:
-            cp.n_ctx = config.n_ctx or 4096
-        else:
-            cp.n_ctx = policy.cells_needed(kv_budget, config.n_ubatch)
+        cp.n_ctx = (config.n_ctx or 4096) if kv_budget is None else policy.cells_needed(kv_budget, config.n_ubatch)
         # one ubatch per llama_decode, so the callback knows each token's position
         cp.n_batch = config.n_ubatch if kv_budget is not None else max(config.n_ubatch, 512)
         cp.n_ubatch = config.n_ubatch
@@ -318,12 +312,17 @@ class KVEngine(RecallDecoding):
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
-            # decided before the chunk, so the scorer knows the probe's rows will supersede the chunk's
-            probes_now = bool(probe) and not last_chunk and scorer.live_cells() + m > (self.kv_budget or 0)
-            superseded = probes_now and len(probe or ()) >= self.policy.protected_recent
+            # decided before the chunk: its last rows go unread (a backend need not send them) when a probe's rows
+            # replace them, or when no eviction follows and the next chunk refills the whole window
+            w = self.policy.protected_recent
+            evicts = scorer is not None and scorer.live_cells() + m > (self.kv_budget or 0)
+            probes_now = bool(probe) and not last_chunk and evicts
+            refilled = not last_chunk and not evicts and min(step, n - start - m) >= w
+            superseded = (probes_now and len(probe or ()) >= w) or refilled
             logits = logits_last and last_chunk
-            all_logits = on_logits is not None
-            self._decode_ubatch(chunk, self.next_pos, logits, last_chunk, all_logits=all_logits, superseded=superseded)
+            self._decode_ubatch(
+                chunk, self.next_pos, logits, last_chunk, all_logits=bool(on_logits), superseded=superseded
+            )
             if on_logits is not None:
                 on_logits(start, m)
             if self._logs_keys:
@@ -410,11 +409,8 @@ class KVEngine(RecallDecoding):
         if self.scorer is not None:
             s = self.scorer.stats()
             used, peak, evicted = s["cells_in_use"], s["peak_cells"], s["tokens_evicted"]
-            extra = {
-                k: s[k]
-                for k in KVStats.__dataclass_fields__
-                if k in s and k not in ("cells_in_use", "peak_cells", "tokens_evicted")
-            }
+            skip = ("cells_in_use", "peak_cells", "tokens_evicted")
+            extra = {k: s[k] for k in KVStats.__dataclass_fields__ if k in s and k not in skip}
         else:
             used, peak = self.next_pos, self._full_peak
             evicted = self.shifter.evicted if self.shifter is not None else 0
