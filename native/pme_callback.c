@@ -172,12 +172,21 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         }
         if (t->op == GGML_OP_SET_ROWS) {
             on_set_rows(st, t);
+            pme_kvstore_note(st, t);
+            /* a restore ubatch: compute up to layer 0's K write, then write the saved rows and stop */
+            return (st->ub_flags & PME_UB_RESTORE) && pme_parse_layer(t->name, "cache_k_l") == 0;
+        }
+        if (st->ub_flags & PME_UB_RESTORE) {
             return false;
         }
         const bool want = (t->op == GGML_OP_SOFT_MAX && wants_softmax(st, t)) ||
                           (t->op == GGML_OP_FLASH_ATTN_EXT && wants_fattn(st, t));
         st->syncs[pme_ub_kind(st)] += want; /* the scheduler computes up to this node, then synchronises */
         return want;
+    }
+    if (st && !st->failed && st->ub_n > 0 && (st->ub_flags & PME_UB_RESTORE)) {
+        pme_kvstore_write(st);
+        return false; /* nothing else of this graph is needed */
     }
     if (st && !st->failed && st->ub_n > 0) {
         const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");

@@ -39,6 +39,7 @@ int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_
     }
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         if (st->cell_pos[c] >= 0 && contains(v, n, st->cell_pos[c])) {
+            pme_kvstore_save(st, c);
             pme_cell_free(st, c);
         }
     }

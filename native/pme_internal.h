@@ -132,15 +132,16 @@ struct pme_state {
     size_t  fa_check_v_cap;
 
     /* key log (pme_keylog.c): this ubatch's keys and an armed probe's queries, per scored layer */
-    int32_t    kl_d;     /* head size of K, 0: the key log is off */
-    uint16_t * kl_k;     /* (n_layer, max_ubatch, n_head_kv, d) f16 keys of the last ubatch's tokens */
-    float *    kl_q;     /* (n_layer, PME_KL_QMAX, n_head, d) queries of the last probe's last rows */
+    int32_t    kl_d;          /* head size of K, 0: the key log is off */
+    uint16_t * kl_k;          /* (n_layer, max_ubatch, n_head_kv, d) f16 keys of the last ubatch's tokens */
+    float *    kl_q;          /* (n_layer, PME_KL_QMAX, n_head, d) queries of the last probe's last rows */
     int32_t    kl_q_rows;
-    uint8_t *  kl_seen;  /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries, bit 2: keys on the device */
-    float *    kl_scale; /* (n_layer) the attention node's scale */
+    uint8_t *  kl_seen;       /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries, bit 2: keys on the device */
+    float *    kl_scale;      /* (n_layer) the attention node's scale */
     float      kl_f32[1024];
-    int32_t    failed;
-    char       err[PME_ERR_LEN];
+    struct pme_kvstore * kvs; /* WIP: evicted K/V rows (pme_kvstore.c), NULL when off */
+    int32_t              failed;
+    char                 err[PME_ERR_LEN];
 };
 
 /* qsort comparator for int32_t positions, ascending */
@@ -164,6 +165,10 @@ static inline int32_t pme_lower_bound(const int32_t * sorted, int32_t n, int32_t
 }
 
 struct ggml_tensor;
+
+void pme_kvstore_note(pme_state * st, const struct ggml_tensor * t); /* pme_kvstore.c */
+void pme_kvstore_save(pme_state * st, int32_t cell);
+void pme_kvstore_write(pme_state * st);
 
 void         pme_set_error(pme_state * st, const char * fmt, ...);
 /* whether the key log keeps layer il's keys (and a probe's queries): it is on, and il is one of its layers */

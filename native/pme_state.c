@@ -145,6 +145,7 @@ void pme_free(pme_state * st) {
     free(st->layer_rank);
     free(st->cell_lpos);
     free(st->cell_pos);
+    pme_kvstore_enable(st, 0); /* frees the KV store */
     free(st);
 }
 
@@ -300,6 +301,11 @@ int pme_end_ubatch(pme_state * st) {
             st, "pme_end_ubatch: the decode wrote no cells of the %d-cell cache (is the eval callback installed?)",
             st->cfg.n_cells);
         return -1;
+    }
+    if (st->ub_flags & PME_UB_RESTORE) { /* WIP: saved rows written, nothing observed */
+        st->peak = st->n_live > st->peak ? st->n_live : st->peak;
+        st->ub_n = 0;
+        return 0;
     }
     if (st->ub_flags & PME_UB_QUERY) {
         /* a query probe for the key log: read, not observed, and removed by the caller; its cells count */

@@ -39,6 +39,7 @@ class EngineConfig:
     # logged keys), "both" (BM25's picks plus attention's best span)
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
+    recall_kv_bytes: int = 0  # WIP: evicted tokens' K/V rows kept for restoring (0: off); needs a second sequence
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
     # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
@@ -76,6 +77,7 @@ class EngineConfig:
         if self.recall_by not in ("bm25", "attention", "both"):
             raise ValueError(f"recall_by must be 'bm25', 'attention' or 'both', got {self.recall_by!r}")
         _check_non_negative("recall_key_bytes", self.recall_key_bytes)
+        _check_non_negative("recall_kv_bytes", self.recall_kv_bytes)
         if self.recall is not None and not isinstance(self.recall, bool):
             raise ValueError(f"recall must be True, False or None, got {self.recall!r}")
         if self.recall_tokens is not None and (

@@ -58,7 +58,7 @@ class KVEngine(RecallDecoding):
         # one ubatch per llama_decode, so the callback knows each token's position
         cp.n_batch = config.n_ubatch if kv_budget is not None else max(config.n_ubatch, 512)
         cp.n_ubatch = config.n_ubatch
-        cp.n_seq_max = 1
+        cp.n_seq_max, cp.kv_unified = (2, True) if config.recall_kv_bytes else (1, cp.kv_unified)
         threads = config.n_threads or os.cpu_count() or 1
         cp.n_threads = threads
         cp.n_threads_batch = config.n_threads_batch or threads
@@ -94,6 +94,8 @@ class KVEngine(RecallDecoding):
                     policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, config.rotate_layers
                 )
                 self.scorer.attach(cp)
+                if config.recall_kv_bytes:
+                    self.scorer.kvstore_enable(config.recall_kv_bytes)
             self.ctx = C.llama_init_from_model(model.ptr, cp)
         if not self.ctx:
             self._free_scorer()

@@ -82,6 +82,7 @@ class NativeScorer:
         probe: bool = False,
         query: bool = False,
         superseded: bool = False,
+        restore: bool = False,
     ) -> None:
         """Announce a ubatch of m tokens at positions first_pos.. (called before llama_decode). query: a key log
         probe, read for its queries only (see staged_query). superseded: a prompt chunk that a probe of at least
@@ -89,7 +90,9 @@ class NativeScorer:
         for i in range(m):
             self._pos_buf[i] = first_pos + i
         lib = self._lib
-        if query:
+        if restore:
+            flags = lib.PME_UB_RESTORE | (lib.PME_UB_PREFILL if m > 1 else 0)
+        elif query:
             flags = lib.PME_UB_QUERY
         elif probe:
             flags = lib.PME_UB_PROBE
@@ -116,6 +119,25 @@ class NativeScorer:
     def compact(self, mem: Any, seq: int, next_pos: int) -> int:
         """Renumber live positions 0..n_live-1; returns how far the newest position moved down."""
         return self._check(self._lib.pme_compact(self._state, self._mem(mem), seq, next_pos), "compaction")
+
+    # -- WIP: the KV store (native/pme_kvstore.c) --------------------------------------------------
+    def kvstore_enable(self, n_bytes: int) -> None:
+        self._check(self._lib.pme_kvstore_enable(self._state, n_bytes), "KV store")
+
+    def kvstore_arm(self, lpos: list[int]) -> list[int] | None:
+        """Arm the saved rows of these logical positions for the next restore ubatch: their positions, or None when
+        not all of them are saved."""
+        pos = self._ffi.new("int32_t[]", max(len(lpos), 1))
+        n = self._lib.pme_kvstore_arm(self._state, self._ffi.new("int64_t[]", lpos), len(lpos), pos)
+        return list(pos[0 : len(lpos)]) if n == len(lpos) else None
+
+    def kvstore_place(self, pos0: int, lpos: list[int]) -> None:
+        self._check(
+            self._lib.pme_kvstore_place(self._state, pos0, self._ffi.new("int64_t[]", lpos), len(lpos)), "place"
+        )
+
+    def kvstore_bytes(self) -> int:
+        return int(self._lib.pme_kvstore_bytes(self._state))
 
     def min_live_tail(self, next_pos: int) -> int:
         return int(self._lib.pme_min_live_tail(self._state, next_pos))

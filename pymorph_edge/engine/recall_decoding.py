@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import llama_cpp.llama_cpp as C
+
 from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.recall_keys import QUERY_TOKENS, key_layers
 
@@ -35,6 +37,34 @@ class RecallDecoding:
         self.tokens_decoded += m
         self.scorer.evict(self.mem, SEQ, self.next_pos)
         self.consistent = True
+
+    def restore_run(self: KVEngine, lpos: list[int], tokens: Sequence[int], pos_new: int) -> bool:
+        """WIP: put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
+        their saved K/V rows (EngineConfig(recall_kv_bytes)), without recomputing them. False (nothing done) when
+        not all are saved, or their saved positions are not one run. See native/pme_kvstore.c."""
+        if self.scorer is None or not self.config.recall_kv_bytes or not 0 < len(lpos) <= self.n_batch:
+            return False
+        pos = self.scorer.kvstore_arm(list(lpos))
+        m = len(lpos)
+        if pos is None or pos != list(range(pos[0], pos[0] + m)):
+            return False
+        b = self.batch
+        for i, tok in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos[0] + i, 1, 0
+            b.seq_id[i][0] = SEQ + 1  # an empty second sequence takes any start (tests/test_llama_cpp_facts.py)
+        b.n_tokens = m
+        self.consistent = False
+        self.scorer.begin(pos[0], m, False, restore=True)
+        if C.llama_decode(self.ctx, b) != 0:
+            self.scorer.reset()
+            raise RuntimeError(f"llama_decode refused a {m}-token restore at position {pos[0]}; the cache was reset")
+        self.scorer.end()
+        C.llama_memory_seq_add(self.mem, SEQ + 1, pos[0], pos[0] + m, pos_new - pos[0])  # K re-rotated next decode
+        C.llama_memory_seq_cp(self.mem, SEQ + 1, SEQ, -1, -1)
+        C.llama_memory_seq_rm(self.mem, SEQ + 1, -1, -1)
+        self.scorer.kvstore_place(pos_new, list(lpos))
+        self.consistent = True
+        return True
 
     def release_pin(self: KVEngine) -> None:
         """End a recalled block's pin: from now on the policy keeps or evicts it like any other tokens."""
