@@ -56,7 +56,7 @@ DIALOGUE_FACTS = {
 }
 
 
-def open_llm(path: Path, config: str, budget: int) -> Llama:
+def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads
@@ -70,6 +70,7 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
         recall_by=by,
         score_layers=None if not layers else layers if layers == "all" else int(layers),
         rotate_layers=rotate,
+        recall_kv_bytes=kv_bytes,  # --kv-bytes: recalled text restored from saved KV where it can be
     )
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
@@ -233,12 +234,13 @@ def main() -> None:
         "--configs", default="full,morphkv,morphkv-norecall,tova,tova-norecall,streaming,streaming-norecall"
     )
     ap.add_argument("--dialogues", type=int, default=4, help="dialogues per set")
+    ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     path = resolve_model(args.model)
     results = []
     for config in args.configs.split(","):
-        llm = open_llm(path, config, args.budget)
+        llm = open_llm(path, config, args.budget, args.kv_bytes)
         for set_name in args.sets.split(","):
             t0 = time.perf_counter()
             trials = (

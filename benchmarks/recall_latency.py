@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from recall_bench import filler  # noqa: E402
 
-from pymorph_edge import Llama  # noqa: E402
+from pymorph_edge import EngineConfig, Llama  # noqa: E402
 from pymorph_edge.model.default_model import resolve_model  # noqa: E402
 
 FACT = "Hi, I'm Dana from Porto. My locker number is 48213. Please write me a long story about a lighthouse."
@@ -59,13 +59,15 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
         "probe_s": after.recall_probe_s - before.recall_probe_s,
         "block_s": after.recall_block_s - before.recall_block_s,
         "recalled_tokens": after.recalled_tokens - before.recalled_tokens,
+        "restored_tokens": after.restored_tokens - before.restored_tokens,
         "history": llm.engine.n_past,
         "answer": r["choices"][0]["message"]["content"],
     }
 
 
-def run(recall: bool, question: str, story: int, answer: int) -> dict:
-    llm = Llama(resolve_model("smollm2-135m"), kv_budget=512, recall=recall)
+def run(recall: bool, question: str, story: int, answer: int, kv_bytes: int = 0) -> dict:
+    cfg = EngineConfig(recall_kv_bytes=kv_bytes)  # --kv-bytes: recalled text restored from saved KV where it can be
+    llm = Llama(resolve_model("smollm2-135m"), kv_budget=512, recall=recall, config=cfg)
     no_end = {t: -1e9 for t in {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}}
     msgs = conversation(llm)
     history = llm.engine.n_past
@@ -87,12 +89,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--story", type=int, default=256, help="tokens answered in the story turn (default 256)")
     ap.add_argument("--answer", type=int, default=32, help="tokens answered in the question turn (default 32)")
+    ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) with recall on (0: off)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rows = []
     for r in range(args.rounds):
         for wording, question in QUESTIONS.items():
-            on, off = run(True, question, args.story, args.answer), run(False, question, args.story, args.answer)
+            on = run(True, question, args.story, args.answer, args.kv_bytes)
+            off = run(False, question, args.story, args.answer)
             rows.append({"round": r + 1, "wording": wording, "on": on, "off": off})
             for turn in ("story_turn", "question_turn"):
                 a, b = on[turn], off[turn]

@@ -26,7 +26,7 @@ enum pme_ubatch_flags {
     PME_UB_QUERY      = 8,  /* a new text's last tokens, decoded for their queries only (key log) and removed */
     PME_UB_SUPERSEDED = 16, /* a prompt chunk whose last rows a probe of at least W tokens replaces before anything
                               reads them: a backend need not send them over */
-    PME_UB_RESTORE    = 64  /* WIP: saved rows written into the cells llama.cpp allocates, the graph stopped there */
+    PME_UB_RESTORE    = 64  /* saved rows written into the cells llama.cpp allocates, the graph stopped there */
 };
 
 enum pme_fusion { PME_FUSION_SUM = 0, PME_FUSION_MAX = 1 };
@@ -102,9 +102,11 @@ int     pme_truncate(pme_state * st,
 /* renumber live positions to 0..n_live-1 in order (llama_memory_seq_add); returns next_pos - n_live, the
  * amount every position moved down by at the newest end, or -1 */
 int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);
-/* WIP (pme_kvstore.c): evicted tokens' K/V rows kept on the host, written back by a PME_UB_RESTORE ubatch */
+/* pme_kvstore.c: evicted tokens' K/V rows kept on the host (bytes: the bound, 0: off), written back by a
+ * PME_UB_RESTORE ubatch; arm says how many of n logical positions are saved (their positions in pos_out) */
 int     pme_kvstore_enable(pme_state * st, int64_t bytes);
 int32_t pme_kvstore_arm(pme_state * st, const int64_t * lpos, int32_t n, int32_t * pos_out);
+int32_t pme_kvstore_save_live(pme_state * st, const int64_t * lpos, int32_t n);
 int     pme_kvstore_place(pme_state * st, int32_t pos0, const int64_t * lpos, int32_t n);
 int64_t pme_kvstore_bytes(const pme_state * st);
 int32_t pme_min_live_tail(const pme_state * st,

@@ -139,7 +139,7 @@ struct pme_state {
     uint8_t *  kl_seen;       /* (n_layer) bit 0: keys staged this ubatch, bit 1: queries, bit 2: keys on the device */
     float *    kl_scale;      /* (n_layer) the attention node's scale */
     float      kl_f32[1024];
-    struct pme_kvstore * kvs; /* WIP: evicted K/V rows (pme_kvstore.c), NULL when off */
+    struct pme_kvstore * kvs; /* evicted K/V rows (pme_kvstore.c), NULL when off */
     int32_t              failed;
     char                 err[PME_ERR_LEN];
 };

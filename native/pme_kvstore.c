@@ -1,6 +1,7 @@
-/* WORK IN PROGRESS (branch wip/kv-restore, not on main): evicted tokens' K/V rows kept on the host, and written
- * back into cells llama.cpp allocates itself, so that recall can restore a block instead of recomputing it
- * (docs/recall.md, "What would meet 15%").
+/* Evicted tokens' K/V rows kept on the host (opt-in: EngineConfig(recall_kv_bytes)), and written back into cells
+ * llama.cpp allocates itself, so that recall restores a block's text instead of recomputing it (docs/recall.md,
+ * "Restoring instead of recomputing"). Host buffers and one KV cache only (not iSWA): elsewhere nothing is saved and
+ * recall recomputes as before.
  *
  * Saving: pme_evict calls pme_kvstore_save for each victim cell before it frees it; the rows come from the cache
  * tensors as the graph's SET_ROWS nodes showed them (their data pointer and strides; host buffers only). A ring of
@@ -164,6 +165,28 @@ void pme_kvstore_save(pme_state * st, int32_t cell) {
     s->pos[slot]  = st->cell_pos[cell];
     s->next       = (s->next + 1) % s->cap;
     s->n          = s->n < s->cap ? s->n + 1 : s->cap;
+}
+
+/* save the rows of the live cells holding these logical positions too (a recalled sentence is often half kept:
+ * the block restores all of it, as recomputing it would); returns how many were live */
+int32_t pme_kvstore_save_live(pme_state * st, const int64_t * lpos, int32_t n) {
+    if (!st || !st->kvs || n < 0 || (n > 0 && !lpos)) {
+        return -1;
+    }
+    int32_t found = 0;
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        if (st->cell_pos[c] < 0) {
+            continue;
+        }
+        for (int32_t i = 0; i < n; ++i) {
+            if (st->cell_lpos[c] == lpos[i]) {
+                pme_kvstore_save(st, c);
+                ++found;
+                break;
+            }
+        }
+    }
+    return found;
 }
 
 int32_t pme_kvstore_arm(pme_state * st, const int64_t * lpos, int32_t n, int32_t * pos_out) {

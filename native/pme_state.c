@@ -302,7 +302,7 @@ int pme_end_ubatch(pme_state * st) {
             st->cfg.n_cells);
         return -1;
     }
-    if (st->ub_flags & PME_UB_RESTORE) { /* WIP: saved rows written, nothing observed */
+    if (st->ub_flags & PME_UB_RESTORE) { /* saved rows written (pme_kvstore.c), nothing observed */
         st->peak = st->n_live > st->peak ? st->n_live : st->peak;
         st->ub_n = 0;
         return 0;

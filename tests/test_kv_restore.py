@@ -1,9 +1,10 @@
-"""WIP (branch wip/kv-restore): evicted tokens' K/V rows saved at eviction and written back into cells llama.cpp
-allocates (native/pme_kvstore.c, KVEngine.restore_run)."""
+"""Evicted tokens' K/V rows saved at eviction and written back into cells llama.cpp allocates (native/pme_kvstore.c,
+KVEngine.restore_run, EngineConfig(recall_kv_bytes))."""
 
 import llama_cpp.llama_cpp as C
 import numpy as np
 import pytest
+from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
 
@@ -96,3 +97,28 @@ def _raw_decode(eng, tok, pos):
     rc = C.llama_decode(eng.ctx, b)
     C.llama_batch_free(b)
     return rc
+
+
+@pytest.mark.slow
+def test_smollm2_chat_restores_the_recalled_fact_instead_of_recomputing_it(smollm2_path, tmp_path):
+    cfg = EngineConfig(recall_kv_bytes=64 << 20)
+    with Llama(smollm2_path, kv_budget=256, keep="system", config=cfg) as llm:
+        locker_number_then_two_stories(llm)
+        llm.save_session(tmp_path / "chat.pme")
+        before = llm.stats.restored_tokens
+        question = [{"role": "user", "content": "What is my locker number?"}]
+        ans = llm.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+        s = llm.stats
+        assert "90517" in ans and s.recalls >= 1 and s.restored_tokens > before
+        assert s.restored_tokens < s.recalled_tokens  # the wrap's own tokens are decoded
+        assert s.peak_cells <= 256 + 512
+    with Llama(smollm2_path, kv_budget=256, keep="system", config=cfg) as again:  # a reload saved no rows: recomputed
+        again.load_session(tmp_path / "chat.pme")
+        ans = again.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+        assert "90517" in ans and again.stats.recalls >= 1
+
+
+@pytest.mark.slow
+def test_kept_kv_is_refused_for_an_iswa_model_by_name(gemma_path):
+    with pytest.raises(ValueError, match=r"recall_kv_bytes=1048576 .*\(iSWA\)"):
+        Llama(gemma_path, kv_budget=1024, config=EngineConfig(recall_kv_bytes=1 << 20))

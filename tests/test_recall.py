@@ -1,6 +1,7 @@
 """Recall of evicted text and pinning (engine/recall.py, engine/evicted_log.py, native/pme_pins.c)."""
 
 import pytest
+from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.engine.evicted_log import EvictedLog
@@ -149,18 +150,7 @@ def test_bad_recall_and_keep_settings_are_refused_by_name(gqa_model, kwargs, mat
 @pytest.mark.slow
 def test_smollm2_chat_recalls_a_number_from_the_first_turn_after_two_stories(smollm2_path, tmp_path):
     with Llama(smollm2_path, kv_budget=256, keep="system") as llm:
-        msgs = [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {
-                "role": "user",
-                "content": "Hi, I'm Tom from Oslo. My locker number is 90517. Write me a long story about a dragon.",
-            },
-        ]
-        for topic in ("a pirate ship", None):
-            r = llm.create_chat_completion(msgs, max_tokens=250, temperature=0.0)
-            msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
-            if topic:
-                msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
+        locker_number_then_two_stories(llm)
         assert llm.stats.tokens_evicted > 200
         n_sys = llm.engine.n_keep
         assert n_sys > 5 and set(range(n_sys)) <= set(llm.engine.scorer.cell_lpos())  # the system prompt is pinned

@@ -39,7 +39,9 @@ class EngineConfig:
     # logged keys), "both" (BM25's picks plus attention's best span)
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
-    recall_kv_bytes: int = 0  # WIP: evicted tokens' K/V rows kept for restoring (0: off); needs a second sequence
+    # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; not for
+    # iSWA models; the context then has a second sequence and a unified cache; docs/recall.md)
+    recall_kv_bytes: int = 0
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
     # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
@@ -196,3 +198,16 @@ def _apart_from_swa_cache(n_ctx: int, n_swa: int, n_ubatch: int) -> int:
     (256 cells of the few global layers) keeps them apart."""
     base = _padded(n_ctx)
     return base + 256 if _padded(min(base, n_swa + n_ubatch)) == base else n_ctx
+
+
+def sequences(config: EngineConfig, n_swa: int, unified: bool) -> tuple[int, bool]:
+    """The context's n_seq_max and kv_unified: a second sequence in one unified cache when evicted KV is kept for
+    recall (restored runs come in on it, engine/recall_decoding.py); llama.cpp's defaults otherwise."""
+    if not config.recall_kv_bytes:
+        return 1, unified
+    if n_swa > 0:
+        raise ValueError(
+            f"recall_kv_bytes={config.recall_kv_bytes} is not supported for a sliding-window (iSWA) model yet "
+            f"(n_swa={n_swa}): its second cache would have to be restored too; use recall_kv_bytes=0"
+        )
+    return 2, True

@@ -17,6 +17,7 @@ from pymorph_edge.engine.engine_config import (
     default_max_span,
     resolve_flash_attn,
     resolve_score_layers,
+    sequences,
     validate_budget,
 )
 from pymorph_edge.engine.evicted_log import EvictedLog
@@ -58,7 +59,7 @@ class KVEngine(RecallDecoding):
         # one ubatch per llama_decode, so the callback knows each token's position
         cp.n_batch = config.n_ubatch if kv_budget is not None else max(config.n_ubatch, 512)
         cp.n_ubatch = config.n_ubatch
-        cp.n_seq_max, cp.kv_unified = (2, True) if config.recall_kv_bytes else (1, cp.kv_unified)
+        cp.n_seq_max, cp.kv_unified = sequences(config, model.info.n_swa, bool(cp.kv_unified))
         threads = config.n_threads or os.cpu_count() or 1
         cp.n_threads = threads
         cp.n_threads_batch = config.n_threads_batch or threads

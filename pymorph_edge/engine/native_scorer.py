@@ -120,7 +120,7 @@ class NativeScorer:
         """Renumber live positions 0..n_live-1; returns how far the newest position moved down."""
         return self._check(self._lib.pme_compact(self._state, self._mem(mem), seq, next_pos), "compaction")
 
-    # -- WIP: the KV store (native/pme_kvstore.c) --------------------------------------------------
+    # -- the KV store (native/pme_kvstore.c): evicted rows that recall restores ---------------------
     def kvstore_enable(self, n_bytes: int) -> None:
         self._check(self._lib.pme_kvstore_enable(self._state, n_bytes), "KV store")
 
@@ -130,6 +130,11 @@ class NativeScorer:
         pos = self._ffi.new("int32_t[]", max(len(lpos), 1))
         n = self._lib.pme_kvstore_arm(self._state, self._ffi.new("int64_t[]", lpos), len(lpos), pos)
         return list(pos[0 : len(lpos)]) if n == len(lpos) else None
+
+    def kvstore_save_live(self, lpos: list[int]) -> int:
+        """Save the rows of the live cells holding these logical positions; returns how many were live."""
+        n = self._lib.pme_kvstore_save_live(self._state, self._ffi.new("int64_t[]", lpos), len(lpos))
+        return self._check(n, "save live rows")
 
     def kvstore_place(self, pos0: int, lpos: list[int]) -> None:
         self._check(

@@ -45,6 +45,7 @@ class RecallCounters:
     recall_checks: int = 0  # requests that looked for evicted text to bring back
     recall_probe_s: float = 0.0  # of recall_s: decoding the query probes (recall_by "attention" or "both")
     recall_block_s: float = 0.0  # of recall_s: decoding the recalled blocks; the rest is choosing
+    restored_tokens: int = 0  # recalled tokens whose saved KV was restored rather than recomputed
 
 
 @dataclass
@@ -63,7 +64,7 @@ class RecallState:
     def from_json(cls, d: dict[str, Any]) -> RecallState:
         try:
             # the time split and the checks came later: a session file saved before them has none
-            later = {"recall_checks", "recall_probe_s", "recall_block_s"}
+            later = {"recall_checks", "recall_probe_s", "recall_block_s", "restored_tokens"}
             counters = RecallCounters(
                 **{k: d[k] for k in RecallCounters.__dataclass_fields__ if k not in later or k in d}
             )
@@ -126,6 +127,17 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     return chosen
 
 
+def _around(engine: KVEngine, wrap: Wrap | None) -> tuple[list[int], list[int]] | None:
+    """The wrap's tokens before and after the recalled text (none for a completion's raw block) when the engine
+    keeps saved KV and the wrap can say them; None: the block is recomputed whole."""
+    if not engine.config.recall_kv_bytes:
+        return None
+    if wrap is None:
+        return [], []
+    around = getattr(wrap, "around", None)
+    return around() if around is not None else None
+
+
 def _by_attention(
     engine: KVEngine, new_tokens: Sequence[int], spans: list[Span], piece: Callable[[int], str]
 ) -> list[tuple[float, Span]]:
@@ -173,9 +185,17 @@ def recall_before(
         t_head = time.perf_counter()
         engine.decode(head, logits_last=False)
         t0 += time.perf_counter() - t_head  # the turn's own token, not recall's
-    lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
     t_block = time.perf_counter()
-    engine.decode_block(block, lpos)
+    parts = _around(engine, wrap)  # with saved KV (recall_kv_bytes) the raw ids are restored, not recomputed
+    runs = [(s.lo, s.hi) for s in chosen]
+    if parts is not None and engine.restorable(runs):
+        block = [*parts[0], *raw, *parts[1]]
+        lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+        engine.restore_block(parts[0], runs, parts[1], lpos)
+        c.restored_tokens += len(raw)
+    else:
+        lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+        engine.decode_block(block, lpos)
     c.recall_block_s += time.perf_counter() - t_block
     state.blocks.append([lpos[0], lpos[-1] + 1, [[s.lo, s.hi] for s in chosen]])
     state.next_lpos += len(block)

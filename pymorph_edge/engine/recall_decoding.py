@@ -38,8 +38,46 @@ class RecallDecoding:
         self.scorer.evict(self.mem, SEQ, self.next_pos)
         self.consistent = True
 
+    def restorable(self: KVEngine, runs: list[tuple[int, int]]) -> bool:
+        """Whether every token of these runs of logical positions has saved KV at consecutive positions."""
+        if self.scorer is None or not self.config.recall_kv_bytes:
+            return False
+        for lo, hi in runs:
+            self.scorer.kvstore_save_live(list(range(lo, hi)))  # the kept part of a half-kept sentence
+            pos = self.scorer.kvstore_arm(list(range(lo, hi)))
+            if pos is None or pos != list(range(pos[0], pos[0] + hi - lo)):
+                return False
+        return True
+
+    def restore_block(
+        self: KVEngine, prefix: Sequence[int], runs: list[tuple[int, int]], suffix: Sequence[int], lpos: Sequence[int]
+    ) -> None:
+        """A recalled block at the next positions as decode_block puts it, but with the runs' tokens restored
+        from their saved KV: only the wrap's prefix and suffix are decoded."""
+        assert self.scorer is not None
+        m = len(prefix) + sum(hi - lo for lo, hi in runs) + len(suffix)
+        if self.compacts and self.next_pos + m > self.max_span:
+            self.compact()
+        lo_pos = self.next_pos
+        self.consistent = False
+        self.scorer.set_pins(self.n_keep, lo_pos, lo_pos + m)
+        for part in (prefix, None, suffix):
+            if part is None:
+                for lo, hi in runs:
+                    if not self.restore_run(list(range(lo, hi)), self.log.tokens(lo, hi), self.next_pos):
+                        raise RuntimeError(f"saved KV of tokens [{lo}, {hi}) went missing while restoring")
+                    self.next_pos += hi - lo
+                self.consistent = False
+            elif part:
+                self._decode_ubatch(list(part), self.next_pos, False, False)
+                self.next_pos += len(part)
+                self.tokens_decoded += len(part)
+        self.scorer.mark_recalled(lo_pos, list(lpos))
+        self.scorer.evict(self.mem, SEQ, self.next_pos)
+        self.consistent = True
+
     def restore_run(self: KVEngine, lpos: list[int], tokens: Sequence[int], pos_new: int) -> bool:
-        """WIP: put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
+        """Put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
         their saved K/V rows (EngineConfig(recall_kv_bytes)), without recomputing them. False (nothing done) when
         not all are saved, or their saved positions are not one run. See native/pme_kvstore.c."""
         if self.scorer is None or not self.config.recall_kv_bytes or not 0 < len(lpos) <= self.n_batch:

@@ -29,6 +29,7 @@ class KVStats:
     recall_checks: int = 0  # requests that looked for evicted text to bring back
     recall_probe_s: float = 0.0  # of recall_s: the query probes' decodes
     recall_block_s: float = 0.0  # of recall_s: the recalled blocks' decodes (the rest is choosing)
+    restored_tokens: int = 0  # of recalled_tokens: restored from saved KV (EngineConfig(recall_kv_bytes))
     # What scoring costs a backend whose buffers are not host memory (CUDA, Metal, RPC), since the last reset:
     # device->host bytes the scorer copied and the graph nodes it asked for (each splits the graph and waits
     # for the backend), over one-token ubatches (decode steps) and multi-token ones (prompt chunks, probes,

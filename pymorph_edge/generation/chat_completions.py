@@ -256,6 +256,19 @@ class ChatCompletionsMixin:
                 return None
             return self.tokenize(with_recall[: len(with_recall) - len(suffix)], add_bos=False, special=True)
 
+        def around() -> tuple[list[int], list[int]] | None:
+            """The wrap's tokens before and after the recalled text, for a block whose raw ids are restored."""
+            rendered = text_after_answer(
+                turn, [{"role": "user", "content": RECALLED_PREFIX.rstrip() + "\x00"}, *new], fmt
+            )
+            if rendered is None or not rendered.endswith(suffix):
+                return None
+            head, mark, tail = rendered[: len(rendered) - len(suffix)].partition("\x00")
+            if not mark:
+                return None
+            return self.tokenize(head, add_bos=False, special=True), self.tokenize(tail, add_bos=False, special=True)
+
+        wrap.around = around  # type: ignore[attr-defined]
         return RecallPlacement(wrap, skip=len(turn.pending))
 
     @property
