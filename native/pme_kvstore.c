@@ -18,22 +18,27 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* where one layer's caches are and how a cell's rows lie in them, as its SET_ROWS nodes showed them */
+struct kv_layer {
+    char * k_data; /* the K cache's first byte (host), NULL until seen */
+    char * v_data;
+    size_t k_nb1;  /* bytes from one cell's K row to the next */
+    size_t k_row;  /* bytes of one cell's K row */
+    size_t v_nb1;  /* V not transposed: bytes between cells' rows */
+    size_t v_row;  /* V: bytes of one cell's values (n_embd_v elements) */
+    size_t v_el;   /* V transposed: bytes of one element (cells are v_el apart, dims n_cells * v_el) */
+};
+
 struct pme_kvstore {
-    char **   k_data; /* (n_layer) where each layer's K cache starts (host), NULL until a SET_ROWS showed it */
-    char **   v_data;
-    size_t *  k_nb1;  /* bytes from one cell's K row to the next */
-    size_t *  k_row;  /* bytes of one cell's K row */
-    size_t *  v_nb1;  /* V not transposed: bytes between cells' rows */
-    size_t *  v_row;  /* V: bytes of one cell's values (n_embd_v elements) */
-    size_t *  v_el;   /* V transposed: bytes of one element (cells are v_el apart, dims n_cells * v_el) */
-    int       v_trans;
-    size_t    budget, tok_bytes;
-    int32_t   cap, n, next;
-    char *    buf;
-    int64_t * lpos;
-    int32_t * pos;
-    int32_t * armed; /* (max_ubatch) slot per token of the armed restore ubatch */
-    int32_t   n_armed;
+    struct kv_layer * layer; /* (n_layer) */
+    int               v_trans;
+    size_t            budget, tok_bytes;
+    int32_t           cap, n, next;
+    char *            buf;
+    int64_t *         lpos;
+    int32_t *         pos;
+    int32_t *         armed; /* (max_ubatch) slot per token of the armed restore ubatch */
+    int32_t           n_armed;
 };
 
 int pme_kvstore_enable(pme_state * st, int64_t bytes) {
@@ -41,7 +46,7 @@ int pme_kvstore_enable(pme_state * st, int64_t bytes) {
         return -1;
     }
     if (st->kvs) {
-        free(st->kvs->k_data);
+        free(st->kvs->layer);
         free(st->kvs->buf);
         free(st->kvs->lpos);
         free(st->kvs->pos);
@@ -53,21 +58,13 @@ int pme_kvstore_enable(pme_state * st, int64_t bytes) {
         return 0;
     }
     struct pme_kvstore * s = calloc(1, sizeof *s);
-    const size_t         L = (size_t) st->cfg.n_layer;
-    if (!s || !(s->k_data = calloc(9 * L, sizeof(void *))) ||
+    if (!s || !(s->layer = calloc((size_t) st->cfg.n_layer, sizeof *s->layer)) ||
         !(s->armed = malloc((size_t) st->cfg.max_ubatch * sizeof(int32_t)))) {
-        free(s ? s->k_data : NULL);
+        free(s ? s->layer : NULL);
         free(s);
         pme_set_error(st, "out of memory for the KV store");
         return -1;
     }
-    /* one allocation for the per-layer arrays (pointers and sizes are both 8 bytes here) */
-    s->v_data = s->k_data + L;
-    s->k_nb1  = (size_t *) (s->k_data + 2 * L);
-    s->k_row  = s->k_nb1 + L;
-    s->v_nb1  = s->k_nb1 + 2 * L;
-    s->v_row  = s->k_nb1 + 3 * L;
-    s->v_el   = s->k_nb1 + 4 * L;
     s->budget = (size_t) bytes;
     st->kvs   = s;
     return 0;
@@ -81,24 +78,26 @@ void pme_kvstore_note(pme_state * st, const struct ggml_tensor * t) {
     }
     int il = pme_parse_layer(t->name, "cache_k_l");
     if (il >= 0 && il < st->cfg.n_layer && t->ne[1] == st->cfg.n_cells) {
-        s->k_data[il] = t->data;
-        s->k_nb1[il]  = t->nb[1];
-        s->k_row[il]  = ggml_row_size(t->type, t->ne[0]);
+        struct kv_layer * l = &s->layer[il];
+        l->k_data           = t->data;
+        l->k_nb1            = t->nb[1];
+        l->k_row            = ggml_row_size(t->type, t->ne[0]);
         return;
     }
     il = pme_parse_layer(t->name, "cache_v_l");
     if (il < 0 || il >= st->cfg.n_layer) {
         return;
     }
-    s->v_data[il] = t->data;
+    struct kv_layer * l = &s->layer[il];
+    l->v_data           = t->data;
     if (t->ne[0] == 1) { /* transposed V (flash attention off): one element per row, dims n_cells apart */
-        s->v_trans   = 1;
-        s->v_el[il]  = ggml_type_size(t->type);
-        s->v_row[il] = (size_t) (t->ne[1] / st->cfg.n_cells) * s->v_el[il];
-        s->v_nb1[il] = 0;
+        s->v_trans = 1;
+        l->v_el    = ggml_type_size(t->type);
+        l->v_row   = (size_t) (t->ne[1] / st->cfg.n_cells) * l->v_el;
+        l->v_nb1   = 0;
     } else if (t->ne[1] == st->cfg.n_cells) {
-        s->v_nb1[il] = t->nb[1];
-        s->v_row[il] = ggml_row_size(t->type, t->ne[0]);
+        l->v_nb1 = t->nb[1];
+        l->v_row = ggml_row_size(t->type, t->ne[0]);
     }
 }
 
@@ -109,10 +108,10 @@ static int layout_known(pme_state * st) {
     }
     size_t tok = 0;
     for (int32_t il = 0; il < st->cfg.n_layer; ++il) {
-        if (!s->k_data[il] || !s->v_data[il] || !s->v_row[il]) {
+        if (!s->layer[il].k_data || !s->layer[il].v_data || !s->layer[il].v_row) {
             return 0; /* a layer not seen yet (or off the host): nothing is saved */
         }
-        tok += s->k_row[il] + s->v_row[il];
+        tok += s->layer[il].k_row + s->layer[il].v_row;
     }
     s->tok_bytes = tok;
     s->cap       = (int32_t) (s->budget / tok < INT32_MAX ? s->budget / tok : INT32_MAX);
@@ -123,6 +122,10 @@ static int layout_known(pme_state * st) {
     s->lpos = malloc((size_t) s->cap * sizeof(int64_t));
     s->pos  = malloc((size_t) s->cap * sizeof(int32_t));
     if (!s->buf || !s->lpos || !s->pos) {
+        free(s->buf);
+        free(s->lpos);
+        free(s->pos);
+        s->buf = NULL;
         pme_set_error(st, "out of memory for a %d-token KV store", s->cap);
         return 0;
     }
@@ -137,20 +140,20 @@ static void move_rows(const struct pme_kvstore * s,
                       char *                     tok,
                       int                        to_store) {
     for (int32_t il = 0; il < n_layer; ++il) {
-        char * k = s->k_data[il] + (size_t) cell * s->k_nb1[il];
-        to_store ? memcpy(tok, k, s->k_row[il]) : memcpy(k, tok, s->k_row[il]);
-        tok += s->k_row[il];
+        const struct kv_layer * l = &s->layer[il];
+        char *                  k = l->k_data + (size_t) cell * l->k_nb1;
+        to_store ? memcpy(tok, k, l->k_row) : memcpy(k, tok, l->k_row);
+        tok += l->k_row;
         if (s->v_trans) {
-            const size_t el = s->v_el[il], n_embd = s->v_row[il] / el;
-            for (size_t d = 0; d < n_embd; ++d) {
-                char * v = s->v_data[il] + (d * (size_t) n_cells + (size_t) cell) * el;
-                to_store ? memcpy(tok + d * el, v, el) : memcpy(v, tok + d * el, el);
+            for (size_t d = 0; d < l->v_row / l->v_el; ++d) {
+                char * v = l->v_data + (d * (size_t) n_cells + (size_t) cell) * l->v_el;
+                to_store ? memcpy(tok + d * l->v_el, v, l->v_el) : memcpy(v, tok + d * l->v_el, l->v_el);
             }
         } else {
-            char * v = s->v_data[il] + (size_t) cell * s->v_nb1[il];
-            to_store ? memcpy(tok, v, s->v_row[il]) : memcpy(v, tok, s->v_row[il]);
+            char * v = l->v_data + (size_t) cell * l->v_nb1;
+            to_store ? memcpy(tok, v, l->v_row) : memcpy(v, tok, l->v_row);
         }
-        tok += s->v_row[il];
+        tok += l->v_row;
     }
 }
 

@@ -280,7 +280,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
             recalled, n_new = 0, len(new)  # n_new: what this request decodes, a head decoded before the block included
             if extends and recall is not None and engine.recall_enabled:
                 head, rest = new[: recall.skip], new[recall.skip :]
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head)
+                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around)
                 if recalled:
                     new = rest  # head went in before the block
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None

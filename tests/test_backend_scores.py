@@ -131,9 +131,9 @@ def _sent_per_ubatch(path: str, n_ubatch: int) -> tuple[list[tuple[bool, int, in
         begin, end = scorer.begin, scorer.end
         flags: dict[str, object] = {}
 
-        def spy_begin(first_pos, m, last_chunk, probe=False, query=False, superseded=False):
+        def spy_begin(first_pos, m, last_chunk, probe=False, query=False, superseded=False, restore=False):
             flags.update(superseded=superseded, m=m)
-            begin(first_pos, m, last_chunk, probe, query, superseded)
+            begin(first_pos, m, last_chunk, probe, query, superseded, restore)
 
         def spy_end():
             before = llm.stats.prompt_d2h_bytes + llm.stats.decode_d2h_bytes

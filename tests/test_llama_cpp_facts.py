@@ -87,11 +87,11 @@ def _context(model, spy, flash):
     return C.llama_init_from_model(model.ptr, cp)
 
 
-def _decode(ctx, tokens, pos0):
+def _decode(ctx, tokens, pos0, seq=0):
     b = C.llama_batch_init(len(tokens), 0, 1)
     for i, t in enumerate(tokens):
         b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + i, 1, 1 if i == len(tokens) - 1 else 0
-        b.seq_id[i][0] = 0
+        b.seq_id[i][0] = seq
     b.n_tokens = len(tokens)
     rc = C.llama_decode(ctx, b)
     C.llama_batch_free(b)
@@ -248,17 +248,6 @@ class StopAtFirstKWrite:
         return not self.stop
 
 
-def _decode_seq(ctx, tokens, pos0, seq):
-    b = C.llama_batch_init(len(tokens), 0, 1)
-    for i, t in enumerate(tokens):
-        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos0 + i, 1, 0
-        b.seq_id[i][0] = seq
-    b.n_tokens = len(tokens)
-    rc = C.llama_decode(ctx, b)
-    C.llama_batch_free(b)
-    return rc
-
-
 def _two_seq_context(model, cb):
     cp = C.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = 256, 64, 64, 2, True
@@ -273,7 +262,7 @@ def test_a_callback_returning_false_stops_the_graph_but_the_cells_are_taken(gqa_
     for spy in (full, stop):
         ctx = _two_seq_context(model, spy.cb)
         mem = C.llama_get_memory(ctx)
-        assert _decode_seq(ctx, list(range(3, 13)), 0, 0) == 0  # llama_decode still succeeds
+        assert _decode(ctx, list(range(3, 13)), 0, 0) == 0  # llama_decode still succeeds
         assert spy.cells == list(range(10)) and C.llama_memory_seq_pos_max(mem, 0) == 9
         C.llama_free(ctx)
     # the scheduler stopped asking at layer 0's K write: the rest of the graph was never computed
@@ -286,15 +275,15 @@ def test_an_empty_second_sequence_takes_any_start_and_hands_its_cells_to_the_fir
     spy = StopAtFirstKWrite(stop=False)
     ctx = _two_seq_context(model, spy.cb)
     mem = C.llama_get_memory(ctx)
-    assert _decode_seq(ctx, list(range(3, 13)), 0, 0) == 0
-    assert _decode_seq(ctx, [20, 21, 22], 50, 0) != 0  # sequence 0 must go on from its last position + 1
-    assert _decode_seq(ctx, [20, 21, 22], 100, 1) == 0  # an empty sequence starts anywhere
+    assert _decode(ctx, list(range(3, 13)), 0, 0) == 0
+    assert _decode(ctx, [20, 21, 22], 50, 0) != 0  # sequence 0 must go on from its last position + 1
+    assert _decode(ctx, [20, 21, 22], 100, 1) == 0  # an empty sequence starts anywhere
     assert C.llama_memory_seq_pos_max(mem, 1) == 102
     C.llama_memory_seq_add(mem, 1, 100, 103, -90)  # to positions 10..12 (llama.cpp re-rotates K at the next decode)
     C.llama_memory_seq_cp(mem, 1, 0, -1, -1)
     assert C.llama_memory_seq_rm(mem, 1, -1, -1)
     assert (C.llama_memory_seq_pos_min(mem, 0), C.llama_memory_seq_pos_max(mem, 0)) == (0, 12)
     assert C.llama_memory_seq_pos_max(mem, 1) == -1
-    assert _decode_seq(ctx, [30], 13, 0) == 0  # sequence 0 goes on after the handed-over cells
+    assert _decode(ctx, [30], 13, 0) == 0  # sequence 0 goes on after the handed-over cells
     C.llama_free(ctx)
     model.close()

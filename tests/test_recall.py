@@ -98,7 +98,10 @@ def test_morphkv_recalls_an_evicted_fact(gqa_model):
         llm.create_completion(text, max_tokens=2, temperature=0.0)
         text += FILLER + " As recorded at the start, the code for Tom is"
         llm.create_completion(text, max_tokens=2, temperature=0.0)
-        assert llm.stats.recalls == 1 and llm.stats.recalled_tokens > 0
+        s = llm.stats
+        assert s.recall_checks == 1 and s.recalls == 1 and s.recalled_tokens > 0
+        # recall's time: the probe, the block's decode, and choosing (the rest)
+        assert 0 < s.recall_probe_s and 0 < s.recall_block_s and s.recall_probe_s + s.recall_block_s < s.recall_s
         assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
         assert any(p >= BLOCK_LPOS for p in llm.engine.scorer.cell_lpos())
 

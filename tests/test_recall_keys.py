@@ -103,15 +103,8 @@ def test_recall_by_attention_works_for_every_native_policy(gqa_model, policy):
         assert not any("The code for Tom is 90517." in t for t in recalled_text(llm)) or in_cache(llm, lo, hi)
 
 
-def test_recall_time_is_split_and_counts_a_look_that_found_nothing(gqa_model):
-    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
-        text = FACTS + FILLER
-        llm.create_completion(text, max_tokens=1, temperature=0.0)
-        text += FILLER + " As recorded at the start, the code for Tom is"
-        llm.create_completion(text, max_tokens=1, temperature=0.0)
-        s = llm.stats
-        assert s.recall_checks == 1 and s.recalls == 1 and s.recalled_tokens > 0
-        assert 0 < s.recall_probe_s and 0 < s.recall_block_s and s.recall_probe_s + s.recall_block_s < s.recall_s
+def test_recall_time_counts_a_look_that_found_nothing(gqa_model):
+    """(The split of a look that recalled something: test_recall.py::test_morphkv_recalls_an_evicted_fact.)"""
     with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64, recall_by="bm25")) as llm:
         text = FACTS + FILLER
         llm.create_completion(text, max_tokens=1, temperature=0.0)

@@ -371,6 +371,7 @@ class KVEngine(RecallDecoding):
         all_logits: bool = False,
         query: bool = False,
         superseded: bool = False,
+        restore: bool = False,  # saved rows written on the second sequence (engine/recall_decoding.py restore_run)
     ) -> None:
         b = self.batch
         m = len(chunk)
@@ -378,11 +379,11 @@ class KVEngine(RecallDecoding):
             b.token[i] = tok
             b.pos[i] = pos0 + i
             b.n_seq_id[i] = 1
-            b.seq_id[i][0] = SEQ
+            b.seq_id[i][0] = SEQ + restore
             b.logits[i] = 1 if all_logits or (want_logits and i == m - 1) else 0
         b.n_tokens = m
         if self.scorer is not None:
-            self.scorer.begin(pos0, m, last_chunk, probe, query, superseded)
+            self.scorer.begin(pos0, m, last_chunk, probe, query, superseded, restore)
         rc = C.llama_decode(self.ctx, b)
         if rc != 0:
             if self.scorer is not None:

@@ -34,6 +34,9 @@ QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
 # template; None means it cannot be placed well-formed, and nothing is recalled
 Wrap = Callable[[list[int]], "list[int] | None"]
+# the wrap's own tokens before and after the recalled raw ids, for a block restored from saved KV (None: the wrap
+# cannot say them, and the block is recomputed whole)
+Around = Callable[[], "tuple[list[int], list[int]] | None"]
 
 
 @dataclass
@@ -127,14 +130,13 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     return chosen
 
 
-def _around(engine: KVEngine, wrap: Wrap | None) -> tuple[list[int], list[int]] | None:
+def _around(engine: KVEngine, wrap: Wrap | None, around: Around | None) -> tuple[list[int], list[int]] | None:
     """The wrap's tokens before and after the recalled text (none for a completion's raw block) when the engine
     keeps saved KV and the wrap can say them; None: the block is recomputed whole."""
     if not engine.config.recall_kv_bytes:
         return None
     if wrap is None:
         return [], []
-    around = getattr(wrap, "around", None)
     return around() if around is not None else None
 
 
@@ -161,6 +163,7 @@ def recall_before(
     piece: Callable[[int], str],
     wrap: Wrap | None = None,
     head: Sequence[int] = (),
+    around: Around | None = None,
 ) -> int:
     """Decode the evicted text relevant to new_tokens as a pinned block at the next positions; returns the
     block's length (0: nothing recalled, and nothing decoded). head: tokens that must precede the block (an
@@ -186,7 +189,7 @@ def recall_before(
         engine.decode(head, logits_last=False)
         t0 += time.perf_counter() - t_head  # the turn's own token, not recall's
     t_block = time.perf_counter()
-    parts = _around(engine, wrap)  # with saved KV (recall_kv_bytes) the raw ids are restored, not recomputed
+    parts = _around(engine, wrap, around)  # with saved KV (recall_kv_bytes) the raw ids are restored, not recomputed
     runs = [(s.lo, s.hi) for s in chosen]
     if parts is not None and engine.restorable(runs):
         block = [*parts[0], *raw, *parts[1]]

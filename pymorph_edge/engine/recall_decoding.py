@@ -67,7 +67,6 @@ class RecallDecoding:
                     if not self.restore_run(list(range(lo, hi)), self.log.tokens(lo, hi), self.next_pos):
                         raise RuntimeError(f"saved KV of tokens [{lo}, {hi}) went missing while restoring")
                     self.next_pos += hi - lo
-                self.consistent = False
             elif part:
                 self._decode_ubatch(list(part), self.next_pos, False, False)
                 self.next_pos += len(part)
@@ -79,29 +78,20 @@ class RecallDecoding:
     def restore_run(self: KVEngine, lpos: list[int], tokens: Sequence[int], pos_new: int) -> bool:
         """Put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
         their saved K/V rows (EngineConfig(recall_kv_bytes)), without recomputing them. False (nothing done) when
-        not all are saved, or their saved positions are not one run. See native/pme_kvstore.c."""
+        not all are saved, or their saved positions are not one run. The caller keeps `consistent` (restore_block
+        clears it for the whole block). See native/pme_kvstore.c."""
         if self.scorer is None or not self.config.recall_kv_bytes or not 0 < len(lpos) <= self.n_batch:
             return False
         pos = self.scorer.kvstore_arm(list(lpos))
         m = len(lpos)
         if pos is None or pos != list(range(pos[0], pos[0] + m)):
             return False
-        b = self.batch
-        for i, tok in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos[0] + i, 1, 0
-            b.seq_id[i][0] = SEQ + 1  # an empty second sequence takes any start (tests/test_llama_cpp_facts.py)
-        b.n_tokens = m
-        self.consistent = False
-        self.scorer.begin(pos[0], m, False, restore=True)
-        if C.llama_decode(self.ctx, b) != 0:
-            self.scorer.reset()
-            raise RuntimeError(f"llama_decode refused a {m}-token restore at position {pos[0]}; the cache was reset")
-        self.scorer.end()
+        # on the empty second sequence, which takes any start (tests/test_llama_cpp_facts.py)
+        self._decode_ubatch(tokens, pos[0], False, False, restore=True)
         C.llama_memory_seq_add(self.mem, SEQ + 1, pos[0], pos[0] + m, pos_new - pos[0])  # K re-rotated next decode
         C.llama_memory_seq_cp(self.mem, SEQ + 1, SEQ, -1, -1)
         C.llama_memory_seq_rm(self.mem, SEQ + 1, -1, -1)
         self.scorer.kvstore_place(pos_new, list(lpos))
-        self.consistent = True
         return True
 
     def release_pin(self: KVEngine) -> None:

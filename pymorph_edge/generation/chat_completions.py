@@ -17,7 +17,7 @@ from typing import Any
 
 from llama_cpp import llama_chat_format as lcf
 
-from pymorph_edge.engine.recall import Wrap
+from pymorph_edge.engine.recall import Around, Wrap
 from pymorph_edge.generation import openai_shapes as shapes
 from pymorph_edge.generation.chat import (
     ChatFormatter,
@@ -48,6 +48,7 @@ class RecallPlacement:
 
     wrap: Wrap | None = None
     skip: int = 0
+    around: Around | None = None  # the wrap's tokens before and after raw ids, for a restored block (recall.py)
 
 
 @dataclass
@@ -248,28 +249,24 @@ class ChatCompletionsMixin:
         so the conversation stays well formed. Not placed at all when the template renders it otherwise."""
         fmt = self._formatter()
 
-        def wrap(raw: list[int]) -> list[int] | None:
-            text = self.detokenize(raw).decode("utf-8", "replace").strip()
-            msg = {"role": "user", "content": RECALLED_PREFIX + text}
-            with_recall = text_after_answer(turn, [msg, *new], fmt)
-            if with_recall is None or not with_recall.endswith(suffix) or len(with_recall) == len(suffix):
+        def render(content: str) -> str | None:
+            """The text before the new messages with `content` as a recalled user message (None: not placeable)."""
+            text = text_after_answer(turn, [{"role": "user", "content": content}, *new], fmt)
+            if text is None or not text.endswith(suffix) or len(text) == len(suffix):
                 return None
-            return self.tokenize(with_recall[: len(with_recall) - len(suffix)], add_bos=False, special=True)
+            return text[: len(text) - len(suffix)]
+
+        def wrap(raw: list[int]) -> list[int] | None:
+            text = render(RECALLED_PREFIX + self.detokenize(raw).decode("utf-8", "replace").strip())
+            return None if text is None else self.tokenize(text, add_bos=False, special=True)
 
         def around() -> tuple[list[int], list[int]] | None:
-            """The wrap's tokens before and after the recalled text, for a block whose raw ids are restored."""
-            rendered = text_after_answer(
-                turn, [{"role": "user", "content": RECALLED_PREFIX.rstrip() + "\x00"}, *new], fmt
-            )
-            if rendered is None or not rendered.endswith(suffix):
-                return None
-            head, mark, tail = rendered[: len(rendered) - len(suffix)].partition("\x00")
+            head, mark, tail = (render(RECALLED_PREFIX.rstrip() + "\x00") or "").partition("\x00")
             if not mark:
                 return None
             return self.tokenize(head, add_bos=False, special=True), self.tokenize(tail, add_bos=False, special=True)
 
-        wrap.around = around  # type: ignore[attr-defined]
-        return RecallPlacement(wrap, skip=len(turn.pending))
+        return RecallPlacement(wrap, skip=len(turn.pending), around=around)
 
     @property
     def conversation_id(self) -> str | None:
