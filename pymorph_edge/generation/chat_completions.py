@@ -36,6 +36,7 @@ from pymorph_edge.generation.structured_output import Structure, as_tool_call, s
 
 # what a recalled chat message says it is: text the user or the model wrote earlier in this conversation
 RECALLED_PREFIX = "(From earlier in this conversation:) "
+RECALLED_ACK = "Noted."  # the assistant turn after a recalled message, for templates that need alternation
 
 # create_chat_completion's sampling defaults (llama_cpp's)
 CHAT_DEFAULTS: dict[str, Any] = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0)
@@ -246,15 +247,30 @@ class ChatCompletionsMixin:
 
     def _chat_recall(self, turn: ChatTurn, new: list[dict[str, Any]], suffix: str) -> RecallPlacement:
         """Recalled text goes in as a user message of the model's own template, just before the new messages,
-        so the conversation stays well formed. Not placed at all when the template renders it otherwise."""
+        so the conversation stays well formed. A template that wants user and assistant to alternate (Gemma,
+        Mistral) refuses two user messages in a row; it gets the recalled message followed by a short assistant
+        acknowledgement instead. Not placed at all when the template renders neither as a prefix of the turn."""
         fmt = self._formatter()
+        shapes = ([], [{"role": "assistant", "content": RECALLED_ACK}])
+        chosen: list[list[dict[str, Any]]] = []  # the first shape that rendered, kept so wrap and around agree
 
-        def render(content: str) -> str | None:
-            """The text before the new messages with `content` as a recalled user message (None: not placeable)."""
-            text = text_after_answer(turn, [{"role": "user", "content": content}, *new], fmt)
+        def render_with(content: str, after: list[dict[str, Any]]) -> str | None:
+            try:
+                text = text_after_answer(turn, [{"role": "user", "content": content}, *after, *new], fmt)
+            except ValueError:  # the template refused the shape (raise_exception); recall must not fail the turn
+                return None
             if text is None or not text.endswith(suffix) or len(text) == len(suffix):
                 return None
             return text[: len(text) - len(suffix)]
+
+        def render(content: str) -> str | None:
+            """The text before the new messages with `content` as a recalled user message (None: not placeable)."""
+            for after in chosen or shapes:
+                text = render_with(content, after)
+                if text is not None:
+                    chosen[:] = [after]
+                    return text
+            return None
 
         def wrap(raw: list[int]) -> list[int] | None:
             text = render(RECALLED_PREFIX + self.detokenize(raw).decode("utf-8", "replace").strip())
