@@ -230,7 +230,8 @@ def extends(turn: ChatTurn, messages: Sequence[dict[str, Any]]) -> bool:
 def text_after_answer(turn: ChatTurn, new: Sequence[dict[str, Any]], formatter: ChatFormatter) -> str | None:
     """The template text that follows turn's answer when `new` messages come next, rendered from the turn's
     tail alone (the text after an answer depends on the messages around it, not on the whole history).
-    None when the template does not render the tail's answer as a prefix of the continuation."""
+    None when the template renders the tail's answer neither as a prefix of the continuation nor, near where the
+    prompt it was generated after ends, as text of its own (_after_rerendered_answer)."""
     prompt_before_answer, _, _ = formatter.prompt(turn.tail[:-1])
     continued, _, _ = formatter.prompt(list(turn.tail) + list(new))
     answer = turn.tail[-1]["content"]
@@ -239,4 +240,31 @@ def text_after_answer(turn: ChatTurn, new: Sequence[dict[str, Any]], formatter: 
         rendered = prompt_before_answer + variant
         if continued.startswith(rendered):
             return continued[len(rendered) :]
+    last = turn.tail[-2]["content"] if len(turn.tail) > 1 else None
+    return _after_rerendered_answer(prompt_before_answer, continued, answer, content_text(last) if last else "")
+
+
+# Characters a template may add or drop where the generation prompt and the answer meet when it renders a past answer
+REWRITE_SLACK = 64
+
+
+def _after_rerendered_answer(before: str, continued: str, answer: str, last: str) -> str | None:
+    """What follows the answer when the template renders a past answer unlike the prompt it was generated after.
+    Thinking models' generation prompts open a reasoning block ("<think>\n") that later turns leave out, and their
+    templates drop the reasoning from past answers (DeepSeek-R1 distills, Qwen 3.5, Gemma 4: about half of
+    llama.cpp's bundled templates). Re-decoding the answer as rendered is what an unbounded cache would do, but a
+    bounded cache may have evicted its start, and then the whole conversation is decoded again every turn. So the
+    turn goes on from the answer as the model generated it: the cache keeps the opening the template would drop,
+    and only the text after the answer is new. Accepted only when the rendering departs from the prompt after the
+    last message before the answer (`last`, its text) and within REWRITE_SLACK characters of the prompt's end,
+    and the answer's text follows right there."""
+    p = 0
+    while p < min(len(before), len(continued)) and before[p] == continued[p]:
+        p += 1
+    if len(before) - p > REWRITE_SLACK or (last and last.strip() not in before[:p]):
+        return None  # the template changed the conversation before the answer, not only where the answer begins
+    for shown in (answer.strip(), answer.rsplit("</think>", 1)[-1].strip()):
+        at = continued.find(shown, p) if shown else -1
+        if 0 <= at - p <= REWRITE_SLACK:
+            return continued[at + len(shown) :]
     return None

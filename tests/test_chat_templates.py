@@ -1,0 +1,56 @@
+"""Chat templates that render a past answer unlike the prompt it was generated after (thinking models), and ones
+that want user and assistant to alternate: a turn still goes on from the cache (generation/chat.py)."""
+
+from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.generation.chat import ChatFormatter, ChatTurn, text_after_answer
+
+# DeepSeek-R1's shape in short: the generation prompt opens a reasoning block; a past answer is shown without it
+THINKING = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}"
+    "{% else %}<|Assistant|>{{ m['content'].split('</think>')[-1] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+# a template that rewrites what came before the answer when more messages follow: no continuation is safe
+REWRITES_EARLIER = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<u>{{ m['content'] if loop.last else m['content'] | upper }}"
+    "{% else %}<a>{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<a>{% endif %}"
+)
+TAIL = [{"role": "user", "content": "My PIN is 12345."}, {"role": "assistant", "content": "<think>ok</think>Noted!"}]
+NEW = [{"role": "user", "content": "What was my PIN?"}]
+
+
+def test_a_thinking_template_continues_after_the_answer_as_generated():
+    fmt = ChatFormatter(THINKING, "<s>", "</s>")
+    turn = ChatTurn(2, "", TAIL, [], "")
+    assert text_after_answer(turn, NEW, fmt) == "<|end|><|User|>What was my PIN?<|Assistant|><think>\n"
+    plain = ChatTurn(2, "", [TAIL[0], {"role": "assistant", "content": "Noted!"}], [], "")
+    assert text_after_answer(plain, NEW, fmt) == "<|end|><|User|>What was my PIN?<|Assistant|><think>\n"
+
+
+def test_a_template_that_rewrites_earlier_messages_is_not_continued():
+    fmt = ChatFormatter(REWRITES_EARLIER, "<s>", "</s>")
+    turn = ChatTurn(2, "", [TAIL[0], {"role": "assistant", "content": "Noted!"}], [], "")
+    before, _, _ = fmt.prompt(turn.tail[:-1])
+    after, _, _ = fmt.prompt([*turn.tail, *NEW])
+    assert "MY PIN" in after and "MY PIN" not in before  # the earlier message did change
+    assert text_after_answer(turn, NEW, fmt) is None
+
+
+def test_a_thinking_model_chat_decodes_only_the_new_messages_each_turn(gqa_model):
+    """Before, each turn after the first rendered the previous answer without "<think>\\n", matched the cache only
+    up to there, and once that point was evicted decoded the whole conversation again (cached 0 tokens)."""
+    with Llama(gqa_model, kv_budget=96, chat_template=THINKING, config=EngineConfig(n_ubatch=32)) as llm:
+        ban = {llm.token_eos(): -1e9, 3: -1e9}
+        msgs = [{"role": "user", "content": "My PIN is 12345. Tell me a story."}]
+        prompts = []
+        for i in range(3):
+            r = llm.create_chat_completion(msgs, max_tokens=80, temperature=0, logit_bias=ban)
+            t = llm.last_timings
+            prompts.append((t.prompt_tokens, t.cached_tokens))
+            msgs += [r["choices"][0]["message"], {"role": "user", "content": f"Go on, part {i + 2}."}]
+        assert llm.stats.tokens_evicted > 80
+        for (p_before, _), (p, cached) in zip(prompts, prompts[1:], strict=False):
+            assert cached >= p_before + 70 and p - cached < 80  # the last answer and all before it were reused
+        cont = llm.continue_chat([{"role": "user", "content": "And then?"}], max_tokens=4, temperature=0)
+        assert cont["choices"][0]["finish_reason"] == "length"
