@@ -3,8 +3,9 @@
 usage: python benchmarks/recall_bench.py --model smollm2-135m --task continuation --budget 512 \
            --out benchmarks/results/recall-smollm2 [--sets tuning,held-out] [--configs full,morphkv,...]
 
-Two tasks, both with this project's own facts and texts (two sets: "tuning" chose the recall constants,
-"held-out" was only ever reported):
+Two tasks, both with this project's own facts and texts, in three sets: "tuning" chose the recall constants,
+"held-out" was reported and also looked at while comparing thresholds, and "fresh" (other names, wordings, prose
+and stories, written after every constant was chosen) was only ever reported:
 - continuation: eight facts (a 5-digit code under a name) open a text; then ~4.5K tokens of prose arrive as
   successive requests of ~500 tokens, each extending the cached text and ending just before a reminder's
   value ("... the code for Maria is"). The greedy continuation is scored by the digits it copies.
@@ -40,6 +41,18 @@ SETS = {
         "cities": ["Dublin", "Nairobi", "Hanoi", "Tallinn"],
         "seed": 2,
     },
+    # written after every recall constant was chosen and only ever reported (stop 31): other names, other
+    # details around the number, other stories, other wordings
+    "fresh": {
+        "names": ["Nadia", "Bjorn", "Camille", "Tariq", "Mei", "Joao", "Helga", "Arjun"],
+        "cities": ["Porto", "Bergen", "Lyon", "Amman"],
+        "seed": 3,
+        "stories": ["a lighthouse keeper and a lost whale", "two rival bakers in a small town", "a comet that sings"],
+        "fact": "{name}'s ticket number is {code}.",
+        "cue": "Earlier we noted that {name}'s ticket number is",
+        "opening": "Hello! I'm {name}, I live in {city} and I work as a nurse. {fact} Could you write me a long story "
+        "about {story}?",
+    },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
 # (how the user states the number, how the user asks for it later), per set; the later ones share few words with
@@ -53,7 +66,14 @@ DIALOGUE_FACTS = {
         ("My apartment door PIN is {num}.", "What was my PIN again?"),
         ("My customer ID is {num}.", "Quick question: which 5-digit number did I give you earlier?"),
     ],
+    "fresh": [
+        ("My bike lock combination is {num}.", "Sorry, what was my bike lock combination?"),
+        ("The number on my parking permit is {num}.", "Do you still remember the number from my first message?"),
+        ("My library card number is {num}.", "Remind me: what is my library card number?"),
+        ("My flight booking reference is {num}.", "What number did I tell you when we started talking?"),
+    ],
 }
+OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
 
 
 def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
@@ -78,6 +98,24 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
 # with the facts' names
 PROSE = {
+    "fresh": {
+        "who": ["The ferry captain", "A retired librarian", "The village doctor", "Our landlord", "The mail carrier"],
+        "did": ["carefully inspected", "wrote a letter about", "laughed at", "took a photograph of", "waited beside"],
+        "what": [
+            "the frozen canal",
+            "a crate of oranges",
+            "the bridge near the station",
+            "a crooked wooden fence",
+            "the new bakery",
+        ],
+        "then": [
+            "until the lamps were lit",
+            "during the long winter evening",
+            "while the dogs barked outside",
+            "before anyone else woke up",
+            "as snow covered the rooftops",
+        ],
+    },
     "tuning": {
         "who": [
             "The old fisherman",
@@ -159,15 +197,19 @@ def continuation(llm: Llama, set_name: str) -> list[dict]:
     s = SETS[set_name]
     rng = random.Random(s["seed"])
     facts = [(n, f"{rng.randrange(10000, 100000)}") for n in s["names"]]
-    text = "Records of the archive. " + " ".join(f"The code for {n} is {c}." for n, c in facts) + "\n\n"
+    fact, cue = (
+        s.get("fact", "The code for {name} is {code}."),
+        s.get("cue", "As recorded at the start, the code for {name} is"),
+    )
+    text = "Records of the archive. " + " ".join(fact.format(name=n, code=c) for n, c in facts) + "\n\n"
     per = 28  # sentences (~500 tokens) per request
     prose = filler(set_name, 8 * per, s["seed"])
-    fact_at = {n: len(llm.tokenize(text.split(f"The code for {n}")[0])) for n, _ in facts}
+    fact_at = {n: len(llm.tokenize(text.split(fact.format(name=n, code=c))[0])) for n, c in facts}
     order = facts[:]
     rng.shuffle(order)
     out = []
     for r, (name, code) in enumerate(order):
-        text += " ".join(prose[r * per : (r + 1) * per]) + f" As recorded at the start, the code for {name} is"
+        text += " ".join(prose[r * per : (r + 1) * per]) + " " + cue.format(name=name)
         n_prompt = len(llm.tokenize(text))
         got = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
         digits = "".join(ch for ch in got if ch.isdigit())[:5]
@@ -187,13 +229,10 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
         name, city, num = s["names"][i], s["cities"][i % len(s["cities"])], f"{rng.randrange(10000, 100000)}"
         fact, question = DIALOGUE_FACTS[set_name][i % len(DIALOGUE_FACTS[set_name])]
         llm.reset()
-        msgs = [
-            {
-                "role": "user",
-                "content": f"Hi, I'm {name} from {city}. {fact.format(num=num)} Please write me a long story about {STORIES[0]}.",
-            }
-        ]
-        for k, topic in enumerate(STORIES):
+        stories = s.get("stories", STORIES)
+        opening = s.get("opening", OPENING).format(name=name, city=city, fact=fact.format(num=num), story=stories[0])
+        msgs = [{"role": "user", "content": opening}]
+        for k, topic in enumerate(stories):
             if k:
                 msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
             r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)

@@ -1,7 +1,9 @@
 """Tiny llama-architecture GGUFs with random weights, written with the `gguf` package.
 
 They load in llama.cpp in milliseconds, so mechanism tests (cell maps, budgets, eviction) run
-without a real model. The tokenizer is SentencePiece-style with byte fallback only.
+without a real model. The tokenizer is SentencePiece-style with byte fallback only. `arch` also writes the
+two other layouts small instruction-tuned models commonly ship in: "qwen2" (biased Q/K/V, NeoX RoPE) and
+"qwen3" (RMS-normed Q and K per head, NeoX RoPE); llama.cpp builds their attention through the same code.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ def write_synthetic_llama(
     n_ff: int = 128,
     n_ctx_train: int = 65536,
     seed: int = 0,
+    arch: str = "llama",
 ) -> Path:
-    """Write a random-weight llama GGUF (MHA when n_head_kv == n_head, GQA otherwise) and return its path."""
+    """Write a random-weight GGUF (MHA when n_head_kv == n_head, GQA otherwise) and return its path."""
     import gguf
 
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"arch must be 'llama', 'qwen2' or 'qwen3', got {arch!r}")
     if n_head % n_head_kv:
         raise ValueError(f"n_head={n_head} must be a multiple of n_head_kv={n_head_kv}")
     path = Path(path)
@@ -35,7 +40,7 @@ def write_synthetic_llama(
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     n_vocab = len(tokens)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("pymorph-edge-synthetic")
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
@@ -68,6 +73,13 @@ def write_synthetic_llama(
         t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd, scale=0.5)
         t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
         t(f"blk.{i}.attn_output.weight", n_embd, n_embd)
+        if arch == "qwen2":
+            t(f"blk.{i}.attn_q.bias", n_embd, scale=0.3)
+            t(f"blk.{i}.attn_k.bias", n_head_kv * head_dim, scale=0.3)
+            t(f"blk.{i}.attn_v.bias", n_head_kv * head_dim)
+        if arch == "qwen3":  # normed per head, so the Q/K scale no longer sharpens attention: the norm weights do
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.full(head_dim, 2.5, dtype=np.float32))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.full(head_dim, 2.5, dtype=np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
         t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
         t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
