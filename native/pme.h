@@ -155,6 +155,9 @@ int              pme_test_force_copy(pme_state * st, int32_t enable);
 /* where scores are reduced: 0 (auto) on the attention's own backend for tensors outside host memory, on the host
  * otherwise; 1 on a backend for host tensors too (the CPU backend); 2 never on a backend (the copy path) */
 int              pme_test_backend_scores(pme_state * st, int32_t mode);
+/* evict positions [p0, p1) of seq_id as pme_evict does its victims (rows saved, cells freed), whatever the policy
+ * would keep: lets a test evict tokens inside a sliding window. Returns the cells freed. */
+int              pme_test_evict_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1);
 /* Key log (pme_keylog.c): with enable(d_k > 0), every ubatch stages the keys it wrote at each scored layer
  * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
  * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's

@@ -173,8 +173,9 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         if (t->op == GGML_OP_SET_ROWS) {
             on_set_rows(st, t);
             pme_kvstore_note(st, t);
-            /* a restore ubatch: compute up to layer 0's K write, then write the saved rows and stop */
-            return (st->ub_flags & PME_UB_RESTORE) && pme_parse_layer(t->name, "cache_k_l") == 0;
+            /* a restore ubatch: compute up to the first base-cache layer's K write, then write the saved rows and
+             * stop */
+            return (st->ub_flags & PME_UB_RESTORE) && pme_kvstore_stops_at(st, t);
         }
         if (st->ub_flags & PME_UB_RESTORE) {
             return false;

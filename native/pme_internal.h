@@ -169,6 +169,10 @@ struct ggml_tensor;
 void pme_kvstore_note(pme_state * st, const struct ggml_tensor * t); /* pme_kvstore.c */
 void pme_kvstore_save(pme_state * st, int32_t cell);
 void pme_kvstore_write(pme_state * st);
+void pme_kvstore_capture(pme_state * st);
+void pme_kvstore_untag(pme_state * st, int64_t lo, int32_t n);
+void pme_kvstore_clear(pme_state * st);
+bool pme_kvstore_stops_at(const pme_state * st, const struct ggml_tensor * t);
 
 void         pme_set_error(pme_state * st, const char * fmt, ...);
 /* whether the key log keeps layer il's keys (and a probe's queries): it is on, and il is one of its layers */

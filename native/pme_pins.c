@@ -27,6 +27,7 @@ int pme_mark_recalled(pme_state * st, int32_t pos0, int32_t n, const int64_t * l
         pme_set_error(st, "pme_mark_recalled: pos0 %d, n %d", pos0, n);
         return -1;
     }
+    pme_kvstore_untag(st, pos0 + st->lpos_offset, n);
     int32_t found = 0;
     for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
         const int32_t p = st->cell_pos[c];

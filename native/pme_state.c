@@ -170,6 +170,7 @@ void pme_reset(pme_state * st) {
     st->ub_n = st->ub_layers = st->ub_rows = 0;
     st->failed                             = 0;
     st->err[0]                             = 0;
+    pme_kvstore_clear(st); /* a new sequence reuses the logical positions */
     pme_policy_reset(st);
 }
 
@@ -317,6 +318,9 @@ int pme_end_ubatch(pme_state * st) {
         pme_set_error(st,
                       "pme_end_ubatch: no attention node (kq_soft_max or flash attention) of a scored layer was read");
         return -1;
+    }
+    if (!(st->ub_flags & PME_UB_PROBE)) {
+        pme_kvstore_capture(st); /* before the tokens leave the sliding window (iSWA models) */
     }
     choose_layers(st);
     pme_dev_collect(st);

@@ -7,6 +7,7 @@ import pytest
 from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 TEXT = [(i * 7919) % 200 + 10 for i in range(100)]
 
@@ -118,7 +119,59 @@ def test_smollm2_chat_restores_the_recalled_fact_instead_of_recomputing_it(smoll
         assert "90517" in ans and again.stats.recalls >= 1
 
 
+@pytest.fixture(scope="module")
+def iswa_model(synthetic_dir):
+    """Gemma 3's layout in miniature: layers 0-4 see the last 16 tokens, layer 5 all of them."""
+    return str(
+        write_synthetic_llama(
+            synthetic_dir / "iswa.gguf", n_head=4, n_head_kv=1, n_embd=128, n_layer=6, arch="gemma3", n_swa=16
+        )
+    )
+
+
+def _evicted_inside_the_window(path, n_text, lo, hi, restore, flash_attn):
+    """Decode the text, evict [lo, hi) (inside the sliding window of what comes next) from both caches as the policy
+    would, optionally restore it in place from the saved rows, then decode one token: its logits."""
+    text = (TEXT * 8)[:n_text]
+    cfg = EngineConfig(n_ubatch=128, flash_attn=flash_attn, recall_kv_bytes=1 << 24)
+    with Llama(path, kv_budget=n_text + 32, config=cfg, recall=False, window=4) as llm:
+        eng = llm.engine
+        for i in range(0, n_text, 128):
+            eng.decode(text[i : i + 128], logits_last=False)
+        assert eng.scorer._lib.pme_test_evict_range(eng.scorer._state, eng.scorer._mem(eng.mem), 0, lo, hi) == hi - lo
+        if restore:
+            assert eng.restore_run(list(range(lo, hi)), text[lo:hi], lo)
+            assert sorted(p for p in eng.scorer.cell_positions() if p >= 0) == list(range(n_text))
+        eng.decode([77])
+        return _logits(llm, llm.n_vocab())
+
+
+def _full_cache(path, n_text, flash_attn, n_ctx=256):
+    with Llama(path, kv_budget=None, n_ctx=n_ctx, config=EngineConfig(n_ubatch=128, flash_attn=flash_attn)) as ref:
+        text = (TEXT * 8)[:n_text]
+        for i in range(0, n_text, 128):
+            ref.engine.decode(text[i : i + 128], logits_last=False)
+        ref.engine.decode([77])
+        return _logits(ref, ref.n_vocab())
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_iswa_tokens_restored_inside_the_window_give_the_full_caches_logits(iswa_model, flash_attn):
+    """The sliding-window layers' rows come from the ring captured as each ubatch ended (llama.cpp drops them from
+    its own cache once a token leaves the window), the global layer's from the eviction: with both written back,
+    the next token sees what the full cache shows it. Tokens 90-95 are inside the window of token 100."""
+    want = _full_cache(iswa_model, 100, flash_attn)
+    got = _evicted_inside_the_window(iswa_model, 100, 90, 96, True, flash_attn)
+    lost = _evicted_inside_the_window(iswa_model, 100, 90, 96, False, flash_attn)
+    assert np.abs(lost - want).max() > 1e-2  # the control: the evicted tokens matter, so this test can fail
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-3 if flash_attn else 2e-4)
+
+
 @pytest.mark.slow
-def test_kept_kv_is_refused_for_an_iswa_model_by_name(gemma_path):
-    with pytest.raises(ValueError, match=r"recall_kv_bytes=1048576 .*\(iSWA\)"):
-        Llama(gemma_path, kv_budget=1024, config=EngineConfig(recall_kv_bytes=1 << 20))
+def test_gemma_tokens_restored_inside_the_window_give_the_full_caches_logits(gemma_path):
+    """The same on Gemma 3 270M (15 sliding-window layers, 3 global), 700 tokens: 600-629 evicted and restored."""
+    want = _full_cache(gemma_path, 700, False, 1024)
+    got = _evicted_inside_the_window(gemma_path, 700, 600, 630, True, False)
+    lost = _evicted_inside_the_window(gemma_path, 700, 600, 630, False, False)
+    assert np.abs(lost - want).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2)  # measured 0.0 (the same cells); lost: 4.2

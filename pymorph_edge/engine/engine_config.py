@@ -39,8 +39,9 @@ class EngineConfig:
     # logged keys), "both" (BM25's picks plus attention's best span)
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
-    # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; not for
-    # iSWA models; the context then has a second sequence and a unified cache; docs/recall.md)
+    # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; on iSWA
+    # models every token's sliding-window rows too; the context then has a second sequence and a unified cache;
+    # docs/recall.md)
     recall_kv_bytes: int = 0
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
@@ -191,23 +192,23 @@ def _padded(n: int) -> int:
 def _apart_from_swa_cache(n_ctx: int, n_swa: int, n_ubatch: int) -> int:
     """Cells for the base cache of an iSWA model, never as many as its sliding-window cache.
 
-    llama.cpp sizes the sliding-window cache pad(min(base cells, n_swa + n_ubatch)) (llama_kv_cache_iswa), and
+    llama.cpp sizes the sliding-window cache pad(min(base cells, n_swa + n_ubatch)) (llama_kv_cache_iswa; n_swa
+    times n_seq_max in a unified cache, so the caller passes that as n_swa), and
     the native scorer tells the two caches apart by their cell count. At kv_budget 640 and n_ubatch 128 on
     Gemma 3 both came to 768 cells, and the scorer mapped the sliding-window cache's cells (found by
-    tests/test_sessions.py: llama.cpp kept 13 positions the scorer thought evicted). One more padding step
-    (256 cells of the few global layers) keeps them apart."""
+    tests/test_sessions.py: llama.cpp kept 13 positions the scorer thought evicted). Padding steps of 256 cells
+    (of the few global layers) until they differ keep them apart."""
     base = _padded(n_ctx)
-    return base + 256 if _padded(min(base, n_swa + n_ubatch)) == base else n_ctx
+    if _padded(min(base, n_swa + n_ubatch)) != base:
+        return n_ctx
+    while _padded(min(base, n_swa + n_ubatch)) == base:  # more than one step when n_swa + n_ubatch passes base
+        base += 256
+    return base
 
 
-def sequences(config: EngineConfig, n_swa: int, unified: bool) -> tuple[int, bool]:
+def sequences(config: EngineConfig, unified: bool) -> tuple[int, bool]:
     """The context's n_seq_max and kv_unified: a second sequence in one unified cache when evicted KV is kept for
     recall (restored runs come in on it, engine/recall_decoding.py); llama.cpp's defaults otherwise."""
     if not config.recall_kv_bytes:
         return 1, unified
-    if n_swa > 0:
-        raise ValueError(
-            f"recall_kv_bytes={config.recall_kv_bytes} is not supported for a sliding-window (iSWA) model yet "
-            f"(n_swa={n_swa}): its second cache would have to be restored too; use recall_kv_bytes=0"
-        )
     return 2, True

@@ -4,6 +4,8 @@ They load in llama.cpp in milliseconds, so mechanism tests (cell maps, budgets, 
 without a real model. The tokenizer is SentencePiece-style with byte fallback only. `arch` also writes the
 two other layouts small instruction-tuned models commonly ship in: "qwen2" (biased Q/K/V, NeoX RoPE) and
 "qwen3" (RMS-normed Q and K per head, NeoX RoPE); llama.cpp builds their attention through the same code.
+"gemma3" writes Gemma 3's interleaved sliding window (iSWA: every 6th layer global, the rest see the last
+`n_swa` tokens) with its extra norms, so the two-cache path runs in milliseconds too.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ def write_synthetic_llama(
     n_ctx_train: int = 65536,
     seed: int = 0,
     arch: str = "llama",
+    n_swa: int = 32,
 ) -> Path:
     """Write a random-weight GGUF (MHA when n_head_kv == n_head, GQA otherwise) and return its path."""
     import gguf
 
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"arch must be 'llama', 'qwen2' or 'qwen3', got {arch!r}")
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+        raise ValueError(f"arch must be 'llama', 'qwen2', 'qwen3' or 'gemma3', got {arch!r}")
     if n_head % n_head_kv:
         raise ValueError(f"n_head={n_head} must be a multiple of n_head_kv={n_head_kv}")
     path = Path(path)
@@ -50,6 +53,10 @@ def write_synthetic_llama(
     w.add_head_count_kv(n_head_kv)
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(1e-5)
+    if arch == "gemma3":
+        w.add_sliding_window(n_swa)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -77,7 +84,10 @@ def write_synthetic_llama(
             t(f"blk.{i}.attn_q.bias", n_embd, scale=0.3)
             t(f"blk.{i}.attn_k.bias", n_head_kv * head_dim, scale=0.3)
             t(f"blk.{i}.attn_v.bias", n_head_kv * head_dim)
-        if arch == "qwen3":  # normed per head, so the Q/K scale no longer sharpens attention: the norm weights do
+        if arch == "gemma3":
+            for norm in ("post_attention_norm", "post_ffw_norm"):
+                w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(n_embd, dtype=np.float32))
+        if arch in ("qwen3", "gemma3"):  # normed per head: the norm weights, not the Q/K scale, sharpen attention
             w.add_tensor(f"blk.{i}.attn_q_norm.weight", np.full(head_dim, 2.5, dtype=np.float32))
             w.add_tensor(f"blk.{i}.attn_k_norm.weight", np.full(head_dim, 2.5, dtype=np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
