@@ -1,6 +1,7 @@
-"""What recall adds to a chat turn at a 4K-token history (SmolLM2, budget 512), with recall on and off.
+"""What recall adds to a chat turn at a 4K-token history (SmolLM2 at budget 512 by default), with recall on and off.
 
-usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32]
+usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32] [--kv-bytes N]
+                                           [--model smollm2-135m] [--budget 512]
                                            [--out benchmarks/results/recall-latency-smollm2]
 Each conversation opens with a user message holding personal details, then two long stories given as assistant
 messages and a third one generated (~4K tokens, not timed). Then two timed turns continue it: another story
@@ -65,10 +66,22 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
     }
 
 
-def run(recall: bool, question: str, story: int, answer: int, kv_bytes: int = 0) -> dict:
+def end_of_turn_ban(llm: Llama) -> dict[int, float]:
+    """EOS and the template's end-of-turn token (ChatML's, Gemma's), whichever the vocabulary has as one token."""
+    ends = {llm.token_eos()}
+    for text in (b"<|im_end|>", b"<end_of_turn>"):
+        toks = llm.tokenize(text, add_bos=False, special=True)
+        if len(toks) == 1:
+            ends.add(toks[0])
+    return {t: -1e9 for t in ends}
+
+
+def run(
+    recall: bool, question: str, story: int, answer: int, kv_bytes: int = 0, model: str = "smollm2-135m", budget=512
+) -> dict:
     cfg = EngineConfig(recall_kv_bytes=kv_bytes)  # --kv-bytes: recalled text restored from saved KV where it can be
-    llm = Llama(resolve_model("smollm2-135m"), kv_budget=512, recall=recall, config=cfg)
-    no_end = {t: -1e9 for t in {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True)}}
+    llm = Llama(resolve_model(model), kv_budget=budget, recall=recall, config=cfg)
+    no_end = end_of_turn_ban(llm)
     msgs = conversation(llm)
     history = llm.engine.n_past
     story_turn = timed_turn(llm, msgs, "Thanks! Now write another long story, about a mountain village.", story, no_end)
@@ -90,13 +103,15 @@ def main() -> None:
     ap.add_argument("--story", type=int, default=256, help="tokens answered in the story turn (default 256)")
     ap.add_argument("--answer", type=int, default=32, help="tokens answered in the question turn (default 32)")
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) with recall on (0: off)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budget", type=int, default=512, help="kv_budget (Gemma 3 needs at least 544)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rows = []
     for r in range(args.rounds):
         for wording, question in QUESTIONS.items():
-            on = run(True, question, args.story, args.answer, args.kv_bytes)
-            off = run(False, question, args.story, args.answer)
+            on = run(True, question, args.story, args.answer, args.kv_bytes, args.model, args.budget)
+            off = run(False, question, args.story, args.answer, 0, args.model, args.budget)
             rows.append({"round": r + 1, "wording": wording, "on": on, "off": off})
             for turn in ("story_turn", "question_turn"):
                 a, b = on[turn], off[turn]
@@ -125,7 +140,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     command = "python benchmarks/recall_latency.py " + " ".join(sys.argv[1:])
     (args.out / "results.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
     lines = [
-        "# Recall latency: chat turns at a 4K-token history, SmolLM2, budget 512",
+        f"# Recall latency: chat turns at a 4K-token history, {args.model}, budget {args.budget}",
         "",
         f"`{command}`",
         "",
