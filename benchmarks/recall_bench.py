@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import llama_cpp.llama_cpp as C
+import numpy as np
+
 from pymorph_edge import Llama
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
@@ -193,6 +196,34 @@ def filler(set_name: str, n_sentences: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(parts[k]) for k in ("who", "did", "what", "then")) + "." for _ in range(n_sentences)]
 
 
+def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
+    """The issue's teacher-forced score of a reminder's value, right after the request that ends before it: the
+    summed negative log-likelihood of the value's tokens and how many were the model's first choice, each given the
+    true ones before it. The greedy answer's tokens are rolled back first (they are the cache's live tail), and the
+    cache ends holding the value, as the next request's text does. No request boundary falls inside, so no recall."""
+    eng, n_vocab = llm.engine, llm.n_vocab()
+    ids = llm.tokenize(text.encode())
+    full = llm.tokenize(f"{text} {code}.".encode())
+    if full[: len(ids)] != ids:
+        raise RuntimeError("the value's tokens do not extend the request's")
+    value: list[int] = []
+    for t in full[len(ids) :]:  # the tokens up to the fifth digit
+        value.append(t)
+        if sum(ch.isdigit() for ch in llm.detokenize(value).decode(errors="replace")) >= len(code):
+            break
+    if eng.reuse_prefix(ids) != len(ids) - 1:  # the request's last token is decoded again, for its logits
+        raise RuntimeError("the request's end was not the cache's live tail")
+    eng.decode([ids[-1]])
+    nll, top1 = 0.0, 0
+    for t in value:
+        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(eng.ctx, -1), shape=(n_vocab,)).astype(np.float64)
+        top = logits.max()
+        nll += float(top + np.log(np.exp(logits - top).sum()) - logits[t])
+        top1 += int(logits.argmax() == t)
+        eng.decode([t])
+    return nll, top1, len(value)
+
+
 def continuation(llm: Llama, set_name: str) -> list[dict]:
     s = SETS[set_name]
     rng = random.Random(s["seed"])
@@ -214,8 +245,18 @@ def continuation(llm: Llama, set_name: str) -> list[dict]:
         got = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
         digits = "".join(ch for ch in got if ch.isdigit())[:5]
         copied = sum(a == b for a, b in zip(digits, code, strict=False))
+        nll, top1, n_value = teacher_forced(llm, text, code)
         out.append(
-            {"name": name, "code": code, "answer": got, "digits_copied": copied, "distance": n_prompt - fact_at[name]}
+            {
+                "name": name,
+                "code": code,
+                "answer": got,
+                "digits_copied": copied,
+                "distance": n_prompt - fact_at[name],
+                "value_nll": nll,  # summed over the value's tokens, teacher-forced after the request
+                "value_top1": top1,  # of its n_value tokens, how many were the model's first choice
+                "value_tokens": n_value,
+            }
         )
         text += f" {code}.\n"
     return out
@@ -303,6 +344,9 @@ def main() -> None:
             if args.task == "continuation":
                 row["score"] = sum(t["digits_copied"] for t in trials)
                 row["of"] = 5 * len(trials)
+                row["value_nll"] = sum(t["value_nll"] for t in trials) / len(trials)  # per reminder
+                row["value_top1"] = sum(t["value_top1"] for t in trials)
+                row["value_tokens"] = sum(t["value_tokens"] for t in trials)
             else:
                 row["score"] = sum(t["correct"] for t in trials)
                 row["fact_recalled"] = sum(t["fact_recalled"] for t in trials)
@@ -328,19 +372,27 @@ def write(args: argparse.Namespace, results: list[dict]) -> None:
         )
     )
     unit = "digits copied" if args.task == "continuation" else "numbers recalled"
+    forced = "value NLL (teacher-forced) | value tokens first choice |" if args.task == "continuation" else ""
     lines = [
         f"# Recall: {args.task}, {args.model}, budget {args.budget}",
         "",
         f"`{command}`",
         "",
-        f"| config | set | {unit} | fact's sentence recalled | peak cells | recalls | tokens recalled | recall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| config | set | {unit} | {forced} fact's sentence recalled | peak cells | recalls | tokens recalled | recall s |",
+        "| --- " * (8 + 2 * bool(forced)) + "|",
     ]
     for r in results:
+        tf = f"{r['value_nll']:.1f} | {r['value_top1']}/{r['value_tokens']} | " if "value_nll" in r else ""
         lines.append(
-            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {r.get('fact_recalled', '-')} | {r['peak_cells']} "
-            f"| {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
+            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {tf}{r.get('fact_recalled', '-')} | "
+            f"{r['peak_cells']} | {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
         )
+    if forced:
+        lines += [
+            "",
+            "Value NLL: the summed negative log-likelihood of a reminder's value tokens (5 digits), teacher-forced "
+            "right after the request, averaged over the reminders.",
+        ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     plot(args, results)
 

@@ -76,3 +76,6 @@ def test_an_iswa_base_cache_is_never_as_large_as_its_sliding_window_cache():
 
     assert _apart_from_swa_cache(640 + 128, 512, 128) == 1024  # both would be 768 cells
     assert _apart_from_swa_cache(1024 + 512, 512, 512) == 1536  # 1536 vs 1024: already apart
+    # two sequences in a unified cache (recall_kv_bytes): the window counts twice, and one step of 256 is not enough
+    # (1280 would tie with pad(min(1280, 1024 + 512)) = 1280, and 1536 with 1536)
+    assert _apart_from_swa_cache(640 + 512, 2 * 512, 512) == 1792
