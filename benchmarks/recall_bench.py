@@ -3,9 +3,10 @@
 usage: python benchmarks/recall_bench.py --model smollm2-135m --task continuation --budget 512 \
            --out benchmarks/results/recall-smollm2 [--sets tuning,held-out] [--configs full,morphkv,...]
 
-Two tasks, both with this project's own facts and texts, in three sets: "tuning" chose the recall constants,
-"held-out" was reported and also looked at while comparing thresholds, and "fresh" (other names, wordings, prose
-and stories, written after every constant was chosen) was only ever reported:
+Two tasks, both with this project's own facts and texts, in four sets: "tuning" chose the recall constants,
+"held-out" was reported and also looked at while comparing thresholds, "fresh" (other names, wordings, prose and
+stories, written after every constant was chosen) showed a failure that was then fixed, and "final" (written
+before that fix) was only ever reported:
 - continuation: eight facts (a 5-digit code under a name) open a text; then ~4.5K tokens of prose arrive as
   successive requests of ~500 tokens, each extending the cached text and ending just before a reminder's
   value ("... the code for Maria is"). The greedy continuation is scored by the digits it copies.
@@ -56,6 +57,18 @@ SETS = {
         "opening": "Hello! I'm {name}, I live in {city} and I work as a nurse. {fact} Could you write me a long story "
         "about {story}?",
     },
+    # written after "fresh" had shown recall failing on a cue worded like the earlier reminders (stop 31) and before
+    # anything was changed for it; only ever reported
+    "final": {
+        "names": ["Olga", "Kenji", "Amara", "Piotr", "Leila", "Mateo", "Sven", "Zainab"],
+        "cities": ["Riga", "Osaka", "Accra", "Krakow"],
+        "seed": 4,
+        "stories": ["a fox who opens a tea shop", "an astronaut who loses her keys", "a village where it never snows"],
+        "opening": "Hey there. My name is {name} and I'm visiting from {city}. {fact} Tell me a long story about "
+        "{story}, please.",
+        "fact": "{name} was given the PIN {code}.",
+        "cue": "To repeat what was written above, {name} was given the PIN",
+    },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
 # (how the user states the number, how the user asks for it later), per set; the later ones share few words with
@@ -74,6 +87,12 @@ DIALOGUE_FACTS = {
         ("The number on my parking permit is {num}.", "Do you still remember the number from my first message?"),
         ("My library card number is {num}.", "Remind me: what is my library card number?"),
         ("My flight booking reference is {num}.", "What number did I tell you when we started talking?"),
+    ],
+    "final": [
+        ("The code for my storage unit is {num}.", "What's the code for my storage unit?"),
+        ("My membership number is {num}.", "I forgot: what number did I share with you at the very beginning?"),
+        ("My hotel room number is {num}.", "Which hotel room am I staying in?"),
+        ("I'll pay with the voucher code {num}.", "Can you repeat the voucher code I gave you?"),
     ],
 }
 OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
@@ -101,6 +120,18 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
 # with the facts' names
 PROSE = {
+    "final": {
+        "who": ["The shepherd", "A sleepy guard", "The old carpenter", "Her cousin", "The street musician"],
+        "did": ["painted", "argued about", "sold", "dreamed of", "walked around"],
+        "what": ["the stone well", "a basket of apples", "the windmill on the hill", "a blue bicycle", "the harbour"],
+        "then": [
+            "while the kettle boiled",
+            "before the storm arrived",
+            "as the children sang",
+            "long after midnight",
+            "under a grey sky",
+        ],
+    },
     "fresh": {
         "who": ["The ferry captain", "A retired librarian", "The village doctor", "Our landlord", "The mail carrier"],
         "did": ["carefully inspected", "wrote a letter about", "laughed at", "took a photograph of", "waited beside"],
