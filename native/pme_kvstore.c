@@ -15,8 +15,9 @@
  * positions), then decodes the run's tokens as a PME_UB_RESTORE ubatch on an empty second sequence at those
  * positions: the callback asks for the first base-cache layer's K write (layer 0, or Gemma 3's layer 5: the
  * sliding-window layers before it are computed and then overwritten), writes every layer's saved rows into the
- * cells llama.cpp allocated in each cache, and stops the graph. The caller then moves the run with llama_memory_seq_add (llama.cpp re-rotates K),
- * gives it to sequence 0 (seq_cp, seq_rm) and places the cells in the map (pme_kvstore_place). */
+ * cells llama.cpp allocated in each cache, and stops the graph. The caller then moves the run with
+ * llama_memory_seq_add (llama.cpp re-rotates K), gives it to sequence 0 (seq_cp, seq_rm) and places the cells in the
+ * map (pme_kvstore_place). */
 #include "ggml-backend.h"
 #include "pme_internal.h"
 
@@ -58,12 +59,21 @@ struct pme_kvstore {
     int32_t           n_armed;
 };
 
-static void ring_free(struct kv_ring * r) {
+/* the rows and tags only: armed is allocated once with the store and lives as long as it */
+static void ring_free_rows(struct kv_ring * r) {
     free(r->buf);
     free(r->lpos);
     free(r->pos);
+    r->buf  = NULL;
+    r->lpos = NULL;
+    r->pos  = NULL;
+    r->cap = r->n = r->next = 0;
+}
+
+static void ring_free(struct kv_ring * r) {
+    ring_free_rows(r);
     free(r->armed);
-    memset(r, 0, sizeof *r);
+    r->armed = NULL;
 }
 
 /* newest first: a token evicted twice, or restored and evicted again */
@@ -173,12 +183,8 @@ static int ring_alloc(pme_state * st, struct kv_ring * r, size_t tok, size_t byt
     r->lpos = malloc((size_t) r->cap * sizeof(int64_t));
     r->pos  = malloc((size_t) r->cap * sizeof(int32_t));
     if (!r->buf || !r->lpos || !r->pos) {
-        free(r->buf);
-        free(r->lpos);
-        free(r->pos);
-        r->buf = NULL;
-        r->cap = 0;
         pme_set_error(st, "out of memory for a %d-token KV store", r->cap);
+        ring_free_rows(r);
         return 0;
     }
     return 1;
@@ -204,7 +210,7 @@ static int layout_known(pme_state * st) {
         return 0;
     }
     if (tok[1] && !ring_alloc(st, &s->swa, tok[1], s->budget - (size_t) ((double) s->budget * share))) {
-        ring_free(&s->base);
+        ring_free_rows(&s->base);
         return 0;
     }
     return 1;

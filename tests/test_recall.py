@@ -58,6 +58,23 @@ def test_the_last_sentence_of_the_new_text_is_the_query():
     assert rank(spans, query_weights("Nothing here matches.")) == []
 
 
+def test_a_cue_worded_like_earlier_reminders_finds_the_fact_its_name_points_at():
+    """Earlier reminders share the cue's wording ("earlier", "noted"), which always come together: one piece of
+    evidence, counted once. Counted twice, they outscored the fact the name points at (the 'fresh' continuation set:
+    7/40 digits on SmolLM2 and 14/40 on Gemma 3, 29/40 and 35/40 once counted once)."""
+    text = (
+        "Nadia's ticket number is 41190. Camille's ticket number is 81333. Tariq's ticket number is 27094.\n"
+        + FILLER
+        + "Earlier we noted that Tariq's ticket number is 27094. "
+        + FILLER
+        + "Earlier we noted that Nadia's ticket number is 41190. "
+    )
+    pieces = list(text)
+    spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 64)
+    best = rank(spans, query_weights(FILLER + " Earlier we noted that Camille's ticket number is"))[0][1]
+    assert "".join(pieces[best.lo : best.hi]).strip() == "Camille's ticket number is 81333."
+
+
 def test_a_recall_state_saved_before_the_time_split_still_loads():
     """Session files and kept conversations from before recall_checks / recall_probe_s / recall_block_s load,
     with those at zero; a state missing an older field is still refused by name."""

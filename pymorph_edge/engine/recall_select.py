@@ -118,23 +118,35 @@ def query_weights(new_text: str) -> dict[str, float]:
 
 def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]:
     """BM25 scores of the spans (best first), with IDF over the spans themselves; [] when nothing matches a
-    word rare enough to mean something."""
+    word rare enough to mean something.
+
+    Query words that occur in exactly the same spans count once (the best of them): they are one piece of
+    evidence, usually a phrase the request repeats. A cue "Earlier we noted that Camille's ticket number is" after
+    earlier reminders "Earlier we noted that Helga's ticket number is 72135." otherwise scores those reminders
+    twice for "earlier noted", above the fact "Camille's ticket number is 81333." that the name alone points at."""
     if not spans or not query:
         return []
     n = len(spans)
-    df: Counter[str] = Counter()
-    for s in spans:
-        df.update(s.words.keys())
+    where: dict[str, set[int]] = {w: set() for w in query}
+    for i, s in enumerate(spans):
+        for w in s.words.keys() & where.keys():
+            where[w].add(i)
+    df = {w: len(ix) for w, ix in where.items() if ix}
     avg_len = sum(sum(s.words.values()) for s in spans) / n
-    idf = {w: math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5)) for w in query if df[w]}
+    idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
+    groups: dict[frozenset[int], list[str]] = {}
+    for w in df:
+        groups.setdefault(frozenset(where[w]), []).append(w)
     scored = []
     for s in spans:
         length = sum(s.words.values())
+        norm = K1 * (1 - B + B * length / avg_len)
         score = 0.0
-        for w, qw in query.items():
-            tf = s.words.get(w, 0)
-            if tf:
-                score += qw * idf[w] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / avg_len))
+        for ws in groups.values():
+            score += max(
+                (query[w] * idf[w] * s.words[w] * (K1 + 1) / (s.words[w] + norm) for w in ws if s.words.get(w)),
+                default=0.0,
+            )
         if score > 0:
             scored.append((score, s))
     scored.sort(key=lambda x: (-x[0], x[1].lo))
