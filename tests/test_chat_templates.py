@@ -54,3 +54,19 @@ def test_a_thinking_model_chat_decodes_only_the_new_messages_each_turn(gqa_model
             assert cached >= p_before + 70 and p - cached < 80  # the last answer and all before it were reused
         cont = llm.continue_chat([{"role": "user", "content": "And then?"}], max_tokens=4, temperature=0)
         assert cont["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_builtin_template_says_where_restored_ids_go(gqa_model):
+    """With saved KV (recall_kv_bytes) the wrap's own tokens are decoded around restored ids, found by rendering a
+    marker where they go. llama.cpp's built-in templates (Gemma 3's GGUF has no Jinja one) take C strings, which
+    ended at the old NUL marker, so nothing was restored there."""
+    from pymorph_edge.generation.chat import text_after_answer as after
+
+    with Llama(gqa_model, kv_budget=96, chat_template="gemma", config=EngineConfig(n_ubatch=32)) as llm:
+        llm.create_chat_completion([{"role": "user", "content": "My PIN is 12345."}], max_tokens=4, temperature=0)
+        turn = llm._continuable_turn()
+        assert turn is not None
+        suffix = after(turn, NEW, llm._formatter())
+        head, tail = llm._chat_recall(turn, NEW, suffix).around()
+        text = llm.detokenize(head).decode().replace("\u2581", " ")  # the synthetic vocabulary spells spaces so
+        assert text.endswith("(From earlier in this conversation:)") and "<start_of_turn>user" in text

@@ -36,6 +36,7 @@ from pymorph_edge.generation.structured_output import Structure, as_tool_call, s
 
 # what a recalled chat message says it is: text the user or the model wrote earlier in this conversation
 RECALLED_PREFIX = "(From earlier in this conversation:) "
+RAW_MARK = "\ue000"
 RECALLED_ACK = "Noted."  # the assistant turn after a recalled message, for templates that need alternation
 
 # create_chat_completion's sampling defaults (llama_cpp's)
@@ -277,7 +278,9 @@ class ChatCompletionsMixin:
             return None if text is None else self.tokenize(text, add_bos=False, special=True)
 
         def around() -> tuple[list[int], list[int]] | None:
-            head, mark, tail = (render(RECALLED_PREFIX.rstrip() + "\x00") or "").partition("\x00")
+            # a private-use character marks where the raw ids go: a NUL would end llama.cpp's built-in templates'
+            # C strings (Gemma 3's GGUF has none), and then nothing was ever restored there
+            head, mark, tail = (render(RECALLED_PREFIX.rstrip() + RAW_MARK) or "").partition(RAW_MARK)
             if not mark:
                 return None
             return self.tokenize(head, add_bos=False, special=True), self.tokenize(tail, add_bos=False, special=True)
