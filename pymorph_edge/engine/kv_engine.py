@@ -60,14 +60,13 @@ class KVEngine(RecallDecoding):
         cp.n_batch = config.n_ubatch if kv_budget is not None else max(config.n_ubatch, 512)
         cp.n_ubatch = config.n_ubatch
         cp.n_seq_max, cp.kv_unified = sequences(config, bool(cp.kv_unified))
-        threads = config.n_threads or os.cpu_count() or 1
-        cp.n_threads = threads
+        cp.n_threads = threads = config.n_threads or os.cpu_count() or 1
         cp.n_threads_batch = config.n_threads_batch or threads
         cp.rope_freq_base, cp.rope_freq_scale = config.rope_freq_base, config.rope_freq_scale
         native_scored = kv_budget is not None and not policy.shifts
         if native_scored and model.info.n_swa > 0:
-            swa_span = model.info.n_swa * (cp.n_seq_max if cp.kv_unified else 1)  # llama.cpp sizes it per sequence
-            cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, swa_span, config.n_ubatch)
+            span = model.info.n_swa * (cp.n_seq_max if cp.kv_unified else 1)  # sized per sequence when unified
+            cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, span, config.n_ubatch)
         # scoring reads kq_soft_max with flash attention off, and recomputes the rows from the flash attention
         # node's sources with it on (native/pme_fattn.c); never "auto", so the scorer knows which it gets
         self.flash_attn = resolve_flash_attn(config, native_scored)

@@ -1,0 +1,181 @@
+"""The recall benchmark's own texts (benchmarks/recall_bench.py): names, cities, facts and how they are asked for,
+story topics, and the parts prose is built from, per set. Four sets: "tuning" chose the recall constants, "held-out"
+was reported and also looked at while comparing thresholds, "fresh" showed a failure that was then fixed, and
+"final" was only ever reported."""
+
+from __future__ import annotations
+
+import random
+
+SETS = {
+    "tuning": {
+        "names": ["Maria", "Tom", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi"],
+        "cities": ["Lisbon", "Oslo", "Kyoto", "Quito"],
+        "seed": 1,
+    },
+    "held-out": {
+        "names": ["Ingrid", "Kwame", "Sofia", "Dmitri", "Yuki", "Fatima", "Lucas", "Priya"],
+        "cities": ["Dublin", "Nairobi", "Hanoi", "Tallinn"],
+        "seed": 2,
+    },
+    # written after every recall constant was chosen and only ever reported (stop 31): other names, other
+    # details around the number, other stories, other wordings
+    "fresh": {
+        "names": ["Nadia", "Bjorn", "Camille", "Tariq", "Mei", "Joao", "Helga", "Arjun"],
+        "cities": ["Porto", "Bergen", "Lyon", "Amman"],
+        "seed": 3,
+        "stories": ["a lighthouse keeper and a lost whale", "two rival bakers in a small town", "a comet that sings"],
+        "fact": "{name}'s ticket number is {code}.",
+        "cue": "Earlier we noted that {name}'s ticket number is",
+        "opening": "Hello! I'm {name}, I live in {city} and I work as a nurse. {fact} Could you write me a long story "
+        "about {story}?",
+    },
+    # written after "fresh" had shown recall failing on a cue worded like the earlier reminders (stop 31) and before
+    # anything was changed for it; only ever reported
+    "final": {
+        "names": ["Olga", "Kenji", "Amara", "Piotr", "Leila", "Mateo", "Sven", "Zainab"],
+        "cities": ["Riga", "Osaka", "Accra", "Krakow"],
+        "seed": 4,
+        "stories": ["a fox who opens a tea shop", "an astronaut who loses her keys", "a village where it never snows"],
+        "opening": "Hey there. My name is {name} and I'm visiting from {city}. {fact} Tell me a long story about "
+        "{story}, please.",
+        "fact": "{name} was given the PIN {code}.",
+        "cue": "To repeat what was written above, {name} was given the PIN",
+    },
+}
+STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
+# (how the user states the number, how the user asks for it later), per set; the later ones share few words with
+# the fact, so lexical relevance has little to go on
+DIALOGUE_FACTS = {
+    "tuning": [
+        ("My locker number is {num}.", "What is my locker number?"),
+        ("My gym membership code is {num}.", "Can you remind me of the number I mentioned in my first message?"),
+    ],
+    "held-out": [
+        ("My apartment door PIN is {num}.", "What was my PIN again?"),
+        ("My customer ID is {num}.", "Quick question: which 5-digit number did I give you earlier?"),
+    ],
+    "fresh": [
+        ("My bike lock combination is {num}.", "Sorry, what was my bike lock combination?"),
+        ("The number on my parking permit is {num}.", "Do you still remember the number from my first message?"),
+        ("My library card number is {num}.", "Remind me: what is my library card number?"),
+        ("My flight booking reference is {num}.", "What number did I tell you when we started talking?"),
+    ],
+    "final": [
+        ("The code for my storage unit is {num}.", "What's the code for my storage unit?"),
+        ("My membership number is {num}.", "I forgot: what number did I share with you at the very beginning?"),
+        ("My hotel room number is {num}.", "Which hotel room am I staying in?"),
+        ("I'll pay with the voucher code {num}.", "Can you repeat the voucher code I gave you?"),
+    ],
+}
+OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
+
+
+# Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
+# with the facts' names
+PROSE = {
+    "final": {
+        "who": ["The shepherd", "A sleepy guard", "The old carpenter", "Her cousin", "The street musician"],
+        "did": ["painted", "argued about", "sold", "dreamed of", "walked around"],
+        "what": ["the stone well", "a basket of apples", "the windmill on the hill", "a blue bicycle", "the harbour"],
+        "then": [
+            "while the kettle boiled",
+            "before the storm arrived",
+            "as the children sang",
+            "long after midnight",
+            "under a grey sky",
+        ],
+    },
+    "fresh": {
+        "who": ["The ferry captain", "A retired librarian", "The village doctor", "Our landlord", "The mail carrier"],
+        "did": ["carefully inspected", "wrote a letter about", "laughed at", "took a photograph of", "waited beside"],
+        "what": [
+            "the frozen canal",
+            "a crate of oranges",
+            "the bridge near the station",
+            "a crooked wooden fence",
+            "the new bakery",
+        ],
+        "then": [
+            "until the lamps were lit",
+            "during the long winter evening",
+            "while the dogs barked outside",
+            "before anyone else woke up",
+            "as snow covered the rooftops",
+        ],
+    },
+    "tuning": {
+        "who": [
+            "The old fisherman",
+            "A young teacher",
+            "The baker on the corner",
+            "My neighbour",
+            "The tired traveller",
+            "A quiet student",
+        ],
+        "did": [
+            "walked slowly along",
+            "often thought about",
+            "painted a picture of",
+            "told a long story about",
+            "searched all morning for",
+            "cleaned and repaired",
+        ],
+        "what": [
+            "the narrow harbour road",
+            "a small wooden boat",
+            "the garden behind the school",
+            "the empty market square",
+            "an old brass lamp",
+            "the hills above the valley",
+        ],
+        "then": [
+            "while the rain kept falling",
+            "before the sun went down",
+            "as the bells rang in the tower",
+            "when the wind turned cold",
+            "after a simple lunch of bread and soup",
+            "although nobody was watching",
+        ],
+    },
+    "held-out": {
+        "who": [
+            "The engineer",
+            "An elderly gardener",
+            "The night nurse",
+            "A curious child",
+            "The shop owner",
+            "Our driver",
+        ],
+        "did": [
+            "carefully measured",
+            "slowly climbed",
+            "sketched the outline of",
+            "argued for an hour about",
+            "kept a diary about",
+            "photographed",
+        ],
+        "what": [
+            "the iron bridge over the river",
+            "the steep path to the chapel",
+            "a field of sunflowers",
+            "the crowded railway station",
+            "a broken clock",
+            "the frozen lake",
+        ],
+        "then": [
+            "during the long winter evenings",
+            "until the lights went out",
+            "while the kettle boiled",
+            "as the snow began to melt",
+            "before anyone else woke up",
+            "and then went home to rest",
+        ],
+    },
+}
+
+
+def filler(set_name: str, n_sentences: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    parts = PROSE[set_name]
+    return [" ".join(rng.choice(parts[k]) for k in ("who", "did", "what", "then")) + "." for _ in range(n_sentences)]
