@@ -34,9 +34,9 @@ from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
 
-def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
+def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
     if config == "full":
-        return Llama(path, kv_budget=None, n_ctx=8192)
+        return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads
     config, _, layers = config.partition("@")
     policy, off, _ = config.partition("-norecall")
@@ -50,7 +50,7 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0) -> Llama:
         rotate_layers=rotate,
         recall_kv_bytes=kv_bytes,  # --kv-bytes: recalled text restored from saved KV where it can be
     )
-    return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
+    return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg, chat_template=template)
 
 
 def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
@@ -172,12 +172,16 @@ def main() -> None:
     )
     ap.add_argument("--dialogues", type=int, default=4, help="dialogues per set")
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
+    ap.add_argument(
+        "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the model's)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     path = resolve_model(args.model)
     results = []
     for config in args.configs.split(","):
-        llm = open_llm(path, config, args.budget, args.kv_bytes)
+        template = args.chat_template.read_text() if args.chat_template else None
+        llm = open_llm(path, config, args.budget, args.kv_bytes, template)
         for set_name in args.sets.split(","):
             t0 = time.perf_counter()
             trials = (

@@ -70,3 +70,32 @@ def test_a_builtin_template_says_where_restored_ids_go(gqa_model):
         head, tail = llm._chat_recall(turn, NEW, suffix).around()
         text = llm.detokenize(head).decode().replace("\u2581", " ")  # the synthetic vocabulary spells spaces so
         assert text.endswith("(From earlier in this conversation:)") and "<start_of_turn>user" in text
+
+
+def test_an_alternating_template_takes_the_block_inside_the_new_user_message():
+    """Two user messages in a row are refused, so the block opens the new user message: its header is decoded first
+    (skip), then the block, then the user's own words. No invented assistant turn (Gemma 3 base copied one)."""
+    from test_recall import ALTERNATING
+
+    from pymorph_edge.generation.recall_placement import RECALLED_PREFIX, chat_placement
+
+    chars = lambda text: [ord(c) for c in text]  # noqa: E731  a tokenizer of one token per character
+    text_of = lambda ids: "".join(map(chr, ids))  # noqa: E731
+    plain = [{"role": "user", "content": "My PIN is 12345."}, {"role": "assistant", "content": "Noted!"}]
+    turn = ChatTurn(2, "", plain, [], "")
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    for template, inline in ((ALTERNATING, True), (chatml, False)):
+        fmt = ChatFormatter(template, "<s>", "</s>")
+        suffix = text_after_answer(turn, NEW, fmt)
+        place = chat_placement(turn, NEW, suffix, fmt, chars, text_of)
+        block = text_of(place.wrap(chars(" My PIN is 12345.")))
+        assert block.startswith(RECALLED_PREFIX) == inline and "My PIN is 12345." in block and "Noted." not in block
+        if inline:  # the header is the new text's start; the block and then the rest of the new text follow
+            assert suffix[: place.skip].endswith("<start_of_turn>user\n") and block.endswith("\n\n")
+            head, tail = place.around()
+            assert text_of(head) == RECALLED_PREFIX.rstrip() and text_of(tail) == "\n\n"
+        else:  # a message of its own, before the new one
+            assert place.skip == 0 and block.startswith("<|im_end|>\n<|im_start|>user\n" + RECALLED_PREFIX)

@@ -199,9 +199,9 @@ ALTERNATING = (
 
 
 @pytest.mark.slow
-def test_a_template_that_wants_alternating_roles_gets_recall_with_an_acknowledgement(smollm2_path):
+def test_a_template_that_wants_alternating_roles_gets_recall_inside_the_new_message(smollm2_path):
     """Gemma's and Mistral's templates raise on two user messages in a row. Recall used to place its block as
-    one, so every later turn of such a chat failed; now the block is followed by a short assistant turn."""
+    one, so every later turn of such a chat failed; now the block opens the new user message."""
     with Llama(smollm2_path, kv_budget=256, keep="system", chat_template=ALTERNATING) as llm:
         msgs = locker_number_then_two_stories(llm)
         assert llm.stats.tokens_evicted > 50

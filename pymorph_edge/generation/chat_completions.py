@@ -17,7 +17,6 @@ from typing import Any
 
 from llama_cpp import llama_chat_format as lcf
 
-from pymorph_edge.engine.recall import Around, Wrap
 from pymorph_edge.generation import openai_shapes as shapes
 from pymorph_edge.generation.chat import (
     ChatFormatter,
@@ -29,28 +28,14 @@ from pymorph_edge.generation.chat import (
 )
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationChunk
 from pymorph_edge.generation.logprobs import completion_logprobs
+from pymorph_edge.generation.recall_placement import RecallPlacement, chat_placement
 from pymorph_edge.generation.request_params import check_logprobs, check_max_tokens, check_stop
 from pymorph_edge.generation.sampling import sampling_keywords
 from pymorph_edge.generation.step_hooks import StepHooks
 from pymorph_edge.generation.structured_output import Structure, as_tool_call, structure
 
-# what a recalled chat message says it is: text the user or the model wrote earlier in this conversation
-RECALLED_PREFIX = "(From earlier in this conversation:) "
-RAW_MARK = "\ue000"
-RECALLED_ACK = "Noted."  # the assistant turn after a recalled message, for templates that need alternation
-
 # create_chat_completion's sampling defaults (llama_cpp's)
 CHAT_DEFAULTS: dict[str, Any] = dict(temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0)
-
-
-@dataclass
-class RecallPlacement:
-    """How a request takes recalled text: after `skip` leading tokens of the new text (an undecoded answer token),
-    wrapped by `wrap` (None: the raw token ids, for completions)."""
-
-    wrap: Wrap | None = None
-    skip: int = 0
-    around: Around | None = None  # the wrap's tokens before and after raw ids, for a restored block (recall.py)
 
 
 @dataclass
@@ -247,45 +232,15 @@ class ChatCompletionsMixin:
         return n
 
     def _chat_recall(self, turn: ChatTurn, new: list[dict[str, Any]], suffix: str) -> RecallPlacement:
-        """Recalled text goes in as a user message of the model's own template, just before the new messages,
-        so the conversation stays well formed. A template that wants user and assistant to alternate (Gemma,
-        Mistral) refuses two user messages in a row; it gets the recalled message followed by a short assistant
-        acknowledgement instead. Not placed at all when the template renders neither as a prefix of the turn."""
-        fmt = self._formatter()
-        shapes = ([], [{"role": "assistant", "content": RECALLED_ACK}])
-        chosen: list[list[dict[str, Any]]] = []  # the first shape that rendered, kept so wrap and around agree
-
-        def render_with(content: str, after: list[dict[str, Any]]) -> str | None:
-            try:
-                text = text_after_answer(turn, [{"role": "user", "content": content}, *after, *new], fmt)
-            except ValueError:  # the template refused the shape (raise_exception); recall must not fail the turn
-                return None
-            if text is None or not text.endswith(suffix) or len(text) == len(suffix):
-                return None
-            return text[: len(text) - len(suffix)]
-
-        def render(content: str) -> str | None:
-            """The text before the new messages with `content` as a recalled user message (None: not placeable)."""
-            for after in chosen or shapes:
-                text = render_with(content, after)
-                if text is not None:
-                    chosen[:] = [after]
-                    return text
-            return None
-
-        def wrap(raw: list[int]) -> list[int] | None:
-            text = render(RECALLED_PREFIX + self.detokenize(raw).decode("utf-8", "replace").strip())
-            return None if text is None else self.tokenize(text, add_bos=False, special=True)
-
-        def around() -> tuple[list[int], list[int]] | None:
-            # a private-use character marks where the raw ids go: a NUL would end llama.cpp's built-in templates'
-            # C strings (Gemma 3's GGUF has none), and then nothing was ever restored there
-            head, mark, tail = (render(RECALLED_PREFIX.rstrip() + RAW_MARK) or "").partition(RAW_MARK)
-            if not mark:
-                return None
-            return self.tokenize(head, add_bos=False, special=True), self.tokenize(tail, add_bos=False, special=True)
-
-        return RecallPlacement(wrap, skip=len(turn.pending), around=around)
+        """Where recalled text goes in this turn, in the model's own template (generation/recall_placement.py)."""
+        return chat_placement(
+            turn,
+            new,
+            suffix,
+            self._formatter(),
+            lambda text: self.tokenize(text, add_bos=False, special=True),
+            lambda ids: self.detokenize(ids).decode("utf-8", "replace"),
+        )
 
     @property
     def conversation_id(self) -> str | None:

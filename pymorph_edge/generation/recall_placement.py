@@ -1,0 +1,108 @@
+"""Where a chat turn takes recalled text, in the model's own template (engine/recall.py decodes it).
+
+Three shapes, the first the template renders as a prefix of the turn:
+1. a user message of its own just before the new messages;
+2. for a template that wants user and assistant to alternate (Gemma's, Mistral's: they raise on two user messages
+   in a row), the start of the new user message: its header is decoded first, then the block, then the rest;
+3. a user message followed by a short assistant acknowledgement, when the second shape cannot be cut on a token
+   boundary. Gemma 3 base copied "Noted." into 7 of 8 answers this way (1 answered, against 4 with the first shape
+   under llama.cpp's built-in template), so it is the last resort.
+A template error in trying a shape never fails the turn; a template that renders none of them gets no recall.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pymorph_edge.engine.recall import Around, Wrap
+from pymorph_edge.generation.chat import ChatFormatter, ChatTurn, text_after_answer
+
+# what a recalled chat message says it is: text the user or the model wrote earlier in this conversation
+RECALLED_PREFIX = "(From earlier in this conversation:) "
+# where the raw ids go when they are restored: not NUL, which ends llama.cpp's built-in templates' C strings
+RAW_MARK = "\ue000"
+RECALLED_ACK = "Noted."  # the assistant turn of the last-resort shape
+INLINE_GAP = "\n\n"  # between the recalled text and the user's own words, in the second shape
+
+
+@dataclass
+class RecallPlacement:
+    """How a request takes recalled text: after `skip` leading tokens of the new text (an undecoded answer token,
+    or the new user message's header), wrapped by `wrap` (None: the raw token ids, for completions)."""
+
+    wrap: Wrap | None = None
+    skip: int = 0
+    around: Around | None = None  # the wrap's tokens before and after raw ids, for a restored block (recall.py)
+
+
+Tokenize = Callable[[str], list[int]]
+
+
+def chat_placement(
+    turn: ChatTurn,
+    new: list[dict[str, Any]],
+    suffix: str,
+    fmt: ChatFormatter,
+    tokenize: Tokenize,
+    detokenize: Callable[[list[int]], str],
+) -> RecallPlacement:
+    """The placement for a turn whose new messages `new` render as `suffix` after the cached answer."""
+
+    def rendered(msgs: list[dict[str, Any]]) -> str | None:
+        try:
+            return text_after_answer(turn, msgs, fmt)
+        except ValueError:  # the template refused the shape (raise_exception)
+            return None
+
+    def before_new(content: str, after: list[dict[str, Any]]) -> str | None:
+        """Shapes 1 and 3: the text between the answer and the new messages (None: not a prefix of the turn)."""
+        text = rendered([{"role": "user", "content": content}, *after, *new])
+        if text is None or not text.endswith(suffix) or len(text) == len(suffix):
+            return None
+        return text[: len(text) - len(suffix)]
+
+    def inside_new(content: str) -> tuple[int, str] | None:
+        """Shape 2: (where in suffix the block goes, the block's text)."""
+        if not new or new[0].get("role") != "user" or not isinstance(new[0].get("content"), str):
+            return None
+        first = {**new[0], "content": content + INLINE_GAP + new[0]["content"]}
+        text = rendered([first, *new[1:]])
+        if text is None or len(text) <= len(suffix):
+            return None
+        cut = 0
+        while cut < len(suffix) and text[cut] == suffix[cut]:
+            cut += 1
+        block = text[cut : cut + len(text) - len(suffix)]
+        return (cut, block) if text[cut + len(block) :] == suffix[cut:] and block.startswith(content) else None
+
+    pending = len(turn.pending)
+    probe = RECALLED_PREFIX + "x"
+    if before_new(probe, []) is not None:
+        return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
+    inline = inside_new(probe)
+    if inline is not None:
+        head = tokenize(suffix[: inline[0]])
+        if head + tokenize(suffix[inline[0] :]) == tokenize(suffix):  # the cut falls on a token boundary
+            return _placement(lambda c: (inside_new(c) or (0, None))[1], pending + len(head), tokenize, detokenize)
+    ack = [{"role": "assistant", "content": RECALLED_ACK}]
+    if before_new(probe, ack) is not None:
+        return _placement(lambda c: before_new(c, ack), pending, tokenize, detokenize)
+    return RecallPlacement(lambda raw: None, skip=pending)
+
+
+def _placement(
+    render: Callable[[str], str | None], skip: int, tokenize: Tokenize, detokenize: Callable[[list[int]], str]
+) -> RecallPlacement:
+    """render(content) is the block's text with `content` as what it recalls (None: not placeable)."""
+
+    def wrap(raw: list[int]) -> list[int] | None:
+        text = render(RECALLED_PREFIX + detokenize(raw).strip())
+        return None if text is None else tokenize(text)
+
+    def around() -> tuple[list[int], list[int]] | None:
+        head, mark, tail = (render(RECALLED_PREFIX.rstrip() + RAW_MARK) or "").partition(RAW_MARK)
+        return (tokenize(head), tokenize(tail)) if mark else None
+
+    return RecallPlacement(wrap, skip=skip, around=around)
