@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp.llama_cpp as C
-import numpy as np
 from recall_texts import DIALOGUE_FACTS, OPENING, SETS, STORIES, filler
 
 from pymorph_edge import Llama
+from pymorph_edge.bench.common import last_logprobs
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
@@ -58,7 +57,7 @@ def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
     summed negative log-likelihood of the value's tokens and how many were the model's first choice, each given the
     true ones before it. The greedy answer's tokens are rolled back first (they are the cache's live tail), and the
     cache ends holding the value, as the next request's text does. No request boundary falls inside, so no recall."""
-    eng, n_vocab = llm.engine, llm.n_vocab()
+    eng = llm.engine
     ids = llm.tokenize(text.encode())
     full = llm.tokenize(f"{text} {code}.".encode())
     if full[: len(ids)] != ids:
@@ -73,10 +72,9 @@ def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
     eng.decode([ids[-1]])
     nll, top1 = 0.0, 0
     for t in value:
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(eng.ctx, -1), shape=(n_vocab,)).astype(np.float64)
-        top = logits.max()
-        nll += float(top + np.log(np.exp(logits - top).sum()) - logits[t])
-        top1 += int(logits.argmax() == t)
+        row = last_logprobs(llm)
+        nll -= float(row[t])
+        top1 += int(row.argmax() == t)
         eng.decode([t])
     return nll, top1, len(value)
 

@@ -8,7 +8,7 @@ import llama_cpp
 import pytest
 from kv_introspect import llama_cell_positions
 from test_full_cache_identity import ours, reference_tokens
-from test_recall import FACTS, FILLER, recalled_text
+from test_recall import ask_for_toms_code, recalled_text
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
@@ -60,9 +60,6 @@ def test_flash_attention_rows_are_the_models_softmax(model):
 
 def test_morphkv_recalls_an_evicted_fact(model):
     with Llama(model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
-        text = FACTS + FILLER
-        llm.create_completion(text, max_tokens=2, temperature=0.0)
-        text += FILLER + " As recorded at the start, the code for Tom is"
-        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        ask_for_toms_code(llm)
         assert llm.stats.recalls == 1 and llm.stats.peak_cells <= 128 + 64
         assert any("The code for Tom is 90517." in t for t in recalled_text(llm))

@@ -109,12 +109,18 @@ def test_every_native_policy_has_the_fact_a_continuation_asks_for(gqa_model, pol
         assert len(llm.engine.history) == len(llm.tokenize(text)) + 1
 
 
+def ask_for_toms_code(llm) -> None:
+    """The facts and filler, then more filler ending on the cue for Tom's code, as two requests."""
+    text = FACTS + FILLER
+    llm.create_completion(text, max_tokens=2, temperature=0.0)
+    llm.create_completion(
+        text + FILLER + " As recorded at the start, the code for Tom is", max_tokens=2, temperature=0.0
+    )
+
+
 def test_morphkv_recalls_an_evicted_fact(gqa_model):
     with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
-        text = FACTS + FILLER
-        llm.create_completion(text, max_tokens=2, temperature=0.0)
-        text += FILLER + " As recorded at the start, the code for Tom is"
-        llm.create_completion(text, max_tokens=2, temperature=0.0)
+        ask_for_toms_code(llm)
         s = llm.stats
         assert s.recall_checks == 1 and s.recalls == 1 and s.recalled_tokens > 0
         # recall's time: the probe, the block's decode, and choosing (the rest)
