@@ -1,7 +1,8 @@
 """The recall benchmark's own texts (benchmarks/recall_bench.py): names, cities, facts and how they are asked for,
-story topics, and the parts prose is built from, per set. Four sets: "tuning" chose the recall constants, "held-out"
-was reported and also looked at while comparing thresholds, "fresh" showed a failure that was then fixed, and
-"final" was only ever reported."""
+story topics, and the parts prose is built from, per set. Five sets: "tuning" chose the recall constants, "held-out"
+was reported and also looked at while comparing thresholds, "fresh" showed a failure that was then fixed, "final"
+was reported until stop 32, when its failures were read to find the rival-sentence problem, and "sealed" (written
+before that change) is only ever reported."""
 
 from __future__ import annotations
 
@@ -42,6 +43,17 @@ SETS = {
         "fact": "{name} was given the PIN {code}.",
         "cue": "To repeat what was written above, {name} was given the PIN",
     },
+    # written at the start of stop 32, before the rival-sentence change it checks, and only ever reported: other
+    # names, wordings, prose and stories again
+    "sealed": {
+        "names": ["Rosa", "Emeka", "Hiro", "Ines", "Tomasz", "Anouk", "Vikram", "Lucia"],
+        "cities": ["Valencia", "Lagos", "Sapporo", "Gdansk"],
+        "seed": 5,
+        "stories": ["a clockmaker who repairs time", "a cat that runs a post office", "a storm chaser in Kansas"],
+        "opening": "Good evening! {name} here, writing from {city}. {fact} I'd love a long story about {story}.",
+        "fact": "The locker assigned to {name} opens with {code}.",
+        "cue": "As stated before, the locker assigned to {name} opens with",
+    },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
 # (how the user states the number, how the user asks for it later), per set; the later ones share few words with
@@ -67,6 +79,12 @@ DIALOGUE_FACTS = {
         ("My hotel room number is {num}.", "Which hotel room am I staying in?"),
         ("I'll pay with the voucher code {num}.", "Can you repeat the voucher code I gave you?"),
     ],
+    "sealed": [
+        ("My train seat reservation is {num}.", "What was my seat reservation?"),
+        ("The tracking number for my parcel is {num}.", "Could you tell me the tracking number again?"),
+        ("My employee badge says {num}.", "Which number was on my badge?"),
+        ("Our wifi password is {num}.", "Hmm, what digits did I say at the start of our chat?"),
+    ],
 }
 OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
 
@@ -74,6 +92,18 @@ OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
 # with the facts' names
 PROSE = {
+    "sealed": {
+        "who": ["The lighthouse cook", "A nervous tourist", "The school janitor", "My grandmother", "The bus driver"],
+        "did": ["complained about", "quietly admired", "repainted", "forgot all about", "measured"],
+        "what": ["the copper kettle", "a pile of old maps", "the marble staircase", "a rusty tractor", "the orchard"],
+        "then": [
+            "after the festival ended",
+            "while the radio played jazz",
+            "before the ferry left",
+            "on a windy afternoon",
+            "as the clouds gathered",
+        ],
+    },
     "final": {
         "who": ["The shepherd", "A sleepy guard", "The old carpenter", "Her cousin", "The street musician"],
         "did": ["painted", "argued about", "sold", "dreamed of", "walked around"],
