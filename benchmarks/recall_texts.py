@@ -1,8 +1,9 @@
 """The recall benchmark's own texts (benchmarks/recall_bench.py): names, cities, facts and how they are asked for,
-story topics, and the parts prose is built from, per set. Five sets: "tuning" chose the recall constants, "held-out"
+story topics, and the parts prose is built from, per set. Six sets: "tuning" chose the recall constants, "held-out"
 was reported and also looked at while comparing thresholds, "fresh" showed a failure that was then fixed, "final"
-was reported until stop 32, when its failures were read to find the rival-sentence problem, and "sealed" (written
-before that change) is only ever reported."""
+was reported until stop 32, when its failures were read to find the rival-sentence problem, "sealed" (written
+before that change) showed the change's first form failing, and "closing" (written before it was redesigned) is
+only ever reported."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ SETS = {
         "fact": "The locker assigned to {name} opens with {code}.",
         "cue": "As stated before, the locker assigned to {name} opens with",
     },
+    # written in stop 32 after "sealed" had shown the first rival rule failing, before the rule was redesigned;
+    # only ever reported
+    "closing": {
+        "names": ["Greta", "Bongani", "Yusuf", "Marisol", "Henrik", "Chiara", "Dara", "Soren"],
+        "cities": ["Bilbao", "Durban", "Izmir", "Tromso"],
+        "seed": 6,
+        "stories": ["a baker who bakes bread for ghosts", "a boy who befriends a glacier", "a radio that hears stars"],
+        "opening": "Hi again, it's {name} from {city}. {fact} Could you tell me a long story about {story}?",
+        "fact": "For the record, {name}'s bank card ends in {code}.",
+        "cue": "Just a reminder that {name}'s bank card ends in",
+    },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
 # (how the user states the number, how the user asks for it later), per set; the later ones share few words with
@@ -85,6 +97,12 @@ DIALOGUE_FACTS = {
         ("My employee badge says {num}.", "Which number was on my badge?"),
         ("Our wifi password is {num}.", "Hmm, what digits did I say at the start of our chat?"),
     ],
+    "closing": [
+        ("My new phone extension is {num}.", "What is my phone extension?"),
+        ("The gate code at my building is {num}.", "Tell me the gate code please."),
+        ("My order number is {num}.", "Which order number did I mention before the stories?"),
+        ("My cousin's house number is {num}.", "What was the number I told you at the beginning?"),
+    ],
 }
 OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
 
@@ -92,6 +110,18 @@ OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
 # with the facts' names
 PROSE = {
+    "closing": {
+        "who": ["The weary postman", "A cheerful nun", "The harbour master", "Their youngest son", "The tailor"],
+        "did": ["carried", "talked at length about", "fixed", "hid", "drew a map of"],
+        "what": ["the wooden cart", "a jar of honey", "the chapel roof", "a box of letters", "the village clock"],
+        "then": [
+            "before the market opened",
+            "while the geese were honking",
+            "after the long rain",
+            "as the evening train passed",
+            "in the early morning fog",
+        ],
+    },
     "sealed": {
         "who": ["The lighthouse cook", "A nervous tourist", "The school janitor", "My grandmother", "The bus driver"],
         "did": ["complained about", "quietly admired", "repainted", "forgot all about", "measured"],
