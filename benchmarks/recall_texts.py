@@ -1,9 +1,10 @@
 """The recall benchmark's own texts (benchmarks/recall_bench.py): names, cities, facts and how they are asked for,
-story topics, and the parts prose is built from, per set. Six sets: "tuning" chose the recall constants, "held-out"
+story topics, and the parts prose is built from, per set. Seven sets: "tuning" chose the recall constants, "held-out"
 was reported and also looked at while comparing thresholds, "fresh" showed a failure that was then fixed, "final"
 was reported until stop 32, when its failures were read to find the rival-sentence problem, "sealed" (written
-before that change) showed the change's first form failing, and "closing" (written before it was redesigned) is
-only ever reported."""
+before that change) showed the change's first form failing, "closing" (written before it was redesigned) showed
+recall bringing back prose when the fact was still cached, and "last" (written before that was changed) is only
+ever reported."""
 
 from __future__ import annotations
 
@@ -66,6 +67,17 @@ SETS = {
         "fact": "For the record, {name}'s bank card ends in {code}.",
         "cue": "Just a reminder that {name}'s bank card ends in",
     },
+    # written in stop 32 after "closing" had shown recall bringing back prose when the fact was still cached,
+    # before anything was changed for it; only ever reported
+    "last": {
+        "names": ["Wanjiru", "Felix", "Noor", "Agnieszka", "Kofi", "Ilse", "Rafael", "Mirela"],
+        "cities": ["Mombasa", "Graz", "Muscat", "Cluj"],
+        "seed": 7,
+        "stories": ["a knight afraid of horses", "twins who swap lives for a day", "a garden that grows at night"],
+        "opening": "Hello, {name} speaking, from {city}. {fact} Please write a long and detailed story about {story}.",
+        "fact": "The parcel addressed to {name} carries the tracking code {code}.",
+        "cue": "Once more, the parcel addressed to {name} carries the tracking code",
+    },
 }
 STORIES = ["a dragon who guards a library", "a pirate ship lost in fog", "a robot learning to paint"]
 # (how the user states the number, how the user asks for it later), per set; the later ones share few words with
@@ -103,6 +115,12 @@ DIALOGUE_FACTS = {
         ("My order number is {num}.", "Which order number did I mention before the stories?"),
         ("My cousin's house number is {num}.", "What was the number I told you at the beginning?"),
     ],
+    "last": [
+        ("My passport ends with the digits {num}.", "What digits does my passport end with?"),
+        ("The alarm code for the office is {num}.", "Could you remind me of the office alarm code?"),
+        ("My loyalty card number is {num}.", "Which number did I give you in my first message?"),
+        ("The pickup code for my groceries is {num}.", "What is the code I need for the pickup?"),
+    ],
 }
 OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about {story}."
 
@@ -110,6 +128,18 @@ OPENING = "Hi, I'm {name} from {city}. {fact} Please write me a long story about
 # Prose is built from these parts, seeded per set: varied, fluent enough for a small model, and sharing no words
 # with the facts' names
 PROSE = {
+    "last": {
+        "who": ["The old ferryman", "A shy violinist", "The head gardener", "Our neighbour's aunt", "The night porter"],
+        "did": ["polished", "wrote a poem about", "dropped", "painted over", "searched everywhere for"],
+        "what": ["the silver teapot", "a stack of blankets", "the garden gate", "a faded photograph", "the bell tower"],
+        "then": [
+            "when the tide came in",
+            "while the soup was cooking",
+            "before the guests arrived",
+            "as the lanterns flickered",
+            "on the last day of summer",
+        ],
+    },
     "closing": {
         "who": ["The weary postman", "A cheerful nun", "The harbour master", "Their youngest son", "The tailor"],
         "did": ["carried", "talked at length about", "fixed", "hid", "drew a map of"],
