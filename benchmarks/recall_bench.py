@@ -3,16 +3,17 @@
 usage: python benchmarks/recall_bench.py --model smollm2-135m --task continuation --budget 512 \
            --out benchmarks/results/recall-smollm2 [--sets tuning,held-out] [--configs full,morphkv,...]
 
-Two tasks, both with this project's own facts and texts, in four sets: "tuning" chose the recall constants,
-"held-out" was reported and also looked at while comparing thresholds, "fresh" (other names, wordings, prose and
-stories, written after every constant was chosen) showed a failure that was then fixed, and "final" (written
-before that fix) was only ever reported:
+Two tasks, both with this project's own facts and texts (benchmarks/recall_texts.py), in seven sets: "tuning" chose
+the recall constants, "held-out" was reported and also looked at while comparing thresholds; "fresh", "final",
+"sealed" and "closing" were each written before a change and then showed the failure that the next change fixed;
+"last" was only ever reported:
 - continuation: eight facts (a 5-digit code under a name) open a text; then ~4.5K tokens of prose arrive as
   successive requests of ~500 tokens, each extending the cached text and ending just before a reminder's
   value ("... the code for Maria is"). The greedy continuation is scored by the digits it copies.
 - dialogue (chat models): the user gives personal details, one a 5-digit number, and asks for a story; two
   more stories follow (~900 generated tokens); then the user asks for the number.
-Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full". Distances are
+Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full"; "+rivals" and
+"+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py) for an A/B. Distances are
 tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
@@ -29,11 +30,20 @@ from recall_texts import DIALOGUE_FACTS, OPENING, SETS, STORIES, filler
 
 from pymorph_edge import Llama
 from pymorph_edge.bench.common import last_logprobs
+from pymorph_edge.engine import recall as recall_module
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
+IS_RIVAL, ON_CUE = recall_module.is_rival, recall_module.on_cue
+
 
 def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
+    # "+rivals": recall without its rival test (recall_select.is_rival); "+anyword": BM25 may bring back a span
+    # that shares no word with the request's last sentence (recall_select.on_cue); the A/Bs for those tests
+    config, *flags = config.split("+")
+    rivals, anyword = "rivals" in flags, "anyword" in flags
+    recall_module.is_rival = (lambda span, cue: False) if rivals else IS_RIVAL
+    recall_module.on_cue = (lambda span, cue: True) if anyword else ON_CUE
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

@@ -6,7 +6,15 @@ from chat_helpers import locker_number_then_two_stories
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.recall import BLOCK_LPOS
-from pymorph_edge.engine.recall_select import choose, query_weights, rank, sentences
+from pymorph_edge.engine.recall_select import (
+    choose,
+    is_rival,
+    last_sentence,
+    on_cue,
+    query_weights,
+    rank,
+    sentences,
+)
 from pymorph_edge.policies import POLICIES
 
 FILLER = "The tired traveller walked slowly along the narrow harbour road while the rain kept falling. " * 6
@@ -73,6 +81,82 @@ def test_a_cue_worded_like_earlier_reminders_finds_the_fact_its_name_points_at()
     spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 64)
     best = rank(spans, query_weights(FILLER + " Earlier we noted that Camille's ticket number is"))[0][1]
     assert "".join(pieces[best.lo : best.hi]).strip() == "Camille's ticket number is 81333."
+
+
+def _spans_of(text):
+    pieces = list(text)  # one character per token
+    spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 96)
+    return {"".join(pieces[s.lo : s.hi]).strip(): s for s in spans}
+
+
+def test_a_sentence_that_says_the_cue_about_someone_else_is_a_rival():
+    """A reminder worded like the cue but about another name offers a rival value for the same slot: Gemma 3 copied
+    Kenji's 49753 for Amara when it came back with Amara's fact ('final' continuation set). Where the cue's wording
+    is as rare as the name ('sealed': "As stated before, ..." once evicted), BM25 even ranks that reminder above the
+    fact, so the test cannot lean on the ranking: it aligns each sentence with the cue."""
+    said = _spans_of(
+        "Amara was given the PIN 23522. Kenji was given the PIN 49753.\n"
+        "To repeat what was written above, Kenji was given the PIN 49753. "
+        "The locker assigned to Ines opens with 95463. As stated before, the locker assigned to Tomasz opens with 79473. "
+        "My locker number is 90517. Her locker number was 4. The number of my locker is 11. My city is Riga. "
+    )
+    cue = last_sentence(FILLER + " To repeat what was written above, Amara was given the PIN")
+    assert is_rival(said["To repeat what was written above, Kenji was given the PIN 49753."], cue)
+    assert not is_rival(said["Amara was given the PIN 23522."], cue)
+    assert not is_rival(said["Kenji was given the PIN 49753."], cue)  # no shared word on the name's left: not the slot
+    cue = last_sentence(FILLER + " As stated before, the locker assigned to Ines opens with")
+    assert is_rival(said["As stated before, the locker assigned to Tomasz opens with 79473."], cue)
+    assert not is_rival(said["The locker assigned to Ines opens with 95463."], cue)
+    # a chat question: the fact and other sentences about lockers leave words out, they substitute none
+    cue = last_sentence("Thanks for the story. What is my locker number?")
+    assert cue == ["locker", "number"]
+    for s in (
+        "My locker number is 90517.",
+        "Her locker number was 4.",
+        "The number of my locker is 11.",
+        "My city is Riga.",
+    ):
+        assert not is_rival(said[s], cue)
+
+
+def test_rivals_stay_out_of_the_choice_and_the_fact_comes_back():
+    """The sealed set's shape: the cue's rare wording ("stated") scores another name's reminder near the fact
+    (on the real set, above it); without the rival, the fact alone is chosen."""
+    prose = "The bus driver repainted the marble staircase before the ferry left. " * 6
+    text = (
+        "The locker assigned to Ines opens with 95463. The locker assigned to Hiro opens with 56993.\n"
+        + prose
+        + "As stated before, the locker assigned to Tomasz opens with 79473. "
+        + prose
+    )
+    pieces = list(text)
+    spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 96)
+    new = prose + " As stated before, the locker assigned to Ines opens with"
+    ranked = rank(spans, query_weights(new))
+    said = lambda s: "".join(pieces[s.lo : s.hi]).strip()  # noqa: E731
+    assert any("Tomasz" in said(s) for s in choose(ranked, 200))  # BM25 alone brings the rival back too
+    cue = last_sentence(new)
+    kept = choose([(sc, s) for sc, s in ranked if not is_rival(s, cue)], 200)
+    assert [said(s) for s in kept] == ["The locker assigned to Ines opens with 95463."]
+
+
+def test_only_sentences_that_share_a_word_with_what_the_request_asks_come_back():
+    """The 'closing' set's shape: the fact is still cached, so the cue matches nothing evicted, and the prose just
+    before the cue matches evicted prose: nothing of it is on the cue."""
+    prose = "The harbour master fixed a jar of honey as the evening train passed. "
+    said = _spans_of(
+        prose + "Their youngest son hid a jar of honey. For the record, Dara's bank card ends in 29081. "
+        "Just a reminder that Marisol's bank card ends in 44291. "
+    )
+    cue = last_sentence(prose + "Just a reminder that Henrik's bank card ends in")
+    assert cue == ["just", "reminder", "henrik", "s", "bank", "card", "ends"]
+    assert not on_cue(said["Their youngest son hid a jar of honey."], cue)
+    assert not on_cue(said["The harbour master fixed a jar of honey as the evening train passed."], cue)
+    # on the cue: another name's fact (its name has no shared word on its left, so it is no rival) and reminder
+    # (a rival: 'marisol' sits between 'reminder' and 's', where the cue has 'henrik')
+    assert on_cue(said["For the record, Dara's bank card ends in 29081."], cue)
+    assert not is_rival(said["For the record, Dara's bank card ends in 29081."], cue)
+    assert is_rival(said["Just a reminder that Marisol's bank card ends in 44291."], cue)
 
 
 def test_a_recall_state_saved_before_the_time_split_still_loads():

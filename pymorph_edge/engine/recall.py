@@ -19,7 +19,17 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pymorph_edge.engine.recall_keys import attention_mass, rank_by_attention
-from pymorph_edge.engine.recall_select import Span, choose, query_weights, rank, sentences, whole_sentences
+from pymorph_edge.engine.recall_select import (
+    Span,
+    choose,
+    is_rival,
+    last_sentence,
+    on_cue,
+    query_weights,
+    rank,
+    sentences,
+    whole_sentences,
+)
 
 if TYPE_CHECKING:
     from pymorph_edge.engine.kv_engine import KVEngine
@@ -112,22 +122,30 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     by = engine.config.recall_by
     chosen: list[Span] = []
+    text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
+    cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both"):
-        query = query_weights("".join(piece(t) for t in new_tokens[-QUERY_TOKENS:]))
-        chosen = choose(rank(spans, query), max_tokens)
+        ranked = [(score, s) for score, s in rank(spans, query_weights(text)) if on_cue(s, cue)]
+        chosen = choose(_no_rivals(ranked, cue), max_tokens)
     if by == "bm25":
         return chosen
-    ranked = _by_attention(engine, new_tokens, spans, piece)
+    by_attention = _no_rivals(_by_attention(engine, new_tokens, spans, piece), cue)
     if by == "attention":
-        return choose(ranked, max_tokens)
+        return choose(by_attention, max_tokens)
     # both: the words find what the new text names, the model's attention what it asks for in other words;
     # attention's best span joins BM25's picks when it fits, placed first: the text nearest the question is what
     # the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on with the story)
     used, have = sum(s.n_tokens for s in chosen), {s.lo for s in chosen}
-    for _, s in ranked[:1]:
+    for _, s in by_attention[:1]:
         if s.lo not in have and used + s.n_tokens <= max_tokens:
             chosen = [s, *chosen]
     return chosen
+
+
+def _no_rivals(ranked: list[tuple[float, Span]], cue: list[str]) -> list[tuple[float, Span]]:
+    """A sentence that says what the request's last sentence says about something else stays out however it
+    ranks: it offers a rival value worded like the request (recall_select.is_rival)."""
+    return [(score, s) for score, s in ranked if not is_rival(s, cue)]
 
 
 def _around(engine: KVEngine, wrap: Wrap | None, around: Around | None) -> tuple[list[int], list[int]] | None:

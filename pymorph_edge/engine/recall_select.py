@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 WORD = re.compile(r"[a-z0-9]+")
 STOPWORDS = frozenset(
@@ -35,6 +36,7 @@ class Span:
     lo: int  # sequence index of the first token
     hi: int  # one past the last
     words: Counter[str]
+    sequence: tuple[str, ...] = ()  # the words in order (rival_test aligns them with the request's)
 
     @property
     def n_tokens(self) -> int:
@@ -98,7 +100,7 @@ def sentences(
             if i + 1 - start >= max_span or _ends_sentence(p) or i + 1 == len(ids):
                 ws = words(text)
                 if ws:
-                    out.append(Span(lo + start, lo + i + 1, Counter(ws)))
+                    out.append(Span(lo + start, lo + i + 1, Counter(ws), tuple(ws)))
                 start, text = i + 1, ""
     return out
 
@@ -116,6 +118,21 @@ def query_weights(new_text: str) -> dict[str, float]:
     return weights
 
 
+def _evidence(spans: list[Span], query: dict[str, float]) -> tuple[dict[str, float], list[list[str]]]:
+    """IDF of each query word over the spans, and the query words grouped by the spans they occur in: words that
+    occur in exactly the same spans are one piece of evidence, usually a phrase the request repeats."""
+    n = len(spans)
+    where: dict[str, set[int]] = {w: set() for w in query}
+    for i, s in enumerate(spans):
+        for w in s.words.keys() & where.keys():
+            where[w].add(i)
+    idf = {w: math.log(1 + (n - len(ix) + 0.5) / (len(ix) + 0.5)) for w, ix in where.items() if ix}
+    groups: dict[frozenset[int], list[str]] = {}
+    for w in idf:
+        groups.setdefault(frozenset(where[w]), []).append(w)
+    return idf, list(groups.values())
+
+
 def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]:
     """BM25 scores of the spans (best first), with IDF over the spans themselves; [] when nothing matches a
     word rare enough to mean something.
@@ -126,23 +143,14 @@ def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]
     twice for "earlier noted", above the fact "Camille's ticket number is 81333." that the name alone points at."""
     if not spans or not query:
         return []
-    n = len(spans)
-    where: dict[str, set[int]] = {w: set() for w in query}
-    for i, s in enumerate(spans):
-        for w in s.words.keys() & where.keys():
-            where[w].add(i)
-    df = {w: len(ix) for w, ix in where.items() if ix}
-    avg_len = sum(sum(s.words.values()) for s in spans) / n
-    idf = {w: math.log(1 + (n - d + 0.5) / (d + 0.5)) for w, d in df.items()}
-    groups: dict[frozenset[int], list[str]] = {}
-    for w in df:
-        groups.setdefault(frozenset(where[w]), []).append(w)
+    idf, groups = _evidence(spans, query)
+    avg_len = sum(sum(s.words.values()) for s in spans) / len(spans)
     scored = []
     for s in spans:
         length = sum(s.words.values())
         norm = K1 * (1 - B + B * length / avg_len)
         score = 0.0
-        for ws in groups.values():
+        for ws in groups:
             score += max(
                 (query[w] * idf[w] * s.words[w] * (K1 + 1) / (s.words[w] + norm) for w in ws if s.words.get(w)),
                 default=0.0,
@@ -153,6 +161,52 @@ def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]
     if not scored or max((idf[w] for w in scored[0][1].words if w in idf), default=0.0) < MIN_IDF:
         return []
     return scored
+
+
+def last_sentence(new_text: str) -> list[str]:
+    """The words of the new text's last sentence that has any (query_weights gives them the full weight)."""
+    parts = [p for p in (words(x) for x in SENTENCE_END.split(new_text)) if p]
+    return parts[-1] if parts else []
+
+
+def on_cue(span: Span, cue: Sequence[str]) -> bool:
+    """Whether a span shares a word with the request's last sentence. BM25 brings back only such spans: the
+    sentences before the last one weigh in the ranking, but alone they match only prose like the request's own.
+    With a continuation's fact still cached, its cue matched nothing evicted, and SmolLM2 got up to 7 sentences of
+    prose back each time (the 'closing' set)."""
+    return any(w in span.words for w in cue)
+
+
+def _aligned(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
+    """A longest common subsequence of two word lists, as (index in a, index in b) pairs in order."""
+    n, m = len(a), len(b)
+    dp = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            dp[i][j] = dp[i + 1][j + 1] + 1 if a[i] == b[j] else max(dp[i + 1][j], dp[i][j + 1])
+    pairs, i, j = [], 0, 0
+    while i < n and j < m:
+        if a[i] == b[j]:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+        elif dp[i + 1][j] >= dp[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def is_rival(span: Span, query_sentence: Sequence[str]) -> bool:
+    """Whether the span says what the request's last sentence says, about something else: aligned word by word,
+    it puts other words where the request has its own, between words both share. A cue "To repeat what was
+    written above, Amara was given the PIN" and the earlier reminder "To repeat what was written above, Kenji was
+    given the PIN 49753." differ only in the name: the reminder offers another value for the same slot, worded
+    like the cue itself, and a model copies it (Gemma 3 answered 49753 for Amara when it came back with Amara's
+    fact). The fact "Amara was given the PIN 23522." only leaves words out, and "My locker number is 90517."
+    against "What is my locker number?" has nothing between shared words that differs. No constant: the test is
+    the alignment itself."""
+    pairs = _aligned(span.sequence, query_sentence)
+    return any(i2 - i1 > 1 and j2 - j1 > 1 for (i1, j1), (i2, j2) in pairwise(pairs))
 
 
 def choose(ranked: list[tuple[float, Span]], max_tokens: int) -> list[Span]:
