@@ -32,9 +32,21 @@ from pymorph_edge import Llama
 from pymorph_edge.bench.common import last_logprobs
 from pymorph_edge.engine import recall as recall_module
 from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.engine.recall import recalled_live
 from pymorph_edge.model.default_model import resolve_model
 
 IS_RIVAL, ON_CUE = recall_module.is_rival, recall_module.on_cue
+
+
+def runs_of(indices: set[int]) -> list[tuple[int, int]]:
+    """Consecutive runs [lo, hi) of a set of sequence indices."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
@@ -147,8 +159,8 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
         msgs.append({"role": "user", "content": question})
         t0 = time.perf_counter()
         ans = llm.create_chat_completion(msgs, max_tokens=24, temperature=0.0)["choices"][0]["message"]["content"]
-        e = llm.engine  # the number's sentence in a live recalled block: recall found it, whatever the model made of it
-        blocks = [e.log.tokens(lo, hi) for b in e.recall_state.blocks for lo, hi in b[2]]
+        # the number's tokens in the cache as recalled copies: recall found it, whatever the model made of it
+        blocks = [llm.engine.log.tokens(lo, hi) for lo, hi in runs_of(recalled_live(llm.engine))]
         out.append(
             {
                 "name": name,

@@ -5,7 +5,7 @@ from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.engine.evicted_log import EvictedLog
-from pymorph_edge.engine.recall import BLOCK_LPOS
+from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
 from pymorph_edge.engine.recall_select import (
     choose,
     is_rival,
@@ -25,17 +25,14 @@ NATIVE = sorted(n for n, cls in POLICIES.items() if cls().evicts and not cls.shi
 def recalled_text(llm):
     """The logged text of every span brought back so far (the synthetic vocabulary spells spaces as U+2581)."""
     eng = llm.engine
-    spans = [(lo, hi) for b in eng.recall_state.blocks for lo, hi in b[2]]
+    spans = [(sp[0], sp[1]) for b in eng.recall_state.blocks for sp in b[2]]
     return [llm.detokenize(eng.log.tokens(lo, hi)).decode().replace("\u2581", " ") for lo, hi in spans]
 
 
 def in_cache(llm, lo, hi):
     """Whether every token of sequence indices [lo, hi) is in the cache: kept there, or recalled."""
     eng = llm.engine
-    held = {p for p in eng.scorer.cell_lpos() if 0 <= p < BLOCK_LPOS}
-    for b in eng.recall_state.blocks:
-        for a, z in b[2]:
-            held.update(range(a, z))
+    held = {p for p in eng.scorer.cell_lpos() if 0 <= p < BLOCK_LPOS} | recalled_live(eng)
     return set(range(lo, hi)) <= held
 
 
@@ -159,6 +156,26 @@ def test_only_sentences_that_share_a_word_with_what_the_request_asks_come_back()
     assert is_rival(said["Just a reminder that Marisol's bank card ends in 44291."], cue)
 
 
+def test_a_recalled_fact_counts_as_held_token_by_token():
+    """A recalled block's text is evicted like any other. A fact whose cells went while a word of its block stayed
+    is evicted again, and a later question can recall it; counting the whole block as held while any cell lived
+    hid it (SmolLM2: a fact recalled before a story, evicted during it, was never recalled for the question)."""
+    from types import SimpleNamespace
+
+    from pymorph_edge.engine.recall import RecallState, span_places
+
+    b = BLOCK_LPOS
+    state = RecallState(blocks=[[b, b + 10, [[5, 8, b + 2], [20, 23, b + 6]]], [b + 10, b + 12, [[40, 42, b + 10]]]])
+    cells = [1, 2, b + 2, b + 3, b + 4, b + 9]  # the first span whole, the block's last (wrap) token
+    engine = SimpleNamespace(scorer=SimpleNamespace(cell_lpos=lambda: cells), recall_state=state)
+    assert recalled_live(engine) == {5, 6, 7}
+    assert len(state.blocks) == 1  # the second block has no live cell left
+    state.blocks[0][2][1] = [20, 23]  # a block saved before: its spans held while the block lives
+    assert recalled_live(engine) == {5, 6, 7, 20, 21, 22}
+    # where spans start in a block whose wrap retokenized their first token
+    assert span_places([9, 9, 1, 2, 3, 7, 4, 5], [[100, 2, 3], [44, 5], [8, 8]]) == [2, 6, -1]
+
+
 def test_a_recall_state_saved_before_the_time_split_still_loads():
     """Session files and kept conversations from before recall_checks / recall_probe_s / recall_block_s load,
     with those at zero; a state missing an older field is still refused by name."""
@@ -176,7 +193,7 @@ def test_a_recall_state_saved_before_the_time_split_still_loads():
 # -- mechanism on the synthetic model (byte tokens, so the text is real) --------------------------------
 @pytest.mark.parametrize("policy", NATIVE)
 def test_every_native_policy_has_the_fact_a_continuation_asks_for(gqa_model, policy):
-    """Kept by the policy or recalled: after the request the whole fact is in the cache, for every policy."""
+    """Kept by the policy, or recalled for the request that asks for it, for every policy."""
     with Llama(gqa_model, kv_budget=192, policy=policy, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
         text = FACTS + FILLER
         llm.create_completion(text, max_tokens=2, temperature=0.0)
@@ -186,8 +203,10 @@ def test_every_native_policy_has_the_fact_a_continuation_asks_for(gqa_model, pol
         text += FILLER + " As recorded at the start, the code for Tom is"
         llm.create_completion(text, max_tokens=2, temperature=0.0)
         s = llm.stats
-        assert in_cache(llm, lo, hi)
-        assert s.recalls == 0 or any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        # recalled this request (read before in_cache, which drops blocks whose cells all went since), or kept:
+        # StreamingLLM and H2O evict the block once the new text that needed it is decoded
+        recalled = any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        assert recalled or (s.recalls == 0 and in_cache(llm, lo, hi))
         assert s.recall_log_bytes > 0 and s.peak_cells <= 192 + 64
         # a recalled block takes no index of the sequence: the history is exactly the text sent
         assert len(llm.engine.history) == len(llm.tokenize(text)) + 1

@@ -91,16 +91,31 @@ def default_recall_tokens(kv_budget: int, protected: int, n_keep: int) -> int:
     return max(0, min(96, (kv_budget - protected - n_keep) // 2))
 
 
-def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
-    """Runs [lo, hi) of logged sequence indices that no live cell holds, a live recalled block included."""
-    lpos = engine.scorer.cell_lpos() if engine.scorer is not None else []
-    live = {p for p in lpos if 0 <= p < BLOCK_LPOS}
+def recalled_live(engine: KVEngine, lpos: Sequence[int] | None = None) -> set[int]:
+    """Sequence indices whose recalled copy is still in the cache, token by token: a block's text is evicted like
+    any other, and a fact whose cells went while a word of its block stayed is evicted again, not held. Blocks with
+    no live cell are dropped from the state."""
+    if lpos is None:
+        lpos = engine.scorer.cell_lpos() if engine.scorer is not None else []
     block_live = {p for p in lpos if p >= BLOCK_LPOS}
     state = engine.recall_state
     state.blocks = [b for b in state.blocks if any(b[0] <= p < b[1] for p in block_live)]
+    held: set[int] = set()
     for _, _, spans in state.blocks:
-        for lo, hi in spans:
-            live.update(range(lo, hi))
+        for span in spans:
+            lo, hi = span[0], span[1]
+            at = span[2] if len(span) > 2 else None  # where the span's first token sits in the block
+            if at is None or at < 0:  # unknown (a block saved before stop 32, or a wrap that retokenized it)
+                held.update(range(lo, hi))
+                continue
+            held.update(lo + p - at for p in block_live if at <= p < at + hi - lo)
+    return held
+
+
+def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
+    """Runs [lo, hi) of logged sequence indices that no live cell holds, a live recalled copy included."""
+    lpos = engine.scorer.cell_lpos() if engine.scorer is not None else []
+    live = {p for p in lpos if 0 <= p < BLOCK_LPOS} | recalled_live(engine, lpos)
     # the gaps between consecutive held indices, from the sorted held set rather than a walk over the whole log
     lo, end = engine.log.start, min(engine.log.end, engine.n_past)
     runs = []
@@ -111,6 +126,22 @@ def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
     if lo < end:
         runs.append((lo, end))
     return runs
+
+
+def span_places(block: Sequence[int], ids: Sequence[Sequence[int]]) -> list[int]:
+    """Where each span's tokens start in the block (-1: not found). A wrap renders the recalled text into the chat
+    template and tokenizes it again, so a span's first token may change (a leading space dropped); its other tokens
+    are found as they are, in order."""
+    out, cursor = [], 0
+    for t in ids:
+        key, back = (list(t[1:]), 1) if len(t) > 1 else (list(t), 0)
+        at = -1
+        for k in range(cursor, len(block) - len(key) + 1):
+            if list(block[k : k + len(key)]) == key:
+                at, cursor = k - back, k + len(key)
+                break
+        out.append(at)
+    return out
 
 
 def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], max_tokens: int) -> list[Span]:
@@ -218,7 +249,14 @@ def recall_before(
         lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
         engine.decode_block(block, lpos)
     c.recall_block_s += time.perf_counter() - t_block
-    state.blocks.append([lpos[0], lpos[-1] + 1, [[s.lo, s.hi] for s in chosen]])
+    places = span_places(block, [engine.log.tokens(s.lo, s.hi) for s in chosen])
+    state.blocks.append(
+        [
+            lpos[0],
+            lpos[-1] + 1,
+            [[s.lo, s.hi, lpos[0] + k if k >= 0 else -1] for s, k in zip(chosen, places, strict=True)],
+        ]
+    )
     state.next_lpos += len(block)
     state.barrier = engine.n_past
     c.recalls += 1
