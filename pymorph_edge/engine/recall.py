@@ -156,27 +156,20 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both"):
-        ranked = [(score, s) for score, s in rank(spans, query_weights(text)) if on_cue(s, cue)]
-        chosen = choose(_no_rivals(ranked, cue), max_tokens)
+        chosen = choose(rank(spans, query_weights(text)), max_tokens, lambda s: on_cue(s, cue) and not is_rival(s, cue))
     if by == "bm25":
         return chosen
-    by_attention = _no_rivals(_by_attention(engine, new_tokens, spans, piece), cue)
+    by_attention = _by_attention(engine, new_tokens, spans, piece)
     if by == "attention":
-        return choose(by_attention, max_tokens)
+        return choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
     # both: the words find what the new text names, the model's attention what it asks for in other words;
     # attention's best span joins BM25's picks when it fits, placed first: the text nearest the question is what
     # the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on with the story)
     used, have = sum(s.n_tokens for s in chosen), {s.lo for s in chosen}
-    for _, s in by_attention[:1]:
-        if s.lo not in have and used + s.n_tokens <= max_tokens:
-            chosen = [s, *chosen]
+    best = next((s for _, s in by_attention if not is_rival(s, cue)), None)
+    if best is not None and best.lo not in have and used + best.n_tokens <= max_tokens:
+        chosen = [best, *chosen]
     return chosen
-
-
-def _no_rivals(ranked: list[tuple[float, Span]], cue: list[str]) -> list[tuple[float, Span]]:
-    """A sentence that says what the request's last sentence says about something else stays out however it
-    ranks: it offers a rival value worded like the request (recall_select.is_rival)."""
-    return [(score, s) for score, s in ranked if not is_rival(s, cue)]
 
 
 def _around(engine: KVEngine, wrap: Wrap | None, around: Around | None) -> tuple[list[int], list[int]] | None:

@@ -205,19 +205,25 @@ def is_rival(span: Span, query_sentence: Sequence[str]) -> bool:
     fact). The fact "Amara was given the PIN 23522." only leaves words out, and "My locker number is 90517."
     against "What is my locker number?" has nothing between shared words that differs. No constant: the test is
     the alignment itself."""
+    if len(span.words.keys() & set(query_sentence)) < 2:  # a substitution needs a shared word on each side
+        return False
     pairs = _aligned(span.sequence, query_sentence)
     return any(i2 - i1 > 1 and j2 - j1 > 1 for (i1, j1), (i2, j2) in pairwise(pairs))
 
 
-def choose(ranked: list[tuple[float, Span]], max_tokens: int) -> list[Span]:
-    """The best spans that fit max_tokens, in sequence order."""
-    if not ranked:
-        return []
-    best = ranked[0][0]
-    chosen, used = [], 0
+def choose(
+    ranked: list[tuple[float, Span]], max_tokens: int, admit: Callable[[Span], bool] = lambda s: True
+) -> list[Span]:
+    """The best admitted spans that fit max_tokens, in sequence order; the cutoff is relative to the best admitted
+    one. admit is asked lazily, best first, so a costly test runs on the few spans that could be chosen."""
+    chosen: list[Span] = []
+    best, used = None, 0
     for score, s in ranked:
-        if score < RELATIVE_CUTOFF * best:
+        if best is not None and score < RELATIVE_CUTOFF * best:
             break
+        if not admit(s):
+            continue
+        best = score if best is None else best
         if used + s.n_tokens <= max_tokens:
             chosen.append(s)
             used += s.n_tokens
