@@ -146,7 +146,7 @@ def test_only_sentences_that_share_a_word_with_what_the_request_asks_come_back()
         "Just a reminder that Marisol's bank card ends in 44291. "
     )
     cue = last_sentence(prose + "Just a reminder that Henrik's bank card ends in")
-    assert cue == ["just", "reminder", "henrik", "s", "bank", "card", "ends"]
+    assert cue == ["reminder", "henrik", "s", "bank", "card", "ends"]
     assert not on_cue(said["Their youngest son hid a jar of honey."], cue)
     assert not on_cue(said["The harbour master fixed a jar of honey as the evening train passed."], cue)
     # on the cue: another name's fact (its name has no shared word on its left, so it is no rival) and reminder

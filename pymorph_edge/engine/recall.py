@@ -165,6 +165,8 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     # both: the words find what the new text names, the model's attention what it asks for in other words;
     # attention's best span joins BM25's picks when it fits, placed first: the text nearest the question is what
     # the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on with the story)
+    if not chosen:  # no sentence on the cue: the question is in other words, and attention alone decides
+        return choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
     used, have = sum(s.n_tokens for s in chosen), {s.lo for s in chosen}
     best = next((s for _, s in by_attention if not is_rival(s, cue)), None)
     if best is not None and best.lo not in have and used + best.n_tokens <= max_tokens:

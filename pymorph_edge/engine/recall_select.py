@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 WORD = re.compile(r"[a-z0-9]+")
+# English function words (the usual IR list: pronouns, auxiliaries and modals, prepositions, conjunctions) and
+# chat-template words. A modal left in matched "Can you remind me of the number ..." to every story sentence
+# with "can" in it, and those crowded out what the question meant
 STOPWORDS = frozenset(
-    "a an and are as at be but by did do does for from had has have he her him his how i if in is it its me my "
-    "no not of on or our she so that the their them then there they this to us was we were what when where "
-    "which who why will with you your im start end user assistant system turn model".split()
+    "a about above after again against all am an and any are as at be because been before being below between "
+    "both but by can could did do does doing down during each few for from further had has have having he her "
+    "here hers herself him himself his how i if in into is it its itself just me might more most must my myself "
+    "no nor not now of off on once only or other our ours ourselves out over own same shall she should so some "
+    "such than that the their theirs them themselves then there these they this those through to too under "
+    "until up us very was we were what when where which while who whom why will with would you your yours "
+    "yourself yourselves im start end user assistant system turn model".split()
 )
 K1, B = 1.2, 0.75  # BM25's usual constants
 SENTENCE_END = re.compile(r"[.!?\n]+")
