@@ -105,7 +105,7 @@ def recalled_live(engine: KVEngine, lpos: Sequence[int] | None = None) -> set[in
         for span in spans:
             lo, hi = span[0], span[1]
             at = span[2] if len(span) > 2 else None  # where the span's first token sits in the block
-            if at is None or at < 0:  # unknown (a block saved before stop 32, or a wrap that retokenized it)
+            if at is None or at < 0:  # unknown: a block saved before stop 32, or a span not found in its block
                 held.update(range(lo, hi))
                 continue
             held.update(lo + p - at for p in block_live if at <= p < at + hi - lo)

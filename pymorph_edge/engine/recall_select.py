@@ -5,7 +5,9 @@ text back is made from the text itself when new text arrives. The evicted indice
 (split after ., !, ?, a newline, or every `max_span` tokens), and each is scored by Okapi BM25 against the
 words of the new text. Words near the end of the new text weigh more: a request usually ends with what it
 asks (the question of a chat turn, the cue a completion stops on), and a long request's earlier words match
-much of any prose. So the last sentence of the new text is the query, and the rest barely counts.
+much of any prose. So the last sentence of the new text is the query, and the rest barely counts. Two tests on
+that last sentence decide which ranked sentences may come back: one must share a word with it (on_cue), and none
+may say it about something else (is_rival).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Span:
     lo: int  # sequence index of the first token
     hi: int  # one past the last
     words: Counter[str]
-    sequence: tuple[str, ...] = ()  # the words in order (rival_test aligns them with the request's)
+    sequence: tuple[str, ...] = ()  # the words in order (is_rival aligns them with the request's)
 
     @property
     def n_tokens(self) -> int:
