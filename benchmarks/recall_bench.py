@@ -13,7 +13,8 @@ the recall constants, "held-out" was reported and also looked at while comparing
 - dialogue (chat models): the user gives personal details, one a 5-digit number, and asks for a story; two
   more stories follow (~900 generated tokens); then the user asks for the number.
 Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full"; "+rivals" and
-"+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py) for an A/B. Distances are
+"+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py), and "+eager" asks attention
+beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B. Distances are
 tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
@@ -51,11 +52,13 @@ def runs_of(indices: set[int]) -> list[tuple[int, int]]:
 
 def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
     # "+rivals": recall without its rival test (recall_select.is_rival); "+anyword": BM25 may bring back a span
-    # that shares no word with the request's last sentence (recall_select.on_cue); the A/Bs for those tests
+    # that shares no word with the request's last sentence (recall_select.on_cue); "+eager": a query probe every
+    # request, and attention's best span beside BM25's picks (recall.ATTENTION_BESIDE_WORDS); the A/Bs for those
     config, *flags = config.split("+")
     rivals, anyword = "rivals" in flags, "anyword" in flags
     recall_module.is_rival = (lambda span, cue: False) if rivals else IS_RIVAL
     recall_module.on_cue = (lambda span, cue: True) if anyword else ON_CUE
+    recall_module.ATTENTION_BESIDE_WORDS = "eager" in flags
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

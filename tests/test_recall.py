@@ -226,10 +226,28 @@ def test_morphkv_recalls_an_evicted_fact(gqa_model):
         ask_for_toms_code(llm)
         s = llm.stats
         assert s.recall_checks == 1 and s.recalls == 1 and s.recalled_tokens > 0
-        # recall's time: the probe, the block's decode, and choosing (the rest)
-        assert 0 < s.recall_probe_s and 0 < s.recall_block_s and s.recall_probe_s + s.recall_block_s < s.recall_s
+        # recall's time: the block's decode and choosing (the rest); the cue's words found the fact, so no probe
+        assert s.recall_probe_s == 0 and 0 < s.recall_block_s < s.recall_s
         assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
         assert any(p >= BLOCK_LPOS for p in llm.engine.scorer.cell_lpos())
+
+
+def test_the_model_is_asked_only_when_no_evicted_word_is_on_the_cue(gqa_model):
+    """recall_by="both" (the default): a query probe costs a decode, so attention is asked only when the words of
+    what the request asks find no evicted sentence."""
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        llm.create_completion(text + FILLER + " Zzqx qqv wwvx", max_tokens=1, temperature=0.0)
+        s = llm.stats
+        assert s.tokens_evicted > 0 and s.recall_checks == 1
+        assert s.recall_probe_s > 0  # nothing on the cue: the model's attention was asked
+        before = s.recall_probe_s
+        llm.create_completion(
+            text + FILLER + " Zzqx qqv wwvx. As recorded, the code for Tom is", max_tokens=1, temperature=0.0
+        )
+        assert llm.stats.recall_checks == 2 and llm.stats.recall_probe_s == before  # the words found it: no probe
+        assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
 
 
 def test_without_recall_nothing_comes_back(gqa_model):

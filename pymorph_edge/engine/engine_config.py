@@ -36,7 +36,7 @@ class EngineConfig:
     recall_tokens: int | None = None  # most tokens one request recalls (None: recall.default_recall_tokens)
     recall_log_bytes: int = DEFAULT_LOG_BYTES  # token ids kept for recall, oldest dropped beyond this
     # how recall judges relevance (docs/recall.md): "bm25" (the words), "attention" (the model's attention over
-    # logged keys), "both" (BM25's picks plus attention's best span)
+    # logged keys), "both" (BM25's picks; attention's when no evicted sentence shares a word with what is asked)
     recall_by: str = "both"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
     # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; on iSWA

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 # Recalled cells take logical positions from here up: apart from every sequence index, and from each other
 BLOCK_LPOS = 1 << 40
 MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence cannot fill the recall budget
+# "both" asks the model's attention only when the words find nothing on the cue. True restores stop 32's way (attention's
+# best sentence joins BM25's picks, a query probe every request), kept for the A/B (recall_bench's "+eager"): on 7
+# dialogue sets SmolLM2 answered 34 of 56 without it and 30 with it, and attention's extra sentence was story prose
+# that made a short turn's block 3x as long (docs/recall.md, "The words first")
+ATTENTION_BESIDE_WORDS = False
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
@@ -56,7 +61,7 @@ class RecallCounters:
     recalled_tokens: int = 0  # tokens decoded again for them (recomputed, wrapper included)
     recall_s: float = 0.0  # all of recall's time, requests that brought nothing back included
     recall_checks: int = 0  # requests that looked for evicted text to bring back
-    recall_probe_s: float = 0.0  # of recall_s: decoding the query probes (recall_by "attention" or "both")
+    recall_probe_s: float = 0.0  # of recall_s: the query probes ("attention", or "both" when no word is on the cue)
     recall_block_s: float = 0.0  # of recall_s: decoding the recalled blocks; the rest is choosing
     restored_tokens: int = 0  # recalled tokens whose saved KV was restored rather than recomputed
 
@@ -157,16 +162,16 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both"):
         chosen = choose(rank(spans, query_weights(text)), max_tokens, lambda s: on_cue(s, cue) and not is_rival(s, cue))
-    if by == "bm25":
+    # both: the words find what the new text names, and then no query probe runs; the model's attention decides
+    # only when no sentence is on the cue (a question in other words)
+    if by == "bm25" or (chosen and not ATTENTION_BESIDE_WORDS):
         return chosen
     by_attention = _by_attention(engine, new_tokens, spans, piece)
-    if by == "attention":
+    if by == "attention" or not chosen:
         return choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
-    # both: the words find what the new text names, the model's attention what it asks for in other words;
-    # attention's best span joins BM25's picks when it fits, placed first: the text nearest the question is what
-    # the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on with the story)
-    if not chosen:  # no sentence on the cue: the question is in other words, and attention alone decides
-        return choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
+    # (the A/B's old way) attention's best span joins BM25's picks when it fits, placed first: the text nearest the
+    # question is what the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on
+    # with the story)
     used, have = sum(s.n_tokens for s in chosen), {s.lo for s in chosen}
     best = next((s for _, s in by_attention if not is_rival(s, cue)), None)
     if best is not None and best.lo not in have and used + best.n_tokens <= max_tokens:

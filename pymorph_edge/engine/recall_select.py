@@ -56,8 +56,11 @@ def words(text: str) -> list[str]:
     return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
+_END_CHAR = re.compile(r"[.!?\n]")
+
+
 def _ends_sentence(p: str) -> bool:
-    return any(c in p for c in ".!?\n")
+    return _END_CHAR.search(p) is not None  # a regex, not a scan per character: it runs on every evicted token
 
 
 def whole_sentences(
@@ -102,15 +105,15 @@ def sentences(
     out: list[Span] = []
     for lo, hi in runs:
         ids = tokens_of(lo, hi)
-        start, text = 0, ""
+        start, parts = 0, []
         for i, tok in enumerate(ids):
             p = piece(tok)
-            text += p
+            parts.append(p)
             if i + 1 - start >= max_span or _ends_sentence(p) or i + 1 == len(ids):
-                ws = words(text)
+                ws = words("".join(parts))
                 if ws:
                     out.append(Span(lo + start, lo + i + 1, Counter(ws), tuple(ws)))
-                start, text = i + 1, ""
+                start, parts = i + 1, []
     return out
 
 
