@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 # Recalled cells take logical positions from here up: apart from every sequence index, and from each other
 BLOCK_LPOS = 1 << 40
 MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence cannot fill the recall budget
-# "both" asks the model's attention only when the words find nothing on the cue. True restores stop 32's way (attention's
-# best sentence joins BM25's picks, a query probe every request), kept for the A/B (recall_bench's "+eager"): on 7
-# dialogue sets SmolLM2 answered 34 of 56 without it and 30 with it, and attention's extra sentence was story prose
-# that made a short turn's block 3x as long (docs/recall.md, "The words first")
+# "both" asks the model's attention only when the words find nothing on the cue. True restores stop 32's way
+# (attention's best sentence joins BM25's picks, a query probe every request), kept for the A/B (recall_bench's
+# "+eager"): on 7 dialogue sets SmolLM2 answered 34 of 56 without it and 30 with it, and attention's extra sentence
+# was story prose that made a short turn's block 3x as long (docs/recall.md, "The words first")
 ATTENTION_BESIDE_WORDS = False
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
