@@ -56,11 +56,8 @@ def words(text: str) -> list[str]:
     return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
-_END_CHAR = re.compile(r"[.!?\n]")
-
-
 def _ends_sentence(p: str) -> bool:
-    return _END_CHAR.search(p) is not None  # a regex, not a scan per character: it runs on every evicted token
+    return SENTENCE_END.search(p) is not None  # a regex, not a scan per character: it runs on every evicted token
 
 
 def whole_sentences(
