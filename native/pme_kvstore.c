@@ -264,12 +264,15 @@ void pme_kvstore_capture(pme_state * st) {
 }
 
 /* a recalled block took logical positions [lo, lo + n) for a moment (pme_mark_recalled gives it its own): its
- * captured rows must not answer for the tokens that take those positions next */
+ * captured rows must not answer for the tokens that take those positions next, and the rows of the text decoded
+ * after it in the same ubatch move down to their own */
 void pme_kvstore_untag(pme_state * st, int64_t lo, int32_t n) {
     struct pme_kvstore * s = st->kvs;
     for (int32_t k = 0; s && k < s->swa.n; ++k) {
         if (s->swa.lpos[k] >= lo && s->swa.lpos[k] < lo + n) {
             s->swa.lpos[k] = -1;
+        } else if (s->swa.lpos[k] >= lo + n) {
+            s->swa.lpos[k] -= n;
         }
     }
 }

@@ -34,6 +34,10 @@ int pme_mark_recalled(pme_state * st, int32_t pos0, int32_t n, const int64_t * l
         if (p >= pos0 && p < pos0 + n) {
             st->cell_lpos[c] = lpos[p - pos0];
             ++found;
+        } else if (p >= pos0 + n) {
+            /* the new text decoded in the block's own ubatch, after it: its logical positions were counted as if
+             * the block were text of the sequence */
+            st->cell_lpos[c] -= n;
         }
     }
     if (found != n) {

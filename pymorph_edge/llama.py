@@ -26,7 +26,7 @@ from pymorph_edge.engine.llama_cpp_options import (
     refuse_unsupported,
     resolve_budget,
 )
-from pymorph_edge.engine.recall import recall_before
+from pymorph_edge.engine.recall import Recalled, recall_before
 from pymorph_edge.engine.stats import KVStats
 from pymorph_edge.generation.chat_completions import ChatCompletionsMixin, RecallPlacement
 from pymorph_edge.generation.completions import CompletionsMixin
@@ -277,15 +277,17 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
                 if not engine.consistent:
                     engine.reset()
                 new, extends = tokens, engine.n_past > 0
-            recalled, n_new = 0, len(new)  # n_new: what this request decodes, a head decoded before the block included
+            recalled, n_new = Recalled(), len(new)  # n_new: what this request decodes, a head before the block included
             if extends and recall is not None and engine.recall_enabled:
                 head, rest = new[: recall.skip], new[recall.skip :]
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around)
-                if recalled:
+                # fused: a recomputed block rides in the first chunk of head + rest (prompt logprobs never extend)
+                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, fuse=True)
+                if recalled.decoded:
                     new = rest  # head went in before the block
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None
             try:
-                engine.decode(new, progress=self._prefill_progress(cancel), on_logits=on_logits)
+                progress = self._prefill_progress(cancel)
+                engine.decode(new, progress=progress, on_logits=on_logits, block=recalled.pending)
             finally:
                 if recalled:
                     engine.release_pin()

@@ -26,7 +26,7 @@ from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.kv_cache_types import check_head_size, ggml_type, row_bytes
 from pymorph_edge.engine.native_scorer import NativeScorer
 from pymorph_edge.engine.prefix_reuse import reusable_prefix
-from pymorph_edge.engine.recall import RecallState, default_recall_tokens
+from pymorph_edge.engine.recall import PendingBlock, RecallState, default_recall_tokens
 from pymorph_edge.engine.recall_decoding import SEQ, RecallDecoding
 from pymorph_edge.engine.stats import KVStats
 from pymorph_edge.engine.token_history import TokenHistory
@@ -279,8 +279,11 @@ class KVEngine(RecallDecoding):
         logits_last: bool = True,
         progress: Callable[[int, int], None] | None = None,
         on_logits: Callable[[int, int], None] | None = None,
+        block: PendingBlock | None = None,
     ) -> None:
         """Run tokens through the model in ubatch chunks, evicting down to the budget after each.
+
+        block: a recalled block (engine/recall.py), decoded inside the first chunk after its first block.at tokens.
 
         progress(done, total) is called after each chunk (used for prefill progress bars).
         on_logits(start, m): every token gets logits, and this reads them (llama_get_logits_ith(ctx, 0..m-1) for
@@ -305,31 +308,38 @@ class KVEngine(RecallDecoding):
             )
         scorer, shifter = self.scorer, self.shifter
         probe = tokens[-self.policy.protected_recent :] if self._probes(n) else None
-        step = self.n_batch - len(probe) if probe is not None else self.n_batch
+        step = self.chunk_tokens(n)
+        inserted = self._check_block(block, n, step, on_logits)
         self.consistent = False  # set back once every chunk is decoded and accounted for
-        for start in range(0, n, step):
-            chunk = tokens[start : start + step]
+        start = 0
+        while start < n:
+            chunk = tokens[start : start + step - inserted]
             m = len(chunk)
             last_chunk = start + m == n
-            if self.compacts and self.next_pos + m > self.max_span:
+            if self.compacts and self.next_pos + m + inserted > self.max_span:
                 self.compact()
             if shifter is not None:
                 self.next_pos = shifter.make_room(self.mem, SEQ, self.next_pos, m)
             # decided before the chunk: its last rows go unread (a backend need not send them) when a probe's rows
             # replace them, or when no eviction follows and the next chunk refills the whole window
             w = self.policy.protected_recent
-            evicts = scorer is not None and scorer.live_cells() + m > (self.kv_budget or 0)
+            evicts = scorer is not None and scorer.live_cells() + m + inserted > (self.kv_budget or 0)
             probes_now = bool(probe) and not last_chunk and evicts
             refilled = not last_chunk and not evicts and min(step, n - start - m) >= w
             superseded = (probes_now and len(probe or ()) >= w) or refilled
             logits = logits_last and last_chunk
-            self._decode_ubatch(
-                chunk, self.next_pos, logits, last_chunk, all_logits=bool(on_logits), superseded=superseded
-            )
-            if on_logits is not None:
-                on_logits(start, m)
-            if self._logs_keys:
-                self._log_keys(self.n_past, m)
+            if inserted:
+                assert block is not None
+                self._decode_with_block(chunk, block, logits, last_chunk, superseded)  # moves next_pos past it
+                inserted = 0
+            else:
+                self._decode_ubatch(
+                    chunk, self.next_pos, logits, last_chunk, all_logits=bool(on_logits), superseded=superseded
+                )
+                if on_logits is not None:
+                    on_logits(start, m)
+                if self._logs_keys:
+                    self._log_keys(self.n_past, m)
             self.next_pos += m
             self.n_past += m
             self.tokens_decoded += m
@@ -349,7 +359,12 @@ class KVEngine(RecallDecoding):
                 self.consistent = True
                 progress(start + m, n)
                 self.consistent = False
+            start += m
         self.consistent = True
+
+    def chunk_tokens(self, n: int) -> int:
+        """Tokens per chunk when decode() takes n tokens (fewer than a ubatch when a probe follows each chunk)."""
+        return self.n_batch - self.policy.protected_recent if self._probes(n) else self.n_batch
 
     def _probes(self, n: int) -> bool:
         """Whether this prompt's chunks are scored by a probe of its last tokens (see MorphKV.prefill_probe).

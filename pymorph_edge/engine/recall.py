@@ -44,6 +44,9 @@ MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence
 # "+eager"): on 7 dialogue sets SmolLM2 answered 34 of 56 without it and 30 with it, and attention's extra sentence
 # was story prose that made a short turn's block 3x as long (docs/recall.md, "The words first")
 ATTENTION_BESIDE_WORDS = False
+# a recomputed block rides in the new text's first ubatch (KVEngine.decode(block=...)); False decodes it in a
+# ubatch of its own, after the head's, as before stop 34 (recall_bench's "+apart", for the A/B)
+FUSED_BLOCK = True
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
@@ -206,6 +209,29 @@ def _by_attention(
     return ranked
 
 
+@dataclass
+class PendingBlock:
+    """A recomputed block that rides in the new text's first ubatch (KVEngine.decode(block=...)): it then costs
+    its tokens' share of that ubatch, not a ubatch, a head's ubatch and an eviction pass of its own (docs/recall.md,
+    "One ubatch")."""
+
+    at: int  # tokens of the new text before it (the head: an answer's undecoded last token, a message's header)
+    tokens: list[int]
+    lpos: list[int]
+    landed: Callable[[float], None]  # called with its share of the ubatch's seconds once it is in the cache
+
+
+@dataclass
+class Recalled:
+    """What recall_before did: a block already decoded (the head before it), or one left for decode to carry."""
+
+    decoded: int = 0
+    pending: PendingBlock | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.decoded or self.pending)
+
+
 def recall_before(
     engine: KVEngine,
     new_tokens: Sequence[int],
@@ -213,13 +239,15 @@ def recall_before(
     wrap: Wrap | None = None,
     head: Sequence[int] = (),
     around: Around | None = None,
-) -> int:
-    """Decode the evicted text relevant to new_tokens as a pinned block at the next positions; returns the
-    block's length (0: nothing recalled, and nothing decoded). head: tokens that must precede the block (an
-    answer's undecoded last token), decoded first when a block follows. The caller decodes new_tokens next,
-    then calls release_pin."""
+    fuse: bool = False,
+) -> Recalled:
+    """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
+    that must precede the block (an answer's undecoded last token). fuse=True: a recomputed block is returned as
+    `pending`, for the caller to decode with head + new_tokens (KVEngine.decode(block=...)); otherwise (and for a
+    block restored from saved KV) head and block are decoded here, and the caller decodes new_tokens next. Either
+    way the caller calls release_pin after new_tokens."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
-        return 0
+        return Recalled()
     t0 = time.perf_counter()
     state = engine.recall_state
     c = state.counters
@@ -232,23 +260,59 @@ def recall_before(
         block = []
     if not block:
         c.recall_s += time.perf_counter() - t0  # a look that found nothing costs time too
-        return 0
+        return Recalled()
+    parts = _around(engine, wrap, around)  # with saved KV (recall_kv_bytes) the raw ids are restored, not recomputed
+    runs = [(s.lo, s.hi) for s in chosen]
+    restored = parts is not None and engine.restorable(runs)
+    if restored:
+        assert parts is not None
+        block = [*parts[0], *raw, *parts[1]]
+    lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+    # the first chunk must keep room for a new token beside head and block
+    if (
+        fuse
+        and FUSED_BLOCK
+        and not restored
+        and len(head) + len(block) < engine.chunk_tokens(len(head) + len(new_tokens))
+    ):
+        barrier = engine.n_past + len(head)
+
+        def landed(seconds: float) -> None:
+            _record(engine, chosen, block, lpos, len(new_tokens), barrier, piece)
+            c.recall_block_s += seconds
+            c.recall_s += seconds
+
+        c.recall_s += time.perf_counter() - t0
+        return Recalled(pending=PendingBlock(len(head), list(block), lpos, landed))
     if head:
         t_head = time.perf_counter()
         engine.decode(head, logits_last=False)
         t0 += time.perf_counter() - t_head  # the turn's own token, not recall's
     t_block = time.perf_counter()
-    parts = _around(engine, wrap, around)  # with saved KV (recall_kv_bytes) the raw ids are restored, not recomputed
-    runs = [(s.lo, s.hi) for s in chosen]
-    if parts is not None and engine.restorable(runs):
-        block = [*parts[0], *raw, *parts[1]]
-        lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
+    if restored:
+        assert parts is not None
         engine.restore_block(parts[0], runs, parts[1], lpos)
         c.restored_tokens += len(raw)
     else:
-        lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
         engine.decode_block(block, lpos)
     c.recall_block_s += time.perf_counter() - t_block
+    _record(engine, chosen, block, lpos, len(new_tokens), engine.n_past, piece)
+    c.recall_s += time.perf_counter() - t0
+    return Recalled(decoded=len(block))
+
+
+def _record(
+    engine: KVEngine,
+    chosen: list[Span],
+    block: list[int],
+    lpos: list[int],
+    n_new: int,
+    barrier: int,
+    piece: Callable[[int], str],
+) -> None:
+    """A block is in the cache, in front of sequence index `barrier`: keep where its spans sit, and count it."""
+    state = engine.recall_state
+    c = state.counters
     places = span_places(block, [engine.log.tokens(s.lo, s.hi) for s in chosen])
     state.blocks.append(
         [
@@ -257,17 +321,15 @@ def recall_before(
             [[s.lo, s.hi, lpos[0] + k if k >= 0 else -1] for s, k in zip(chosen, places, strict=True)],
         ]
     )
-    state.next_lpos += len(block)
-    state.barrier = engine.n_past
+    state.next_lpos = max(state.next_lpos, lpos[-1] + 1)
+    state.barrier = barrier
     c.recalls += 1
     c.recalled_spans += len(chosen)
     c.recalled_tokens += len(block)
-    c.recall_s += time.perf_counter() - t0
     logger.debug(
         "recalled %d spans (%d tokens) before %d new tokens: %r",
         len(chosen),
         len(block),
-        len(new_tokens),
+        n_new,
         "".join(piece(t) for t in block),
     )
-    return len(block)

@@ -3,16 +3,19 @@ recalled block. A mixin of KVEngine, kept apart so the decode loop reads as the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import llama_cpp.llama_cpp as C
+import numpy as np
 
 from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.recall_keys import QUERY_TOKENS, key_layers
 
 if TYPE_CHECKING:
     from pymorph_edge.engine.kv_engine import KVEngine
+    from pymorph_edge.engine.recall import PendingBlock
 
 SEQ = 0  # one sequence per context (kv_engine re-exports it)
 
@@ -37,6 +40,45 @@ class RecallDecoding:
         self.tokens_decoded += m
         self.scorer.evict(self.mem, SEQ, self.next_pos)
         self.consistent = True
+
+    def _check_block(
+        self: KVEngine, block: PendingBlock | None, n: int, step: int, on_logits: Callable[[int, int], None] | None
+    ) -> int:
+        """The length of the block decode() carries in its first chunk (0: none), once it is known to fit there."""
+        if block is None:
+            return 0
+        if self.scorer is None:
+            raise RuntimeError("only a natively scored cache can take a recalled block")
+        m = len(block.tokens)
+        if on_logits is not None:  # the hook reads the chunk's rows as the prompt's: a block among them would shift it
+            raise ValueError("a recalled block cannot ride in a chunk whose every logit row is read")
+        if not (0 < m and 0 <= block.at and block.at + m < step and block.at <= n):
+            raise ValueError(
+                f"a recalled block of {m} tokens after {block.at} of {n} does not fit a {step}-token chunk"
+            )
+        return m
+
+    def _decode_with_block(
+        self: KVEngine, chunk: Sequence[int], block: PendingBlock, logits: bool, last_chunk: bool, superseded: bool
+    ) -> None:
+        """decode()'s first chunk with the recalled block after its first block.at tokens, in one ubatch: the block
+        takes the positions between them and its own logical positions, is pinned until release_pin, and is kept
+        out of the sequence (history, log and key log); next_pos moves past the block, the caller moves it past the
+        chunk. A block's share of the ubatch's time, by tokens, goes to recall's counters."""
+        assert self.scorer is not None
+        at, m, b = block.at, len(chunk), len(block.tokens)
+        lo = self.next_pos + at
+        self.scorer.set_pins(self.n_keep, lo, lo + b)
+        t0 = time.perf_counter()
+        self._decode_ubatch(
+            [*chunk[:at], *block.tokens, *chunk[at:]], self.next_pos, logits, last_chunk, superseded=superseded
+        )
+        self.scorer.mark_recalled(lo, list(block.lpos))
+        if self._logs_keys:
+            self._log_keys(self.n_past, m, skip=(at, b))
+        self.next_pos += b
+        self.tokens_decoded += b
+        block.landed((time.perf_counter() - t0) * b / (b + m))
 
     def restorable(self: KVEngine, runs: list[tuple[int, int]]) -> bool:
         """Whether every token of these runs of logical positions has saved KV at consecutive positions."""
@@ -99,8 +141,9 @@ class RecallDecoding:
         if self.scorer is not None:
             self.scorer.set_pins(self.n_keep, 0, 0)
 
-    def _log_keys(self: KVEngine, index: int, m: int) -> None:
-        """Append the keys the last ubatch wrote for sequence indices index..index+m-1 to the key log."""
+    def _log_keys(self: KVEngine, index: int, m: int, skip: tuple[int, int] = (0, 0)) -> None:
+        """Append the keys the last ubatch wrote for sequence indices index..index+m-1 to the key log; skip=(at, b):
+        its rows at..at+b-1 were a recalled block's, not the sequence's."""
         assert self.scorer is not None  # only a scored cache logs keys
         info = self.model.info
         if self.keys is None:
@@ -110,9 +153,12 @@ class RecallDecoding:
             )
             # the other layers' keys are neither staged nor, off the host, copied over (11.5 KB a token on SmolLM2)
             self.scorer.keylog_layers(layers)
-        rows = self.scorer.staged_keys(self.keys.layers, m, info.n_head_kv)
+        at, b = skip
+        rows = self.scorer.staged_keys(self.keys.layers, m + b, info.n_head_kv)
         if rows is None:
             raise RuntimeError(f"the key log read no keys at layers {self.keys.layers} in the last ubatch")
+        if b:
+            rows = np.concatenate([rows[:at], rows[at + b :]])
         self.keys.append(index, rows)
 
     def query_probe(self: KVEngine, tokens: Sequence[int]) -> tuple[object, object] | None:

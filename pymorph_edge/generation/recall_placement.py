@@ -25,6 +25,9 @@ RECALLED_PREFIX = "(From earlier in this conversation:) "
 RAW_MARK = "\ue000"
 RECALLED_ACK = "Noted."  # the assistant turn of the last-resort shape
 INLINE_GAP = "\n\n"  # between the recalled text and the user's own words, in the second shape
+# the second shape before the first, where both render (recall_bench's "+inline", an A/B: it saves the message's
+# own header and end, 5 tokens under ChatML)
+PREFER_INLINE = False
 
 
 @dataclass
@@ -79,13 +82,15 @@ def chat_placement(
 
     pending = len(turn.pending)
     probe = RECALLED_PREFIX + "x"
-    if before_new(probe, []) is not None:
+    if not PREFER_INLINE and before_new(probe, []) is not None:
         return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
     inline = inside_new(probe)
     if inline is not None:
         head = tokenize(suffix[: inline[0]])
         if head + tokenize(suffix[inline[0] :]) == tokenize(suffix):  # the cut falls on a token boundary
             return _placement(lambda c: (inside_new(c) or (0, None))[1], pending + len(head), tokenize, detokenize)
+    if before_new(probe, []) is not None:
+        return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
     ack = [{"role": "assistant", "content": RECALLED_ACK}]
     if before_new(probe, ack) is not None:
         return _placement(lambda c: before_new(c, ack), pending, tokenize, detokenize)
