@@ -14,8 +14,8 @@ the recall constants, "held-out" was reported and also looked at while comparing
   more stories follow (~900 generated tokens); then the user asks for the number.
 Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full"; "+rivals" and
 "+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py), and "+eager" asks attention
-beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+apart"
-decodes a recalled block in a ubatch of its own (the way before stop 34), "+inline" puts a chat block inside the new
+beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+fused"
+decodes a recalled block inside the new text's first ubatch, "+inline" puts a chat block inside the new
 user message, and "+short" labels it "(Earlier:)". Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
@@ -62,9 +62,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.is_rival = (lambda span, cue: False) if rivals else IS_RIVAL
     recall_module.on_cue = (lambda span, cue: True) if anyword else ON_CUE
     recall_module.ATTENTION_BESIDE_WORDS = "eager" in flags
-    # "+apart": the block in a ubatch of its own (recall.FUSED_BLOCK); "+inline": the block opens the new user
+    # "+fused": the block inside the new text's first ubatch (recall.FUSED_BLOCK); "+inline": the block opens the new user
     # message where a message of its own would also render; "+short": a shorter label on the recalled text
-    recall_module.FUSED_BLOCK = "apart" not in flags
+    recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "inline" in flags
     placement.RECALLED_PREFIX = SHORT_PREFIX if "short" in flags else RECALLED_PREFIX
     if config == "full":

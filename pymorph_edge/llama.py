@@ -280,7 +280,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
             recalled, n_new = Recalled(), len(new)  # n_new: what this request decodes, a head before the block included
             if extends and recall is not None and engine.recall_enabled:
                 head, rest = new[: recall.skip], new[recall.skip :]
-                # fused: a recomputed block rides in the first chunk of head + rest (prompt logprobs never extend)
+                # fuse: a recomputed block may ride in the first chunk of head + rest (prompt logprobs never extend)
                 recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, fuse=True)
                 if recalled.decoded:
                     new = rest  # head went in before the block

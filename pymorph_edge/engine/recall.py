@@ -44,9 +44,10 @@ MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence
 # "+eager"): on 7 dialogue sets SmolLM2 answered 34 of 56 without it and 30 with it, and attention's extra sentence
 # was story prose that made a short turn's block 3x as long (docs/recall.md, "The words first")
 ATTENTION_BESIDE_WORDS = False
-# a recomputed block rides in the new text's first ubatch (KVEngine.decode(block=...)); False decodes it in a
-# ubatch of its own, after the head's, as before stop 34 (recall_bench's "+apart", for the A/B)
-FUSED_BLOCK = True
+# True: a recomputed block rides in the new text's first ubatch (KVEngine.decode(block=...)), one ubatch and one
+# eviction pass fewer. Off: on 5 SmolLM2 dialogue sets it answered 18 of 40 against 22 decoded apart (not traced: the
+# question then also reads the cells the block's own eviction pass would drop; docs/recall.md, "One ubatch")
+FUSED_BLOCK = False
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
