@@ -16,7 +16,7 @@ Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ..
 "+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py), and "+eager" asks attention
 beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+fused"
 decodes a recalled block inside the new text's first ubatch, "+inline" puts a chat block inside the new
-user message, and "+short" labels it "(Earlier:)". Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+user message, "+short" labels it "(Earlier:)", and "+alone" recalls attention's pick without the sentence after it. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "+fused": the block inside the new text's first ubatch (recall.FUSED_BLOCK); "+inline": the block opens the new user
     # message where a message of its own would also render; "+short": a shorter label on the recalled text
     recall_module.FUSED_BLOCK = "fused" in flags
+    recall_module.ATTENTION_NEXT = "alone" not in flags  # "+alone": attention's pick without the sentence after it
     placement.PREFER_INLINE = "inline" in flags
     placement.RECALLED_PREFIX = SHORT_PREFIX if "short" in flags else RECALLED_PREFIX
     if config == "full":

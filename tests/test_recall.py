@@ -14,6 +14,7 @@ from pymorph_edge.engine.recall_select import (
     query_weights,
     rank,
     sentences,
+    with_next,
 )
 from pymorph_edge.policies import POLICIES
 
@@ -356,3 +357,22 @@ def test_smollm2_system_prompt_pinned_at_budget_256_survives_5k_generated_tokens
         assert n_sys > 10 and set(range(n_sys)) <= set(llm.engine.scorer.cell_lpos())
         s = llm.stats
         assert s.tokens_evicted > 4500 and s.peak_cells <= 256 + 512 and s.cells_in_use <= 256
+
+
+def test_attentions_pick_comes_back_with_the_sentence_after_it():
+    """recall_select.with_next: the evicted sentence right after a pick joins it (a passage, not one sentence),
+    unless kept text lies between them, it does not fit, or it is not admitted (a rival)."""
+    from collections import Counter
+
+    from pymorph_edge.engine.recall_select import Span
+
+    def span(lo: int, hi: int) -> Span:
+        return Span(lo, hi, Counter({f"w{lo}": 1}))
+
+    lead, fact, later, far = span(10, 20), span(21, 30), span(30, 40), span(60, 70)
+    spans = [far, later, fact, lead]
+    assert with_next([lead], spans, 96) == [lead, fact]  # one wordless token ("\n") between them
+    assert with_next([later], spans, 96) == [later]  # 20 kept tokens between it and the next evicted sentence
+    assert with_next([lead], spans, 15) == [lead]  # the pair would not fit
+    assert with_next([lead], spans, 96, lambda s: s is not fact) == [lead]  # a rival stays out
+    assert with_next([lead, fact], spans, 96) == [lead, fact, later]  # each pick once, each neighbour once

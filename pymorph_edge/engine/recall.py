@@ -29,6 +29,7 @@ from pymorph_edge.engine.recall_select import (
     rank,
     sentences,
     whole_sentences,
+    with_next,
 )
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ ATTENTION_BESIDE_WORDS = False
 # eviction pass fewer. Off: on 5 SmolLM2 dialogue sets it answered 18 of 40 against 22 decoded apart (not traced: the
 # question then also reads the cells the block's own eviction pass would drop; docs/recall.md, "One ubatch")
 FUSED_BLOCK = False
+# attention's pick comes back with the evicted sentence after it (recall_select.with_next); False: alone, as before
+# stop 34 (recall_bench's "+alone")
+ATTENTION_NEXT = True
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
@@ -172,7 +176,8 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
         return chosen
     by_attention = _by_attention(engine, new_tokens, spans, piece)
     if by == "attention" or not chosen:
-        return choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
+        picked = choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
+        return with_next(picked, spans, max_tokens, lambda s: not is_rival(s, cue)) if ATTENTION_NEXT else picked
     # (the A/B's old way) attention's best span joins BM25's picks when it fits, placed first: the text nearest the
     # question is what the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on
     # with the story)
