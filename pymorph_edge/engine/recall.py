@@ -274,36 +274,40 @@ def recall_before(
         assert parts is not None
         block = [*parts[0], *raw, *parts[1]]
     lpos = list(range(state.next_lpos, state.next_lpos + len(block)))
-    # the first chunk must keep room for a new token beside head and block
+    barrier = engine.n_past + len(head)  # the block sits in front of the new text's first token
+
+    def landed(seconds: float) -> None:
+        _record(engine, chosen, block, lpos, len(new_tokens), barrier, piece)
+        c.recall_block_s += seconds
+        c.recall_s += seconds
+
+    pending = PendingBlock(len(head), list(block), lpos, landed)
+    c.recall_s += time.perf_counter() - t0  # choosing; the block's decode is added as it lands
     if (
-        fuse
+        not restored
+        and fuse
         and FUSED_BLOCK
-        and not restored
-        and len(head) + len(block) < engine.chunk_tokens(len(head) + len(new_tokens))
+        and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(new_tokens))
     ):
-        barrier = engine.n_past + len(head)
-
-        def landed(seconds: float) -> None:
-            _record(engine, chosen, block, lpos, len(new_tokens), barrier, piece)
-            c.recall_block_s += seconds
-            c.recall_s += seconds
-
-        c.recall_s += time.perf_counter() - t0
-        return Recalled(pending=PendingBlock(len(head), list(block), lpos, landed))
-    if head:
-        t_head = time.perf_counter()
-        engine.decode(head, logits_last=False)
-        t0 += time.perf_counter() - t_head  # the turn's own token, not recall's
-    t_block = time.perf_counter()
+        return Recalled(pending=pending)
     if restored:
         assert parts is not None
+        if head:
+            engine.decode(head, logits_last=False)  # the turn's own tokens, not recall's
+        t_block = time.perf_counter()
         engine.restore_block(parts[0], runs, parts[1], lpos)
         c.restored_tokens += len(raw)
+        landed(time.perf_counter() - t_block)
+    elif head and len(head) + len(block) <= engine.chunk_tokens(len(head)):
+        # head and block in one ubatch, evicted down to the budget before the new text: recall costs the block's
+        # tokens there, where a ubatch of the head's own cost SmolLM2 as much as 3 tokens of the block
+        engine.decode(head, logits_last=False, block=pending)
     else:
+        if head:
+            engine.decode(head, logits_last=False)
+        t_block = time.perf_counter()
         engine.decode_block(block, lpos)
-    c.recall_block_s += time.perf_counter() - t_block
-    _record(engine, chosen, block, lpos, len(new_tokens), engine.n_past, piece)
-    c.recall_s += time.perf_counter() - t0
+        landed(time.perf_counter() - t_block)
     return Recalled(decoded=len(block))
 
 

@@ -52,7 +52,7 @@ class RecallDecoding:
         m = len(block.tokens)
         if on_logits is not None:  # the hook reads the chunk's rows as the prompt's: a block among them would shift it
             raise ValueError("a recalled block cannot ride in a chunk whose every logit row is read")
-        if not (0 < m and 0 <= block.at and block.at + m < step and block.at <= n):
+        if not (0 < m and 0 <= block.at <= n and block.at + m <= step):
             raise ValueError(
                 f"a recalled block of {m} tokens after {block.at} of {n} does not fit a {step}-token chunk"
             )
