@@ -15,8 +15,8 @@ the recall constants, "held-out" was reported and also looked at while comparing
 Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ...) or "full"; "+rivals" and
 "+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py), and "+eager" asks attention
 beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+fused"
-decodes a recalled block inside the new text's first ubatch, "+inline" puts a chat block inside the new
-user message, "+short" labels it "(Earlier:)", and "+alone" recalls attention's pick without the sentence after it. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+decodes a recalled block inside the new text's first ubatch, "+own" puts a chat block in a user message of its
+own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+alone" recalls attention's pick without the sentence after it. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.model.default_model import resolve_model
 
 IS_RIVAL, ON_CUE = recall_module.is_rival, recall_module.on_cue
-RECALLED_PREFIX, SHORT_PREFIX = placement.RECALLED_PREFIX, "(Earlier:) "
+SHORT_PREFIX, LONG_PREFIX = placement.RECALLED_PREFIX, "(From earlier in this conversation:) "
 
 
 def runs_of(indices: set[int]) -> list[tuple[int, int]]:
@@ -62,12 +62,13 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.is_rival = (lambda span, cue: False) if rivals else IS_RIVAL
     recall_module.on_cue = (lambda span, cue: True) if anyword else ON_CUE
     recall_module.ATTENTION_BESIDE_WORDS = "eager" in flags
-    # "+fused": the block inside the new text's first ubatch (recall.FUSED_BLOCK); "+inline": the block opens the new user
-    # message where a message of its own would also render; "+short": a shorter label on the recalled text
+    # "+fused": the block inside the new text's first ubatch (recall.FUSED_BLOCK); "+own": a chat block as a user
+    # message of its own where the new user message could open with it, and "+long": labelled "(From earlier in this
+    # conversation:)", both as before stop 34 ("+inline" and "+short", their defaults since, are accepted as no-ops)
     recall_module.FUSED_BLOCK = "fused" in flags
+    placement.PREFER_INLINE = "own" not in flags
+    placement.RECALLED_PREFIX = LONG_PREFIX if "long" in flags else SHORT_PREFIX
     recall_module.ATTENTION_NEXT = "alone" not in flags  # "+alone": attention's pick without the sentence after it
-    placement.PREFER_INLINE = "inline" in flags
-    placement.RECALLED_PREFIX = SHORT_PREFIX if "short" in flags else RECALLED_PREFIX
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

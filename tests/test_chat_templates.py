@@ -3,6 +3,7 @@ that want user and assistant to alternate: a turn still goes on from the cache (
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.generation.chat import ChatFormatter, ChatTurn, text_after_answer
+from pymorph_edge.generation.recall_placement import RECALLED_PREFIX
 
 # DeepSeek-R1's shape in short: the generation prompt opens a reasoning block; a past answer is shown without it
 THINKING = (
@@ -69,15 +70,18 @@ def test_a_builtin_template_says_where_restored_ids_go(gqa_model):
         suffix = after(turn, NEW, llm._formatter())
         head, tail = llm._chat_recall(turn, NEW, suffix).around()
         text = llm.detokenize(head).decode().replace("\u2581", " ")  # the synthetic vocabulary spells spaces so
-        assert text.endswith("(From earlier in this conversation:)") and "<start_of_turn>user" in text
+        assert text.endswith(RECALLED_PREFIX.rstrip()) and "<start_of_turn>user" in text
 
 
-def test_an_alternating_template_takes_the_block_inside_the_new_user_message():
-    """Two user messages in a row are refused, so the block opens the new user message: its header is decoded first
-    (skip), then the block, then the user's own words. No invented assistant turn (Gemma 3 base copied one)."""
+def test_the_block_opens_the_new_user_message_and_falls_back_to_a_message_of_its_own(monkeypatch):
+    """The block opens the new user message (shape 1, the shortest): its header is decoded first (skip), then the
+    block, then the user's own words. A template that refuses two user messages in a row still takes it that way,
+    and no assistant turn is invented (Gemma 3 base copied one). With PREFER_INLINE off (recall_bench's "+own"),
+    or new text that does not open with a user message, ChatML takes a message of its own."""
     from test_recall import ALTERNATING
 
-    from pymorph_edge.generation.recall_placement import RECALLED_PREFIX, chat_placement
+    from pymorph_edge.generation import recall_placement
+    from pymorph_edge.generation.recall_placement import chat_placement
 
     chars = lambda text: [ord(c) for c in text]  # noqa: E731  a tokenizer of one token per character
     text_of = lambda ids: "".join(map(chr, ids))  # noqa: E731
@@ -87,14 +91,17 @@ def test_an_alternating_template_takes_the_block_inside_the_new_user_message():
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    for template, inline in ((ALTERNATING, True), (chatml, False)):
+    tool_first = [{"role": "tool", "content": "42"}, *NEW]
+    cases = [(ALTERNATING, NEW, True, True), (chatml, NEW, True, True), (chatml, NEW, False, False)]
+    for template, new, prefer, inline in [*cases, (chatml, tool_first, True, False)]:
+        monkeypatch.setattr(recall_placement, "PREFER_INLINE", prefer)
         fmt = ChatFormatter(template, "<s>", "</s>")
-        suffix = text_after_answer(turn, NEW, fmt)
-        place = chat_placement(turn, NEW, suffix, fmt, chars, text_of)
+        suffix = text_after_answer(turn, new, fmt)
+        place = chat_placement(turn, new, suffix, fmt, chars, text_of)
         block = text_of(place.wrap(chars(" My PIN is 12345.")))
         assert block.startswith(RECALLED_PREFIX) == inline and "My PIN is 12345." in block and "Noted." not in block
         if inline:  # the header is the new text's start; the block and then the rest of the new text follow
-            assert suffix[: place.skip].endswith("<start_of_turn>user\n") and block.endswith("\n\n")
+            assert suffix[: place.skip].endswith("user\n") and block.endswith("\n\n")
             head, tail = place.around()
             assert text_of(head) == RECALLED_PREFIX.rstrip() and text_of(tail) == "\n\n"
         else:  # a message of its own, before the new one
