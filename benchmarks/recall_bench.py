@@ -16,7 +16,8 @@ Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ..
 "+anyword" turn off recall's rival test and its on-the-cue test (recall_select.py), and "+eager" asks attention
 beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+fused"
 decodes a recalled block inside the new text's first ubatch, "+own" puts a chat block in a user message of its
-own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+alone" recalls attention's pick without the sentence after it. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+next" recalls attention's pick with the sentence after it ("+alone", its
+opposite, is the default and a no-op). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "own" not in flags
     placement.RECALLED_PREFIX = LONG_PREFIX if "long" in flags else SHORT_PREFIX
-    recall_module.ATTENTION_NEXT = "alone" not in flags  # "+alone": attention's pick without the sentence after it
+    recall_module.ATTENTION_NEXT = "next" in flags  # "+next": attention's pick with the sentence after it
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

@@ -106,3 +106,28 @@ def test_the_block_opens_the_new_user_message_and_falls_back_to_a_message_of_its
             assert text_of(head) == RECALLED_PREFIX.rstrip() and text_of(tail) == "\n\n"
         else:  # a message of its own, before the new one
             assert place.skip == 0 and block.startswith("<|im_end|>\n<|im_start|>user\n" + RECALLED_PREFIX)
+
+
+def test_every_builtin_template_places_a_recalled_block():
+    """Each of llama.cpp's built-in templates renders recalled text somewhere well formed, and all but a few take
+    it inside the new user message (the short shape). At stop 34, with a one-token-per-character tokenizer: 53 of
+    54 inside, 1 as a message of its own."""
+    from pymorph_edge.generation.chat import builtin_templates
+    from pymorph_edge.generation.recall_placement import RECALLED_ACK, chat_placement
+
+    chars = lambda text: [ord(c) for c in text]  # noqa: E731
+    text_of = lambda ids: "".join(map(chr, ids))  # noqa: E731
+    turn = ChatTurn(
+        2, "", [{"role": "user", "content": "My PIN is 12345."}, {"role": "assistant", "content": "Ok"}], [], ""
+    )
+    inside = 0
+    names = builtin_templates()
+    for name in names:
+        fmt = ChatFormatter(name, "<s>", "</s>")
+        suffix = text_after_answer(turn, NEW, fmt)
+        place = chat_placement(turn, NEW, suffix, fmt, chars, text_of)
+        block = place.wrap(chars(" My PIN is 12345."))
+        assert block is not None and "My PIN is 12345." in text_of(block), name
+        assert RECALLED_ACK not in text_of(block), name  # the last resort is never needed here
+        inside += place.skip > 0
+    assert len(names) > 40 and inside >= len(names) - 3

@@ -49,9 +49,10 @@ ATTENTION_BESIDE_WORDS = False
 # eviction pass fewer. Off: on 5 SmolLM2 dialogue sets it answered 18 of 40 against 22 decoded apart (not traced: the
 # question then also reads the cells the block's own eviction pass would drop; docs/recall.md, "One ubatch")
 FUSED_BLOCK = False
-# attention's pick comes back with the evicted sentence after it (recall_select.with_next); False: alone, as before
-# stop 34 (recall_bench's "+alone")
-ATTENTION_NEXT = True
+# True: attention's pick comes back with the evicted sentence after it (recall_select.with_next). Off: on 7 SmolLM2
+# dialogue sets it answered 32 of 56 against 35 without (tuning 4 against 7), and on Gemma 3 at budget 544 recall
+# may bring back 16 tokens, too few for a pair (docs/recall.md, "A shorter block"; recall_bench's "+next")
+ATTENTION_NEXT = False
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
