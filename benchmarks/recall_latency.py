@@ -1,6 +1,6 @@
 """What recall adds to a chat turn at a 4K-token history (SmolLM2 at budget 512 by default), with recall on and off.
 
-usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32] [--kv-bytes N]
+usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32] [--kv-bytes N] [--fused]
                                            [--model smollm2-135m] [--budget 512]
                                            [--out benchmarks/results/recall-latency-smollm2]
 Each conversation opens with a user message holding personal details, then two long stories given as assistant
@@ -8,8 +8,9 @@ messages and a third one generated (~4K tokens, not timed). Then two timed turns
 (`--story` tokens) and a question about the details (`--answer` tokens), asked in the fact's words or in other
 words. The end-of-turn token is banned in the timed turns, so that both configs answer as many tokens and the
 ratio compares like with like. Recall's cost is what recall_before spends: choosing (BM25, and a 32-token
-query probe for the attention), then decoding the recalled block; it is paid once per turn, so its share falls
-as the answer grows. Writes results.json, results.md and a plot when --out is given.
+query probe for the attention), then decoding the recalled block (where the turn's head shares the block's ubatch,
+the block's share of it by tokens); it is paid once per turn, so its share falls as the answer grows. --fused
+decodes the block inside the new text's first ubatch (recall.FUSED_BLOCK, off by default). Writes results.json, results.md and a plot when --out is given.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, "benchmarks")
 from recall_bench import filler  # noqa: E402
 
 from pymorph_edge import EngineConfig, Llama  # noqa: E402
+from pymorph_edge.engine import recall as recall_module  # noqa: E402
 from pymorph_edge.model.default_model import resolve_model  # noqa: E402
 
 FACT = "Hi, I'm Dana from Porto. My locker number is 48213. Please write me a long story about a lighthouse."
@@ -105,8 +107,10 @@ def main() -> None:
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) with recall on (0: off)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=int, default=512, help="kv_budget (Gemma 3 needs at least 544)")
+    ap.add_argument("--fused", action="store_true", help="the block inside the new text's first ubatch")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    recall_module.FUSED_BLOCK = args.fused
     rows = []
     for r in range(args.rounds):
         for wording, question in QUESTIONS.items():

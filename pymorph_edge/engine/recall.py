@@ -249,10 +249,10 @@ def recall_before(
     fuse: bool = False,
 ) -> Recalled:
     """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
-    that must precede the block (an answer's undecoded last token). fuse=True: a recomputed block is returned as
-    `pending`, for the caller to decode with head + new_tokens (KVEngine.decode(block=...)); otherwise (and for a
-    block restored from saved KV) head and block are decoded here, and the caller decodes new_tokens next. Either
-    way the caller calls release_pin after new_tokens."""
+    that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
+    are decoded here, in one ubatch when they fit, and the caller decodes new_tokens next. fuse=True with
+    FUSED_BLOCK on: a recomputed block is returned as `pending` instead, for the caller to decode inside head +
+    new_tokens (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
     t0 = time.perf_counter()

@@ -247,7 +247,8 @@ def with_next(
     """Each chosen span with the evicted sentence right after it, where it fits and is admitted: attention's peak
     often falls on the sentence that leads into the passage a question needs (Gemma 3 270M ranked the sentence
     before the fact first in every paraphrased question it missed), so its pick is read as the start of a passage,
-    as Quest and InfLLM recall a page around what scores, not one sentence."""
+    as Quest and InfLLM recall a page around what scores, not one sentence. Off by default (recall.ATTENTION_NEXT:
+    on SmolLM2 the added sentence was often story prose, and cost answers)."""
     by_lo = sorted(spans, key=lambda s: s.lo)
     starts = [s.lo for s in by_lo]
     have, used, out = {s.lo for s in chosen}, sum(s.n_tokens for s in chosen), list(chosen)
