@@ -47,7 +47,7 @@ MAX_SPAN_TOKENS = 48  # a sentence longer than this is cut, so one long sentence
 ATTENTION_BESIDE_WORDS = False
 # True: a recomputed block rides in the new text's first ubatch (KVEngine.decode(block=...)), one ubatch and one
 # eviction pass fewer. Off: on 5 SmolLM2 dialogue sets it answered 18 of 40 against 22 decoded apart (not traced: the
-# question then also reads the cells the block's own eviction pass would drop; docs/recall.md, "One ubatch")
+# question then also reads the cells the block's own eviction pass would drop; docs/recall.md, "A shorter block")
 FUSED_BLOCK = False
 # True: attention's pick comes back with the evicted sentence after it (recall_select.with_next). Off: on 7 SmolLM2
 # dialogue sets it answered 32 of 56 against 35 without (tuning 4 against 7), and on Gemma 3 at budget 544 recall
@@ -218,9 +218,9 @@ def _by_attention(
 
 @dataclass
 class PendingBlock:
-    """A recomputed block that rides in the new text's first ubatch (KVEngine.decode(block=...)): it then costs
-    its tokens' share of that ubatch, not a ubatch, a head's ubatch and an eviction pass of its own (docs/recall.md,
-    "One ubatch")."""
+    """A recomputed block that decode() carries in a chunk (KVEngine.decode(block=...)): after the head, in the
+    head's ubatch (the default), or inside the new text's first ubatch (FUSED_BLOCK). It then costs its tokens'
+    share of that ubatch, not a ubatch of its own (docs/recall.md, "A shorter block")."""
 
     at: int  # tokens of the new text before it (the head: an answer's undecoded last token, a message's header)
     tokens: list[int]
