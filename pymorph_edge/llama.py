@@ -280,8 +280,9 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
             recalled, n_new = Recalled(), len(new)  # n_new: what this request decodes, a head before the block included
             if extends and recall is not None and engine.recall_enabled:
                 head, rest = new[: recall.skip], new[recall.skip :]
-                # fuse: a recomputed block may ride in the first chunk of head + rest (prompt logprobs never extend)
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, fuse=True)
+                # a pending block rides in the first chunk of head + rest (recall.FUSED_BLOCK; prompt logprobs never
+                # extend, so no logit row of that chunk is read)
+                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around)
                 if recalled.decoded:
                     new = rest  # head went in before the block
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None

@@ -246,13 +246,12 @@ def recall_before(
     wrap: Wrap | None = None,
     head: Sequence[int] = (),
     around: Around | None = None,
-    fuse: bool = False,
 ) -> Recalled:
     """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
     that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
-    are decoded here, in one ubatch when they fit, and the caller decodes new_tokens next. fuse=True with
-    FUSED_BLOCK on: a recomputed block is returned as `pending` instead, for the caller to decode inside head +
-    new_tokens (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens."""
+    are decoded here, in one ubatch when they fit, and the caller decodes new_tokens next. With FUSED_BLOCK on, a
+    recomputed block is returned as `pending` instead, for the caller to decode inside head + new_tokens
+    (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
     t0 = time.perf_counter()
@@ -284,12 +283,7 @@ def recall_before(
 
     pending = PendingBlock(len(head), list(block), lpos, landed)
     c.recall_s += time.perf_counter() - t0  # choosing; the block's decode is added as it lands
-    if (
-        not restored
-        and fuse
-        and FUSED_BLOCK
-        and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(new_tokens))
-    ):
+    if not restored and FUSED_BLOCK and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(new_tokens)):
         return Recalled(pending=pending)
     if restored:
         assert parts is not None
@@ -332,7 +326,7 @@ def _record(
             [[s.lo, s.hi, lpos[0] + k if k >= 0 else -1] for s, k in zip(chosen, places, strict=True)],
         ]
     )
-    state.next_lpos = max(state.next_lpos, lpos[-1] + 1)
+    state.next_lpos = lpos[-1] + 1
     state.barrier = barrier
     c.recalls += 1
     c.recalled_spans += len(chosen)
