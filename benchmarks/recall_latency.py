@@ -1,7 +1,7 @@
 """What recall adds to a chat turn at a 4K-token history (SmolLM2 at budget 512 by default), with recall on and off.
 
-usage: python benchmarks/recall_latency.py [--rounds 1] [--story 256] [--answer 32] [--kv-bytes N] [--fused]
-                                           [--model smollm2-135m] [--budget 512]
+usage: python benchmarks/recall_latency.py [--rounds 1] [--repeats 1] [--story 256] [--answer 32] [--kv-bytes N]
+                                           [--fused] [--model smollm2-135m] [--budget 512]
                                            [--out benchmarks/results/recall-latency-smollm2]
 Each conversation opens with a user message holding personal details, then two long stories given as assistant
 messages and a third one generated (~4K tokens, not timed). Then two timed turns continue it: another story
@@ -10,13 +10,16 @@ words. The end-of-turn token is banned in the timed turns, so that both configs 
 ratio compares like with like. Recall's cost is what recall_before spends: choosing (BM25, and a 32-token
 query probe for the attention), then decoding the recalled block (where the turn's head shares the block's ubatch,
 the block's share of it by tokens); it is paid once per turn, so its share falls as the answer grows. --fused
-decodes the block inside the new text's first ubatch (recall.FUSED_BLOCK, off by default). Writes results.json, results.md and a plot when --out is given.
+decodes the block inside the new text's first ubatch (recall.FUSED_BLOCK, off by default). --repeats N times each
+turn N times from the same saved state and reports the medians: on two shared cores the same turn's time moves by
+up to 40% between runs, and the median keeps that noise out of the ratio. Writes results.json, results.md and a plot when --out is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +29,7 @@ from recall_bench import filler  # noqa: E402
 
 from pymorph_edge import EngineConfig, Llama  # noqa: E402
 from pymorph_edge.engine import recall as recall_module  # noqa: E402
+from pymorph_edge.generation import recall_placement as placement  # noqa: E402
 from pymorph_edge.model.default_model import resolve_model  # noqa: E402
 
 FACT = "Hi, I'm Dana from Porto. My locker number is 48213. Please write me a long story about a lighthouse."
@@ -45,20 +49,36 @@ def conversation(llm: Llama) -> list[dict]:
     return msgs
 
 
-def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[int, float]) -> dict:
-    before = llm.stats
+def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[int, float], repeats: int = 1) -> dict:
+    """One turn, timed `repeats` times from the same saved state (save_state/load_state, the key log included);
+    seconds and recall_s are the medians, and every repeat must answer the same. With repeats, the first run is from
+    the restored state too. llama.cpp's CPU kernels round a multi-token ubatch's rows differently from one token's, and
+    differently again for another count of cells: the same 5 tokens after a restore (its cells packed) moved a logit
+    by 0.6 on SmolLM2 against the live cache, while decoded one at a time they agreed to the bit. A live run and a
+    restored one may therefore answer differently, and two restored ones do not."""
+    saved = llm.save_state() if repeats > 1 else None
     msgs.append({"role": "user", "content": content})
-    t0 = time.perf_counter()
-    r = llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, logit_bias=no_end)
-    dt = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        if saved is not None:
+            llm.load_state(saved)
+        before = llm.stats
+        t0 = time.perf_counter()
+        r = llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, logit_bias=no_end)
+        runs.append((time.perf_counter() - t0, r, before, llm.stats))
+    answers = {run[1]["choices"][0]["message"]["content"] for run in runs}
+    if len(answers) != 1:
+        raise RuntimeError(f"the {repeats} repeats of a turn answered differently: {sorted(answers)}")
+    dt, r, before, after = runs[-1]
     msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
-    after = llm.stats
     return {
-        "seconds": dt,
+        "seconds": statistics.median(run[0] for run in runs),
+        "seconds_each": [run[0] for run in runs],
+        "recall_s_each": [run[3].recall_s - run[2].recall_s for run in runs],
         "answer_tokens": r["usage"]["completion_tokens"],
         "prompt_tokens_decoded": r["usage"]["prompt_tokens"]
         - (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0),
-        "recall_s": after.recall_s - before.recall_s,
+        "recall_s": statistics.median(run[3].recall_s - run[2].recall_s for run in runs),
         "probe_s": after.recall_probe_s - before.recall_probe_s,
         "block_s": after.recall_block_s - before.recall_block_s,
         "recalled_tokens": after.recalled_tokens - before.recalled_tokens,
@@ -79,15 +99,23 @@ def end_of_turn_ban(llm: Llama) -> dict[int, float]:
 
 
 def run(
-    recall: bool, question: str, story: int, answer: int, kv_bytes: int = 0, model: str = "smollm2-135m", budget=512
+    recall: bool,
+    question: str,
+    story_len: int,
+    answer: int,
+    kv_bytes: int = 0,
+    model: str = "smollm2-135m",
+    budget: int = 512,
+    repeats: int = 1,
 ) -> dict:
     cfg = EngineConfig(recall_kv_bytes=kv_bytes)  # --kv-bytes: recalled text restored from saved KV where it can be
     llm = Llama(resolve_model(model), kv_budget=budget, recall=recall, config=cfg)
     no_end = end_of_turn_ban(llm)
     msgs = conversation(llm)
     history = llm.engine.n_past
-    story_turn = timed_turn(llm, msgs, "Thanks! Now write another long story, about a mountain village.", story, no_end)
-    question_turn = timed_turn(llm, msgs, question, answer, no_end)
+    story = "Thanks! Now write another long story, about a mountain village."
+    story_turn = timed_turn(llm, msgs, story, story_len, no_end, repeats)
+    question_turn = timed_turn(llm, msgs, question, answer, no_end, repeats)
     s = llm.stats
     llm.close()
     return {
@@ -108,14 +136,20 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=int, default=512, help="kv_budget (Gemma 3 needs at least 544)")
     ap.add_argument("--fused", action="store_true", help="the block inside the new text's first ubatch")
+    ap.add_argument("--bare", action="store_true", help="the recalled text with no label (recall_bench's +bare)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="time each turn this many times from a saved state; report medians"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     recall_module.FUSED_BLOCK = args.fused
+    if args.bare:
+        placement.RECALLED_PREFIX = ""
     rows = []
     for r in range(args.rounds):
         for wording, question in QUESTIONS.items():
-            on = run(True, question, args.story, args.answer, args.kv_bytes, args.model, args.budget)
-            off = run(False, question, args.story, args.answer, 0, args.model, args.budget)
+            on = run(True, question, args.story, args.answer, args.kv_bytes, args.model, args.budget, args.repeats)
+            off = run(False, question, args.story, args.answer, 0, args.model, args.budget, args.repeats)
             rows.append({"round": r + 1, "wording": wording, "on": on, "off": off})
             for turn in ("story_turn", "question_turn"):
                 a, b = on[turn], off[turn]
@@ -171,7 +205,8 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         f"{first['recall_log_bytes']} bytes of token ids, {first['recall_key_bytes']} bytes of keys.",
         "",
         "on / off compares two runs of the turn, so it carries the machine's noise (a few % per turn here); "
-        "recall / off is the time recall_before itself took against the turn without recall.",
+        "recall / off is the time recall_before itself took against the turn without recall. "
+        f"Each time is the median of {args.repeats} timing(s) of the turn from the same saved state.",
     ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.2))
