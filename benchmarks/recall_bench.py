@@ -68,6 +68,7 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # conversation:)", both as before stop 34 ("+inline" and "+short", their defaults since, are accepted as no-ops)
     recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "own" not in flags
+    placement.BLOCK_AFTER_WORDS = "after" in flags  # "+after": the block after the user's own words
     # "+bare": the recalled text with no label at all (4 tokens fewer than "(Earlier:) " under SmolLM2's vocabulary)
     placement.RECALLED_PREFIX = LONG_PREFIX if "long" in flags else "" if "bare" in flags else SHORT_PREFIX
     recall_module.ATTENTION_NEXT = "next" in flags  # "+next": attention's pick with the sentence after it

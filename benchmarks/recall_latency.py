@@ -12,7 +12,9 @@ query probe for the attention), then decoding the recalled block (where the turn
 the block's share of it by tokens); it is paid once per turn, so its share falls as the answer grows. --fused
 decodes the block inside the new text's first ubatch (recall.FUSED_BLOCK, off by default). --repeats N times each
 turn N times from the same saved state and reports the medians: on two shared cores the same turn's time moves by
-up to 40% between runs, and the median keeps that noise out of the ratio. Writes results.json, results.md and a plot when --out is given.
+up to 40% between runs, and the median keeps that noise out of the ratio. With recall on it also times the same turn
+from the same state with recall skipped, interleaved: the recall-on and recall-off runs reach the question through
+different stories, and their turns ran up to 20% apart in speed with nothing of recall's in them. Writes results.json, results.md and a plot when --out is given.
 """
 
 from __future__ import annotations
@@ -58,29 +60,39 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
     restored one may therefore answer differently, and two restored ones do not."""
     saved = llm.save_state() if repeats > 1 else None
     msgs.append({"role": "user", "content": content})
-    runs = []
+    engine = llm.engine
+    recalls = engine.recall_enabled
+    runs, without = [], []
     for _ in range(repeats):
-        if saved is not None:
-            llm.load_state(saved)
-        before = llm.stats
-        t0 = time.perf_counter()
-        r = llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, logit_bias=no_end)
-        runs.append((time.perf_counter() - t0, r, before, llm.stats))
-    answers = {run[1]["choices"][0]["message"]["content"] for run in runs}
-    if len(answers) != 1:
-        raise RuntimeError(f"the {repeats} repeats of a turn answered differently: {sorted(answers)}")
+        # with recall on and repeats, the same turn from the same state with recall_before skipped, interleaved:
+        # the denominator that differs from the turn only by recall (two runs' states differ, and so does their
+        # speed: up to 20% a turn on two shared cores)
+        for skip in (True, False) if recalls and saved is not None else (False,):
+            if saved is not None:
+                llm.load_state(saved)
+            engine.recall_enabled = recalls and not skip
+            before = llm.stats
+            t0 = time.perf_counter()
+            r = llm.create_chat_completion(msgs, max_tokens=n, temperature=0.0, logit_bias=no_end)
+            (without if skip else runs).append((time.perf_counter() - t0, r, before, llm.stats))
+    engine.recall_enabled = recalls
+    for kind in (runs, without):
+        answers = {run[1]["choices"][0]["message"]["content"] for run in kind}
+        if len(answers) > 1:
+            raise RuntimeError(f"the {repeats} repeats of a turn answered differently: {sorted(answers)}")
     dt, r, before, after = runs[-1]
     msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
     return {
         "seconds": statistics.median(run[0] for run in runs),
+        "same_state_without_s": statistics.median(run[0] for run in without) if without else None,
         "seconds_each": [run[0] for run in runs],
         "recall_s_each": [run[3].recall_s - run[2].recall_s for run in runs],
         "answer_tokens": r["usage"]["completion_tokens"],
         "prompt_tokens_decoded": r["usage"]["prompt_tokens"]
         - (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         "recall_s": statistics.median(run[3].recall_s - run[2].recall_s for run in runs),
-        "probe_s": after.recall_probe_s - before.recall_probe_s,
-        "block_s": after.recall_block_s - before.recall_block_s,
+        "probe_s": statistics.median(run[3].recall_probe_s - run[2].recall_probe_s for run in runs),
+        "block_s": statistics.median(run[3].recall_block_s - run[2].recall_block_s for run in runs),
         "recalled_tokens": after.recalled_tokens - before.recalled_tokens,
         "restored_tokens": after.restored_tokens - before.restored_tokens,
         "history": llm.engine.n_past,
@@ -155,7 +167,13 @@ def main() -> None:
                 a, b = on[turn], off[turn]
                 print(
                     f"round {r + 1}, asked {wording}, {turn}: on {a['seconds']:.3f} s (recall {a['recall_s']:.3f} s, "
-                    f"{a['recalled_tokens']} tokens), off {b['seconds']:.3f} s, on/off {a['seconds'] / b['seconds']:.3f}",
+                    f"{a['recalled_tokens']} tokens), off {b['seconds']:.3f} s, on/off {a['seconds'] / b['seconds']:.3f}"
+                    + (
+                        ""
+                        if a.get("same_state_without_s") is None
+                        else f", same state without recall {a['same_state_without_s']:.3f} s, "
+                        f"on/without {a['seconds'] / a['same_state_without_s']:.3f}"
+                    ),
                     flush=True,
                 )
     if args.out is not None:
@@ -183,21 +201,24 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         f"`{command}`",
         "",
         "| round | question asked | turn | tokens answered | recall on (s) | of which recall (s) | probe / choosing / "
-        "block (s) | tokens recalled | recall off (s) | on / off | recall / off |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "block (s) | tokens recalled | recall off (s) | on / off | recall / off | same state, recall skipped (s) | "
+        "on / skipped |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels, ratios = [], []
     for row in rows:
         for turn, name in (("story_turn", "story"), ("question_turn", "question")):
             on, off = row["on"][turn], row["off"][turn]
             ratio = on["seconds"] / off["seconds"]
+            skipped = on.get("same_state_without_s")
+            same = "- | - |" if skipped is None else f"{skipped:.3f} | {on['seconds'] / skipped:.3f} |"
             lines.append(
                 f"| {row['round']} | {row['wording']} | {name} | {on['answer_tokens']} | {on['seconds']:.3f} | "
                 f"{on['recall_s']:.3f} | {parts(on)} | {on['recalled_tokens']} | {off['seconds']:.3f} | {ratio:.3f} | "
-                f"{on['recall_s'] / off['seconds']:.3f} |"
+                f"{on['recall_s'] / off['seconds']:.3f} | {same}"
             )
             labels.append(f"{name}\n{row['wording']}")
-            ratios.append(ratio)
+            ratios.append(ratio if skipped is None else on["seconds"] / skipped)
     first = rows[0]["on"]
     lines += [
         "",
@@ -206,14 +227,17 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         "on / off compares two runs of the turn, so it carries the machine's noise (a few % per turn here); "
         "recall / off is the time recall_before itself took against the turn without recall. "
-        f"Each time is the median of {args.repeats} timing(s) of the turn from the same saved state.",
+        f"Each time is the median of {args.repeats} timing(s) of the turn from the same saved state. With repeats, "
+        "'same state, recall skipped' times the recall-on run's turn from its own saved state with recall_before "
+        "skipped, interleaved with the timings with it: on / skipped differs only by recall, and the plot shows it "
+        "(on / off otherwise).",
     ]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(range(len(ratios)), ratios, color="tab:blue")
     ax.axhline(1.15, color="tab:red", linestyle="--", label="+15%")
     ax.set_xticks(range(len(ratios)), labels, fontsize=7)
-    ax.set_ylabel("turn latency, recall on / off")
+    ax.set_ylabel("turn latency, recall on / without")
     ax.set_ylim(0.9, max(1.3, max(ratios) + 0.05))
     ax.legend()
     fig.tight_layout()

@@ -282,7 +282,8 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
                 head, rest = new[: recall.skip], new[recall.skip :]
                 # a pending block rides in the first chunk of head + rest (recall.FUSED_BLOCK; prompt logprobs never
                 # extend, so no logit row of that chunk is read)
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around)
+                query = new if recall.query_in_head else None
+                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, query)
                 if recalled.decoded:
                     new = rest  # head went in before the block
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None

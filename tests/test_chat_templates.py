@@ -108,6 +108,41 @@ def test_the_block_opens_the_new_user_message_and_falls_back_to_a_message_of_its
             assert place.skip == 0 and block.startswith("<|im_end|>\n<|im_start|>user\n" + RECALLED_PREFIX)
 
 
+def test_the_block_can_follow_the_users_own_words(monkeypatch):
+    """BLOCK_AFTER_WORDS (recall_bench's "+after"): the skipped head is the header and the user's words, the block
+    is the gap and the recalled text, and the rest of the new text (the message's end) follows. The words are then
+    in the head, so the placement says the head belongs to the query."""
+    from pymorph_edge.generation import recall_placement
+    from pymorph_edge.generation.recall_placement import INLINE_GAP, chat_placement
+
+    chars = lambda text: [ord(c) for c in text]  # noqa: E731
+    text_of = lambda ids: "".join(map(chr, ids))  # noqa: E731
+    turn = ChatTurn(
+        2, "", [{"role": "user", "content": "My PIN is 12345."}, {"role": "assistant", "content": "Ok"}], [], ""
+    )
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fmt = ChatFormatter(chatml, "<s>", "</s>")
+    suffix = text_after_answer(turn, NEW, fmt)
+    for after in (False, True):
+        monkeypatch.setattr(recall_placement, "BLOCK_AFTER_WORDS", after)
+        place = chat_placement(turn, NEW, suffix, fmt, chars, text_of)
+        block = text_of(place.wrap(chars(" My PIN is 12345.")))
+        head, rest = suffix[: place.skip], suffix[place.skip :]
+        assert place.query_in_head == after
+        if after:
+            assert head.endswith("user\nWhat was my PIN?") and rest.startswith("<|im_end|>")
+            assert block == INLINE_GAP + RECALLED_PREFIX + "My PIN is 12345."
+        else:
+            assert head.endswith("user\n") and rest.startswith("What was my PIN?")
+            assert block == RECALLED_PREFIX + "My PIN is 12345." + INLINE_GAP
+        recalled, words = RECALLED_PREFIX + "My PIN is 12345.", "What was my PIN?"
+        joined = words + INLINE_GAP + recalled if after else recalled + INLINE_GAP + words
+        assert head + block + rest == text_after_answer(turn, [{"role": "user", "content": joined}], fmt)
+
+
 def test_every_builtin_template_places_a_recalled_block():
     """Each of llama.cpp's built-in templates renders recalled text somewhere well formed, and all but a few take
     it inside the new user message (the short shape). At stop 34, with a one-token-per-character tokenizer: 53 of

@@ -246,19 +246,21 @@ def recall_before(
     wrap: Wrap | None = None,
     head: Sequence[int] = (),
     around: Around | None = None,
+    query: Sequence[int] | None = None,
 ) -> Recalled:
     """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
     that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
     are decoded here, in one ubatch when they fit, and the caller decodes new_tokens next. With FUSED_BLOCK on, a
     recomputed block is returned as `pending` instead, for the caller to decode inside head + new_tokens
-    (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens."""
+    (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens. query: the text that
+    chooses what comes back, when it is not new_tokens (a block placed after the user's words has them in head)."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
     t0 = time.perf_counter()
     state = engine.recall_state
     c = state.counters
     c.recall_checks += 1
-    chosen = select(engine, new_tokens, piece, engine.recall_tokens)
+    chosen = select(engine, new_tokens if query is None else query, piece, engine.recall_tokens)
     raw = [t for s in chosen for t in engine.log.tokens(s.lo, s.hi)]
     block = (wrap(raw) if wrap is not None else raw) if chosen else []
     if chosen and (not block or len(block) > engine.n_batch):

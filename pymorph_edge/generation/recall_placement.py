@@ -31,6 +31,8 @@ RECALLED_ACK = "Noted."  # the assistant turn of the last-resort shape
 INLINE_GAP = "\n\n"  # between the recalled text and the user's own words, in the first shape
 # shape 1 before shape 2 (False: a message of its own first, as before stop 34; recall_bench's "+own")
 PREFER_INLINE = True
+# in shape 1, the block after the user's own words instead of before them (recall_bench's "+after")
+BLOCK_AFTER_WORDS = False
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RecallPlacement:
     wrap: Wrap | None = None
     skip: int = 0
     around: Around | None = None  # the wrap's tokens before and after raw ids, for a restored block (recall.py)
+    query_in_head: bool = False  # the user's words are in the skipped head (BLOCK_AFTER_WORDS): choose by all of it
 
 
 Tokenize = Callable[[str], list[int]]
@@ -73,15 +76,17 @@ def chat_placement(
         """Shape 1: (where in suffix the block goes, the block's text)."""
         if not new or new[0].get("role") != "user" or not isinstance(new[0].get("content"), str):
             return None
-        first = {**new[0], "content": content + INLINE_GAP + new[0]["content"]}
-        text = rendered([first, *new[1:]])
+        words = new[0]["content"]
+        joined = words + INLINE_GAP + content if BLOCK_AFTER_WORDS else content + INLINE_GAP + words
+        text = rendered([{**new[0], "content": joined}, *new[1:]])
         if text is None or len(text) <= len(suffix):
             return None
         cut = 0
         while cut < len(suffix) and text[cut] == suffix[cut]:
             cut += 1
         block = text[cut : cut + len(text) - len(suffix)]
-        return (cut, block) if text[cut + len(block) :] == suffix[cut:] and block.startswith(content) else None
+        placed = block.endswith(content) if BLOCK_AFTER_WORDS else block.startswith(content)
+        return (cut, block) if text[cut + len(block) :] == suffix[cut:] and placed else None
 
     pending = len(turn.pending)
     probe = RECALLED_PREFIX + "x"
@@ -91,7 +96,9 @@ def chat_placement(
     if inline is not None:
         head = tokenize(suffix[: inline[0]])
         if head + tokenize(suffix[inline[0] :]) == tokenize(suffix):  # the cut falls on a token boundary
-            return _placement(lambda c: (inside_new(c) or (0, None))[1], pending + len(head), tokenize, detokenize)
+            place = _placement(lambda c: (inside_new(c) or (0, None))[1], pending + len(head), tokenize, detokenize)
+            place.query_in_head = BLOCK_AFTER_WORDS
+            return place
     if before_new(probe, []) is not None:
         return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
     ack = [{"role": "assistant", "content": RECALLED_ACK}]
