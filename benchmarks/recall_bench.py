@@ -34,6 +34,7 @@ from recall_texts import DIALOGUE_FACTS, OPENING, SETS, STORIES, filler
 from pymorph_edge import Llama
 from pymorph_edge.bench.common import last_logprobs
 from pymorph_edge.engine import recall as recall_module
+from pymorph_edge.engine import recall_select
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.engine.recall import recalled_live
 from pymorph_edge.generation import recall_placement as placement
@@ -72,6 +73,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "+bare": the recalled text with no label at all (4 tokens fewer than "(Earlier:) " under SmolLM2's vocabulary)
     placement.RECALLED_PREFIX = LONG_PREFIX if "long" in flags else "" if "bare" in flags else SHORT_PREFIX
     recall_module.ATTENTION_NEXT = "next" in flags  # "+next": attention's pick with the sentence after it
+    # "+untyped": a word asking for a number does not also match numerals (recall_select.TYPED_NUMBERS), as before
+    # stop 35
+    recall_select.TYPED_NUMBERS = "untyped" not in flags
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

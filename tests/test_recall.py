@@ -4,9 +4,11 @@ import pytest
 from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.engine import recall_select
 from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
 from pymorph_edge.engine.recall_select import (
+    NUMERAL,
     choose,
     is_rival,
     last_sentence,
@@ -107,7 +109,7 @@ def test_a_sentence_that_says_the_cue_about_someone_else_is_a_rival():
     assert not is_rival(said["The locker assigned to Ines opens with 95463."], cue)
     # a chat question: the fact and other sentences about lockers leave words out, they substitute none
     cue = last_sentence("Thanks for the story. What is my locker number?")
-    assert cue == ["locker", "number"]
+    assert cue == ["locker", "number", NUMERAL]  # it asks for a number: numerals match it too
     for s in (
         "My locker number is 90517.",
         "Her locker number was 4.",
@@ -136,6 +138,32 @@ def test_rivals_stay_out_of_the_choice_and_the_fact_comes_back():
     cue = last_sentence(new)
     kept = choose([(sc, s) for sc, s in ranked if not is_rival(s, cue)], 200)
     assert [said(s) for s in kept] == ["The locker assigned to Ines opens with 95463."]
+
+
+def test_a_question_that_asks_for_a_number_finds_the_numeral_it_shares_no_word_with(monkeypatch):
+    """ "Which 5-digit number did I give you earlier?" after "My customer ID is 22004." shares no word with it; the
+    story's sentences share "give" and "earlier". A word asking for a number also matches every numeral, which is
+    rare in the evicted text, so the fact ranks first; without that (TYPED_NUMBERS off, before stop 35) a story
+    sentence did, and the fact was not on the cue at all."""
+    prose = (
+        "The old sailor would give his last coin for a warm meal. "
+        "Earlier that morning the baker had sung by the window. "
+        "The lighthouse keeper counted the gulls on the rocks. "
+    )
+    said = _spans_of("Hi, I'm Priya from Pune. My customer ID is 22004. Please write me a story.\n" + prose * 3)
+    spans = list(said.values())
+    text = lambda s: next(k for k, v in said.items() if v is s)  # noqa: E731
+    question = "Thanks! Quick question: which 5-digit number did I give you earlier?"
+    cue = last_sentence(question)
+    assert NUMERAL in cue and on_cue(said["My customer ID is 22004."], cue)
+    assert text(choose(rank(spans, query_weights(question)), 200)[0]) == "My customer ID is 22004."
+    assert not is_rival(said["My customer ID is 22004."], cue)
+    # a request that asks for no number is ranked as before: the numeral weighs nothing
+    assert NUMERAL not in last_sentence("Now write another story about the sailor.")
+    monkeypatch.setattr(recall_select, "TYPED_NUMBERS", False)
+    cue = last_sentence(question)
+    assert not on_cue(said["My customer ID is 22004."], cue)
+    assert text(rank(spans, query_weights(question))[0][1]) != "My customer ID is 22004."
 
 
 def test_only_sentences_that_share_a_word_with_what_the_request_asks_come_back():
