@@ -17,7 +17,8 @@ Each config is a policy with recall on or off ("morphkv", "morphkv-norecall", ..
 beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before stop 33), for an A/B; "+fused"
 decodes a recalled block inside the new text's first ubatch, "+own" puts a chat block in a user message of its
 own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+next" recalls attention's pick with the sentence after it ("+alone", its
-opposite, is the default and a no-op). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (no label) and "+after" (the block
+after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
