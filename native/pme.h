@@ -109,6 +109,10 @@ int32_t pme_kvstore_arm(pme_state * st, const int64_t * lpos, int32_t n, int32_t
 int32_t pme_kvstore_save_live(pme_state * st, const int64_t * lpos, int32_t n);
 int     pme_kvstore_place(pme_state * st, int32_t pos0, const int64_t * lpos, int32_t n);
 int64_t pme_kvstore_bytes(const pme_state * st);
+/* 1 when a restore ubatch may be decoded at new positions: every layer's K rows are then re-rotated as they are
+ * written (pme_kvrotate.c), and no llama_memory_seq_add (whole-cache K shift) is needed; 0: restore at the saved
+ * positions and move the run (always on iSWA models) */
+int     pme_kvstore_rotates(const pme_state * st);
 int32_t pme_min_live_tail(const pme_state * st,
                           int32_t           next_pos); /* smallest p with every position in [p, next_pos) live */
 void    pme_get_stats(const pme_state * st, pme_stats * out);

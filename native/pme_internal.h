@@ -174,6 +174,18 @@ void pme_kvstore_untag(pme_state * st, int64_t lo, int32_t n);
 void pme_kvstore_clear(pme_state * st);
 bool pme_kvstore_stops_at(const pme_state * st, const struct ggml_tensor * t);
 
+/* one layer's K RoPE, read off the graph (pme_kvrotate.c): ok when a restored K row can be re-rotated here */
+struct pme_rope {
+    int            ok, n_dims, mode, n_ctx_orig;
+    float          freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow;
+    int64_t        head_dim, n_head;
+    const float *  ff; /* the model's rope frequency factors (host), or NULL */
+    enum ggml_type k_type;
+};
+
+void pme_rope_note(struct pme_rope * r, const struct ggml_tensor * set_rows_k);
+int  pme_rope_rotate(const struct pme_rope * r, char * row, int32_t delta); /* K row of one cell, by delta positions */
+
 void         pme_set_error(pme_state * st, const char * fmt, ...);
 /* whether the key log keeps layer il's keys (and a probe's queries): it is on, and il is one of its layers */
 int          pme_keylog_wants(const pme_state * st, int32_t il);

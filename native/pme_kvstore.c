@@ -15,9 +15,10 @@
  * positions), then decodes the run's tokens as a PME_UB_RESTORE ubatch on an empty second sequence at those
  * positions: the callback asks for the first base-cache layer's K write (layer 0, or Gemma 3's layer 5: the
  * sliding-window layers before it are computed and then overwritten), writes every layer's saved rows into the
- * cells llama.cpp allocated in each cache, and stops the graph. The caller then moves the run with
- * llama_memory_seq_add (llama.cpp re-rotates K), gives it to sequence 0 (seq_cp, seq_rm) and places the cells in the
- * map (pme_kvstore_place). */
+ * cells llama.cpp allocated in each cache, and stops the graph. Where pme_kvstore_rotates, the ubatch is decoded at
+ * the run's new positions and each K row is turned by the difference as it is written (pme_kvrotate.c); elsewhere the
+ * caller moves the run with llama_memory_seq_add (llama.cpp re-rotates every cell's K at the next decode). It then
+ * gives the run to sequence 0 (seq_cp, seq_rm) and places the cells in the map (pme_kvstore_place). */
 #include "ggml-backend.h"
 #include "pme_internal.h"
 
@@ -26,15 +27,16 @@
 
 /* where one layer's caches are and how a cell's rows lie in them, as its SET_ROWS nodes showed them */
 struct kv_layer {
-    char *  k_data;  /* the K cache's first byte (host), NULL until seen */
-    char *  v_data;
-    int32_t n_cells; /* cells of the cache this layer writes (the base cache's, or the sliding window's) */
-    int     swa;     /* a sliding-window layer: its rows are captured per ubatch, not saved at eviction */
-    size_t  k_nb1;   /* bytes from one cell's K row to the next */
-    size_t  k_row;   /* bytes of one cell's K row */
-    size_t  v_nb1;   /* V not transposed: bytes between cells' rows */
-    size_t  v_row;   /* V: bytes of one cell's values (n_embd_v elements) */
-    size_t  v_el;    /* V transposed: bytes of one element (cells are v_el apart, dims n_cells * v_el) */
+    char *          k_data;  /* the K cache's first byte (host), NULL until seen */
+    char *          v_data;
+    int32_t         n_cells; /* cells of the cache this layer writes (the base cache's, or the sliding window's) */
+    int             swa;     /* a sliding-window layer: its rows are captured per ubatch, not saved at eviction */
+    size_t          k_nb1;   /* bytes from one cell's K row to the next */
+    size_t          k_row;   /* bytes of one cell's K row */
+    size_t          v_nb1;   /* V not transposed: bytes between cells' rows */
+    size_t          v_row;   /* V: bytes of one cell's values (n_embd_v elements) */
+    size_t          v_el;    /* V transposed: bytes of one element (cells are v_el apart, dims n_cells * v_el) */
+    struct pme_rope rope;    /* its K RoPE, to re-rotate a row restored at another position */
 };
 
 /* a ring of tokens' rows, the oldest overwritten, each tagged with the token's logical position and the position
@@ -145,6 +147,9 @@ void pme_kvstore_note(pme_state * st, const struct ggml_tensor * t) {
         l->k_row            = ggml_row_size(t->type, t->ne[0]);
         l->n_cells          = (int32_t) t->ne[1];
         l->swa              = t->ne[1] != st->cfg.n_cells; /* the base cache has n_cells (on_set_rows) */
+        if (!l->rope.head_dim) {
+            pme_rope_note(&l->rope, t);                    /* once: a layer's RoPE does not change between ubatches */
+        }
         s->has_swa |= l->swa;
         const struct ggml_tensor * idx = t->src[1];
         if (l->swa && s->swa_serial != st->ub_serial && idx && idx->data && idx->ne[0] == st->ub_n &&
@@ -347,6 +352,16 @@ void pme_kvstore_write(pme_state * st) {
             const struct kv_ring * w = &s->swa;
             move_rows(s, st->cfg.n_layer, 1, s->swa_cell[i], w->buf + (size_t) w->armed[i] * w->tok_bytes, 0);
         }
+        /* decoded at other positions than it was saved for (pme_kvstore_rotates): its K turned to the new one */
+        const int32_t delta = st->cell_pos[st->ub_cell[i]] - b->pos[b->armed[i]];
+        for (int32_t il = 0; delta && il < st->cfg.n_layer; ++il) {
+            const struct kv_layer * l    = &s->layer[il];
+            const int32_t           cell = l->swa ? s->swa_cell[i] : st->ub_cell[i];
+            if (pme_rope_rotate(&l->rope, l->k_data + (size_t) cell * l->k_nb1, delta) != 0) {
+                pme_set_error(st, "restore: layer %d's K cannot be re-rotated by %d positions", il, delta);
+                return;
+            }
+        }
     }
     s->n_armed = 0;
 }
@@ -370,6 +385,21 @@ int pme_kvstore_place(pme_state * st, int32_t pos0, const int64_t * lpos, int32_
         st->cell_lpos[c] = lpos[i];
     }
     return 0;
+}
+
+int pme_kvstore_rotates(const pme_state * st) {
+    const struct pme_kvstore * s = st ? st->kvs : NULL;
+    if (s && s->has_swa) {
+        /* not on iSWA models: on Gemma 3 two single-token runs restored one after the other came out up to 1.35 apart
+         * in a logit from llama.cpp's shift (one run of any length: the same floats); not traced (docs/recall.md) */
+        return 0;
+    }
+    for (int32_t il = 0; s && il < st->cfg.n_layer; ++il) {
+        if (!s->layer[il].rope.ok) {
+            return 0;
+        }
+    }
+    return s != NULL;
 }
 
 int64_t pme_kvstore_bytes(const pme_state * st) {

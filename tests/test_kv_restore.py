@@ -7,6 +7,7 @@ import pytest
 from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.engine import recall_decoding
 from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 TEXT = [(i * 7919) % 200 + 10 for i in range(100)]
@@ -86,6 +87,69 @@ def test_a_run_restored_elsewhere_and_moved_back_is_rerotated_both_ways(gqa_mode
         got = _logits(llm, llm.n_vocab())
     # each move re-rotates an f16 K row and rounds it again (measured 5.8e-3 at most); without the restore, 0.45
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2)
+
+
+def _restored_at_the_next_positions(path, rotate, monkeypatch, n_text=100, flash_attn=False, n_restore=48):
+    """Evict part of the text, restore each evicted run at the positions after it, then decode one token: its
+    logits. rotate: the scorer re-rotates the saved K rows as it writes them; else llama.cpp's K shift moves them."""
+    monkeypatch.setattr(recall_decoding, "ROTATE_ON_RESTORE", rotate)
+    text = (TEXT * (n_text // len(TEXT) + 1))[:n_text]
+    cfg = EngineConfig(n_ubatch=128, flash_attn=flash_attn, recall_kv_bytes=1 << 24)
+    with Llama(path, kv_budget=n_text // 2, config=cfg, recall=False) as llm:
+        eng = llm.engine
+        for i in range(0, n_text, 128):
+            eng.decode(text[i : i + 128], logits_last=False)
+        assert eng.scorer.kvstore_rotates()  # f16 K, normal RoPE, no sliding window
+        live = {p for p in eng.scorer.cell_lpos() if p >= 0}
+        gone = [i for i in range(n_text) if i not in live][:n_restore]  # room in the cache beside the budget
+        runs, at = [], n_text
+        for i in gone:
+            if runs and i == runs[-1][-1] + 1 and len(runs[-1]) < 16:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for r in runs:
+            assert eng.restore_run(r, [text[i] for i in r], at)
+            at += len(r)
+        assert C.llama_memory_seq_pos_max(eng.mem, 0) == at - 1
+        assert _raw_decode(eng, 77, at) == 0
+        return _logits(llm, llm.n_vocab())
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_a_run_restored_at_new_positions_is_rotated_as_llama_cpps_shift_rotates_it(gqa_model, monkeypatch, flash_attn):
+    """native/pme_kvrotate.c turns each restored K row by the position difference with the layer's own RoPE (read off
+    the graph), instead of llama_memory_seq_add, whose K shift re-rotates every cell of the cache at the next decode.
+    Same arithmetic: the next token's logits are the same floats."""
+    shifted = _restored_at_the_next_positions(gqa_model, False, monkeypatch, flash_attn=flash_attn)
+    rotated = _restored_at_the_next_positions(gqa_model, True, monkeypatch, flash_attn=flash_attn)
+    np.testing.assert_array_equal(rotated, shifted)
+
+
+def test_a_quantized_k_keeps_llama_cpps_shift(synthetic_dir):
+    """llama.cpp dequantises, rotates and requantises a q8_0 K (with a Hadamard product around it): not redone here."""
+    path = write_synthetic_llama(synthetic_dir / "head32.gguf", n_head=4, n_head_kv=2, n_embd=128)  # 32-value heads
+    cfg = EngineConfig(n_ubatch=128, recall_kv_bytes=1 << 24, type_k="q8_0", flash_attn=True)
+    with Llama(str(path), kv_budget=48, config=cfg, recall=False) as llm:
+        llm.engine.decode(TEXT, logits_last=False)
+        assert llm.engine.scorer.kvstore_bytes() > 0 and not llm.engine.scorer.kvstore_rotates()
+
+
+def test_iswa_models_keep_llama_cpps_shift(iswa_model, monkeypatch):
+    """Not on iSWA models yet: on Gemma 3 two single-token runs restored one after the other came out up to 1.35 apart
+    in a logit from llama.cpp's shift (one run of any length matched to the bit); so the run is moved as before."""
+    cfg = EngineConfig(n_ubatch=128, recall_kv_bytes=1 << 24)
+    with Llama(iswa_model, kv_budget=64, config=cfg, recall=False) as llm:
+        llm.engine.decode(TEXT, logits_last=False)
+        assert not llm.engine.scorer.kvstore_rotates()
+
+
+@pytest.mark.slow
+def test_smollm2_restored_at_new_positions_matches_llama_cpps_shift(smollm2_path, monkeypatch):
+    """48 evicted tokens in runs of up to 16, each restored after the text: the same floats as llama.cpp's shift."""
+    shifted = _restored_at_the_next_positions(smollm2_path, False, monkeypatch, n_text=600)
+    rotated = _restored_at_the_next_positions(smollm2_path, True, monkeypatch, n_text=600)
+    np.testing.assert_array_equal(rotated, shifted)
 
 
 def _raw_decode(eng, tok, pos):

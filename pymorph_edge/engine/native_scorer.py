@@ -144,6 +144,10 @@ class NativeScorer:
     def kvstore_bytes(self) -> int:
         return int(self._lib.pme_kvstore_bytes(self._state))
 
+    def kvstore_rotates(self) -> bool:
+        """Whether a restore may be decoded at new positions, its K rows re-rotated as they are written."""
+        return bool(self._lib.pme_kvstore_rotates(self._state))
+
     def min_live_tail(self, next_pos: int) -> int:
         return int(self._lib.pme_min_live_tail(self._state, next_pos))
 

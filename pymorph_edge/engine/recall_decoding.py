@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from pymorph_edge.engine.recall import PendingBlock
 
 SEQ = 0  # one sequence per context (kv_engine re-exports it)
+# a restored run decoded at its new positions, its K re-rotated by the scorer, rather than moved by llama.cpp's
+# whole-cache K shift (False: the shift, as before; tests compare the two)
+ROTATE_ON_RESTORE = True
 
 
 class RecallDecoding:
@@ -128,9 +131,13 @@ class RecallDecoding:
         m = len(lpos)
         if pos is None or pos != list(range(pos[0], pos[0] + m)):
             return False
-        # on the empty second sequence, which takes any start (tests/test_llama_cpp_facts.py)
-        self._decode_ubatch(tokens, pos[0], False, False, restore=True)
-        C.llama_memory_seq_add(self.mem, SEQ + 1, pos[0], pos[0] + m, pos_new - pos[0])  # K re-rotated next decode
+        # on the empty second sequence, which takes any start (tests/test_llama_cpp_facts.py). Where the scorer can
+        # re-rotate the saved K rows as it writes them (native/pme_kvrotate.c), at their new positions at once;
+        # elsewhere at their saved ones, then moved, and llama.cpp re-rotates the K of the whole cache next decode
+        rotates = ROTATE_ON_RESTORE and self.scorer.kvstore_rotates()
+        self._decode_ubatch(tokens, pos_new if rotates else pos[0], False, False, restore=True)
+        if not rotates:
+            C.llama_memory_seq_add(self.mem, SEQ + 1, pos[0], pos[0] + m, pos_new - pos[0])
         C.llama_memory_seq_cp(self.mem, SEQ + 1, SEQ, -1, -1)
         C.llama_memory_seq_rm(self.mem, SEQ + 1, -1, -1)
         self.scorer.kvstore_place(pos_new, list(lpos))
