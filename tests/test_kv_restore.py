@@ -7,7 +7,7 @@ import pytest
 from chat_helpers import locker_number_then_two_stories
 
 from pymorph_edge import EngineConfig, Llama
-from pymorph_edge.engine import recall_decoding
+from pymorph_edge.engine import recall, recall_decoding
 from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
 TEXT = [(i * 7919) % 200 + 10 for i in range(100)]
@@ -181,6 +181,30 @@ def test_smollm2_chat_restores_the_recalled_fact_instead_of_recomputing_it(smoll
         again.load_session(tmp_path / "chat.pme")
         ans = again.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
         assert "90517" in ans and again.stats.recalls >= 1
+
+
+def _restored_question_turn(smollm2_path, ride, monkeypatch):
+    monkeypatch.setattr(recall, "RIDE_RESTORED_WRAP", ride)
+    with Llama(smollm2_path, kv_budget=256, keep="system", config=EngineConfig(recall_kv_bytes=64 << 20)) as llm:
+        locker_number_then_two_stories(llm)
+        before = (llm.stats.ubatches, llm.stats.restored_tokens)
+        question = [{"role": "user", "content": "What is my locker number?"}]
+        ans = llm.continue_chat(question, max_tokens=20, temperature=0.0)["choices"][0]["message"]["content"]
+        n_answer = len(llm.tokenize(ans.encode(), add_bos=False, special=True))
+        assert llm.stats.peak_cells <= 256 + 512
+        return ans, llm.stats.ubatches - before[0] - n_answer, llm.stats.restored_tokens - before[1]
+
+
+@pytest.mark.slow
+def test_smollm2_restored_blocks_wrap_rides_in_the_turns_own_ubatches(smollm2_path, monkeypatch):
+    """recall._restore_riding: the label goes in with the new message's header, the text after the restored runs with
+    the question's first chunk, so a restore adds no ubatch of its own (two fewer than decoding them apart), and the
+    answer still has the number."""
+    ans, ubatches, restored = _restored_question_turn(smollm2_path, True, monkeypatch)
+    ans_apart, ubatches_apart, restored_apart = _restored_question_turn(smollm2_path, False, monkeypatch)
+    assert "90517" in ans and "90517" in ans_apart
+    assert restored > 0 and restored == restored_apart
+    assert ubatches_apart - ubatches == 2
 
 
 @pytest.fixture(scope="module")

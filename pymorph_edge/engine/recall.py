@@ -53,6 +53,9 @@ FUSED_BLOCK = False
 # dialogue sets it answered 32 of 56 against 35 without (tuning 4 against 7), and on Gemma 3 at budget 544 recall
 # may bring back 16 tokens, too few for a pair (docs/recall.md, "A shorter block"; recall_bench's "+next")
 ATTENTION_NEXT = False
+# True: a restored block's wrap rides in the head's and the new text's first ubatches (_restore_riding), so the
+# restore adds no ubatch of its own. Off: the label and the text after the runs are decoded in ubatches of their own
+RIDE_RESTORED_WRAP = True
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
@@ -226,6 +229,7 @@ class PendingBlock:
     tokens: list[int]
     lpos: list[int]
     landed: Callable[[float], None]  # called with its share of the ubatch's seconds once it is in the cache
+    pin_back: int = 0  # positions of the same block already in the cache just before it, pinned with it
 
 
 @dataclass
@@ -287,6 +291,8 @@ def recall_before(
     c.recall_s += time.perf_counter() - t0  # choosing; the block's decode is added as it lands
     if not restored and FUSED_BLOCK and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(new_tokens)):
         return Recalled(pending=pending)
+    if restored and RIDE_RESTORED_WRAP and head and parts is not None and parts[1]:
+        return _restore_riding(engine, head, parts, runs, len(raw), lpos, landed)
     if restored:
         assert parts is not None
         if head:
@@ -306,6 +312,38 @@ def recall_before(
         engine.decode_block(block, lpos)
         landed(time.perf_counter() - t_block)
     return Recalled(decoded=len(block))
+
+
+def _restore_riding(
+    engine: KVEngine,
+    head: Sequence[int],
+    parts: tuple[list[int], list[int]],
+    runs: list[tuple[int, int]],
+    n_raw: int,
+    lpos: list[int],
+    landed: Callable[[float], None],
+) -> Recalled:
+    """A restored block whose wrap rides in ubatches the turn decodes anyway: the label in the head's, the text after
+    the restored runs in the new text's first. The runs are written between the two (no ubatch of their own, and no
+    K shift: engine.restore_runs). Returns the tail as a pending block for the caller's decode."""
+    prefix, suffix = parts
+    spent = [0.0]
+
+    def add(seconds: float) -> None:
+        spent[0] += seconds
+
+    if prefix:
+        engine.decode(head, logits_last=False, block=PendingBlock(len(head), list(prefix), lpos[: len(prefix)], add))
+    else:
+        engine.decode(head, logits_last=False)
+    t0 = time.perf_counter()
+    engine.restore_runs(runs, lpos[len(prefix) : len(prefix) + n_raw], len(prefix))
+    engine.recall_state.counters.restored_tokens += n_raw
+    add(time.perf_counter() - t0)
+    tail = PendingBlock(
+        0, list(suffix), lpos[len(prefix) + n_raw :], lambda s: landed(spent[0] + s), len(lpos) - len(suffix)
+    )
+    return Recalled(decoded=len(prefix) + n_raw, pending=tail)
 
 
 def _record(

@@ -71,7 +71,7 @@ class RecallDecoding:
         assert self.scorer is not None
         at, m, b = block.at, len(chunk), len(block.tokens)
         lo = self.next_pos + at
-        self.scorer.set_pins(self.n_keep, lo, lo + b)
+        self.scorer.set_pins(self.n_keep, lo - block.pin_back, lo + b)
         t0 = time.perf_counter()
         self._decode_ubatch(
             [*chunk[:at], *block.tokens, *chunk[at:]], self.next_pos, logits, last_chunk, superseded=superseded
@@ -116,6 +116,25 @@ class RecallDecoding:
                 self._decode_ubatch(list(part), self.next_pos, False, False)
                 self.next_pos += len(part)
                 self.tokens_decoded += len(part)
+        self.scorer.mark_recalled(lo_pos, list(lpos))
+        self.scorer.evict(self.mem, SEQ, self.next_pos)
+        self.consistent = True
+
+    def restore_runs(self: KVEngine, runs: list[tuple[int, int]], lpos: Sequence[int], pinned_before: int) -> None:
+        """Restore these runs from their saved KV at the next positions as part of a recalled block whose first
+        pinned_before tokens are the cache's last: pinned with them, then evicted down to the budget (recall.py's
+        _restore_riding; restorable() said they are all saved)."""
+        assert self.scorer is not None
+        m = sum(hi - lo for lo, hi in runs)
+        if self.compacts and self.next_pos + m > self.max_span:
+            self.compact()  # the pinned part stays one run of positions: it is live
+        lo_pos = self.next_pos
+        self.consistent = False
+        self.scorer.set_pins(self.n_keep, lo_pos - pinned_before, lo_pos + m)
+        for lo, hi in runs:
+            if not self.restore_run(list(range(lo, hi)), self.log.tokens(lo, hi), self.next_pos):
+                raise RuntimeError(f"saved KV of tokens [{lo}, {hi}) went missing while restoring")
+            self.next_pos += hi - lo
         self.scorer.mark_recalled(lo_pos, list(lpos))
         self.scorer.evict(self.mem, SEQ, self.next_pos)
         self.consistent = True
