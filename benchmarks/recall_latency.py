@@ -59,8 +59,10 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
     by 0.6 on SmolLM2 against the live cache, while decoded one at a time they agreed to the bit. A live run and a
     restored one may therefore answer differently, and two restored ones do not."""
     saved = llm.save_state() if repeats > 1 else None
-    msgs.append({"role": "user", "content": content})
     engine = llm.engine
+    # a load_state forgets the saved rows (--kv-bytes); the mark lets each repeat restore from them again
+    mark = engine.scorer.kvstore_mark() if saved is not None and engine.scorer is not None else None
+    msgs.append({"role": "user", "content": content})
     recalls = engine.recall_enabled
     runs, without = [], []
     for _ in range(repeats):
@@ -70,6 +72,8 @@ def timed_turn(llm: Llama, msgs: list[dict], content: str, n: int, no_end: dict[
         for skip in (True, False) if recalls and saved is not None else (False,):
             if saved is not None:
                 llm.load_state(saved)
+                if mark is not None:
+                    engine.scorer.kvstore_rewind(mark)
             engine.recall_enabled = recalls and not skip
             before = llm.stats
             t0 = time.perf_counter()

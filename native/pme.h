@@ -162,6 +162,12 @@ int              pme_test_backend_scores(pme_state * st, int32_t mode);
 /* evict positions [p0, p1) of seq_id as pme_evict does its victims (rows saved, cells freed), whatever the policy
  * would keep: lets a test evict tokens inside a sliding window. Returns the cells freed. */
 int              pme_test_evict_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1);
+/* timing one state repeatedly with saved KV (benchmarks/recall_latency.py --repeats): mark the KV store's rows
+ * (out[4]; -1 when off or wrapped), and after each load_state (which forgets them) rewind to the mark before
+ * anything is evicted: the rows saved before the mark answer again, those saved after it are overwritten. -1 when a
+ * ring has wrapped since the mark */
+int              pme_test_kvstore_mark(const pme_state * st, int64_t * out);
+int              pme_test_kvstore_rewind(pme_state * st, const int64_t * mark);
 /* Key log (pme_keylog.c): with enable(d_k > 0), every ubatch stages the keys it wrote at each scored layer
  * (f16, (n_tokens, n_head_kv, d_k), read with pme_keylog_keys after the ubatch; NULL for a layer not seen), and
  * a PME_UB_QUERY ubatch stages its last rows' queries instead ((n_rows, n_head, d_k) f32, plus the layer's

@@ -48,6 +48,7 @@ struct kv_ring {
     int64_t * lpos;
     int32_t * pos;
     int32_t * armed; /* (max_ubatch) slot per token of the armed restore ubatch */
+    int64_t   laps;  /* times next wrapped to slot 0 (a clear does not reset it: pme_test_kvstore_rewind) */
 };
 
 struct pme_kvstore {
@@ -95,6 +96,7 @@ static int32_t ring_push(struct kv_ring * r, int64_t lpos, int32_t pos) {
     r->pos[slot]       = pos;
     r->next            = (r->next + 1) % r->cap;
     r->n               = r->n < r->cap ? r->n + 1 : r->cap;
+    r->laps += r->next == 0;
     return slot;
 }
 
@@ -384,6 +386,30 @@ int pme_kvstore_place(pme_state * st, int32_t pos0, const int64_t * lpos, int32_
         st->cell_pos[c]  = pos0 + i;
         st->cell_lpos[c] = lpos[i];
     }
+    return 0;
+}
+
+int pme_test_kvstore_mark(const pme_state * st, int64_t * out) {
+    const struct pme_kvstore * s = st ? st->kvs : NULL;
+    if (!s || !out || s->base.n != s->base.next || s->swa.n != s->swa.next) {
+        return -1; /* off, or a ring has wrapped: its oldest slots are no longer in push order from 0 */
+    }
+    out[0] = s->base.n;
+    out[1] = s->base.laps;
+    out[2] = s->swa.n;
+    out[3] = s->swa.laps;
+    return 0;
+}
+
+int pme_test_kvstore_rewind(pme_state * st, const int64_t * mark) {
+    struct pme_kvstore * s = st ? st->kvs : NULL;
+    if (!s || !mark || mark[1] != s->base.laps || mark[3] != s->swa.laps || mark[0] > s->base.cap ||
+        mark[2] > s->swa.cap) {
+        return -1; /* a ring wrapped since the mark: the marked rows may be overwritten */
+    }
+    s->base.n = s->base.next = (int32_t) mark[0];
+    s->swa.n = s->swa.next = (int32_t) mark[2];
+    s->swa_serial          = -1;
     return 0;
 }
 

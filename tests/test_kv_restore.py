@@ -152,6 +152,25 @@ def test_smollm2_restored_at_new_positions_matches_llama_cpps_shift(smollm2_path
     np.testing.assert_array_equal(rotated, shifted)
 
 
+def test_a_marked_kv_store_answers_again_after_a_load_state(gqa_model):
+    """The benchmark hook (recall_latency.py --repeats): a load_state forgets the saved rows, a rewind to the mark
+    taken with the state brings them back, and rows saved after the mark are dropped."""
+    cfg = EngineConfig(n_ubatch=128, recall_kv_bytes=1 << 24)
+    with Llama(gqa_model, kv_budget=48, config=cfg, recall=False) as llm:
+        eng = llm.engine
+        eng.decode(TEXT, logits_last=False)
+        live = {p for p in eng.scorer.cell_lpos() if p >= 0}
+        gone = [i for i in range(len(TEXT)) if i not in live]
+        state, mark, bytes_then = llm.save_state(), eng.scorer.kvstore_mark(), eng.scorer.kvstore_bytes()
+        assert mark is not None and eng.restorable([(gone[0], gone[0] + 1)])
+        eng.decode(TEXT[:40], logits_last=False)  # evicts more after the mark
+        assert eng.scorer.kvstore_bytes() > bytes_then
+        llm.load_state(state)
+        assert not eng.restorable([(gone[0], gone[0] + 1)])  # forgotten
+        eng.scorer.kvstore_rewind(mark)
+        assert eng.scorer.kvstore_bytes() == bytes_then and eng.restorable([(gone[0], gone[0] + 1)])
+
+
 def _raw_decode(eng, tok, pos):
     """One token on sequence 0 straight through llama.cpp (these positions moved behind the scorer's map)."""
     b = C.llama_batch_init(1, 0, 1)

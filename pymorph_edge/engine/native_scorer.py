@@ -144,6 +144,14 @@ class NativeScorer:
     def kvstore_bytes(self) -> int:
         return int(self._lib.pme_kvstore_bytes(self._state))
 
+    def kvstore_mark(self) -> list[int] | None:
+        """A test/benchmark hook: the KV store's rows as they are now, for kvstore_rewind after a load_state."""
+        out = self._ffi.new("int64_t[4]")
+        return list(out) if self._lib.pme_test_kvstore_mark(self._state, out) == 0 else None
+
+    def kvstore_rewind(self, mark: list[int]) -> None:
+        self._check(self._lib.pme_test_kvstore_rewind(self._state, self._ffi.new("int64_t[4]", mark)), "rewind")
+
     def kvstore_rotates(self) -> bool:
         """Whether a restore may be decoded at new positions, its K rows re-rotated as they are written."""
         return bool(self._lib.pme_kvstore_rotates(self._state))
