@@ -256,7 +256,8 @@ def recall_before(
     that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
     are decoded here, in one ubatch when they fit, and the caller decodes new_tokens next. With FUSED_BLOCK on, a
     recomputed block is returned as `pending` instead, for the caller to decode inside head + new_tokens
-    (KVEngine.decode(block=...)). Either way the caller calls release_pin after new_tokens. query: the text that
+    (KVEngine.decode(block=...)), and so is the tail of a restored block whose wrap rides (RIDE_RESTORED_WRAP:
+    head, label and runs are in the cache already). Either way the caller calls release_pin after new_tokens. query: the text that
     chooses what comes back, when it is not new_tokens (a block placed after the user's words has them in head)."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
@@ -325,7 +326,8 @@ def _restore_riding(
 ) -> Recalled:
     """A restored block whose wrap rides in ubatches the turn decodes anyway: the label in the head's, the text after
     the restored runs in the new text's first. The runs are written between the two (no ubatch of their own, and no
-    K shift: engine.restore_runs). Returns the tail as a pending block for the caller's decode."""
+    K shift where the scorer turns K: engine.restore_runs). Returns the tail as a pending block for the caller's
+    decode."""
     prefix, suffix = parts
     spent = [0.0]
 
