@@ -18,7 +18,8 @@ beside the words every request (recall.ATTENTION_BESIDE_WORDS, the way before st
 decodes a recalled block inside the new text's first ubatch, "+own" puts a chat block in a user message of its
 own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+next" recalls attention's pick with the sentence after it ("+alone", its
 opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (no label) and "+after" (the block
-after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals); "+front" puts a
+completion's block before all of the new text, the way before stop 37. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "own" not in flags
     placement.BLOCK_AFTER_WORDS = "after" in flags  # "+after": the block after the user's own words
+    # "+front": a completion's block before all of the new text, as before stop 37 (not just before its last sentence)
+    placement.BEFORE_LAST_SENTENCE = "front" not in flags
     # "+bare": the recalled text with no label at all (4 tokens fewer than "(Earlier:) " under SmolLM2's vocabulary)
     placement.RECALLED_PREFIX = LONG_PREFIX if "long" in flags else "" if "bare" in flags else SHORT_PREFIX
     recall_module.ATTENTION_NEXT = "next" in flags  # "+next": attention's pick with the sentence after it

@@ -28,6 +28,7 @@ from pymorph_edge.engine.llama_cpp_options import (
 )
 from pymorph_edge.engine.recall import Recalled, recall_before
 from pymorph_edge.engine.stats import KVStats
+from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.generation.chat_completions import ChatCompletionsMixin, RecallPlacement
 from pymorph_edge.generation.completions import CompletionsMixin
 from pymorph_edge.generation.embeddings import EmbeddingMixin
@@ -279,11 +280,15 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
                 new, extends = tokens, engine.n_past > 0
             recalled, n_new = Recalled(), len(new)  # n_new: what this request decodes, a head before the block included
             if extends and recall is not None and engine.recall_enabled:
-                head, rest = new[: recall.skip], new[recall.skip :]
+                skip = recall.skip
+                if recall.wrap is None and placement.BEFORE_LAST_SENTENCE:
+                    skip = placement.last_sentence_start(new, self._piece_text)  # a completion: next to its cue
+                head, rest = new[:skip], new[skip:]
                 # a pending block rides in the first chunk of head + rest (recall.FUSED_BLOCK; prompt logprobs never
                 # extend, so no logit row of that chunk is read)
-                query = new if recall.query_in_head else None
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, query)
+                query = new if recall.query_in_head or skip != recall.skip else None
+                then = rest if skip != recall.skip else ()
+                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, query, then)
                 if recalled.decoded:
                     new = rest  # head went in before the block
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None

@@ -50,3 +50,36 @@ def test_a_prompt_within_the_cache_needs_no_probe(gqa_model):
 def test_bad_probe_and_head_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         MorphKV(**bad)
+
+
+def test_a_request_decoded_in_two_parts_is_probed_by_its_own_end(gqa_model):
+    """decode(head, then=rest): a completion whose recalled block goes before its last sentence decodes the text
+    before it first. Its chunks are sized and probed as the whole request's, by the request's last tokens, and the
+    head's last chunk is probed too (the question is not in it)."""
+    budget, ubatch, w = 256, 128, 32
+    with Llama(
+        gqa_model,
+        kv_budget=budget,
+        policy=MorphKV(window=w, head_weights="uniform"),
+        config=EngineConfig(n_ubatch=ubatch),
+    ) as llm:
+        prompt = [3 + (i * 7) % 250 for i in range(1024)]
+        head, rest = prompt[:1000], prompt[1000:]
+        seen = []
+        real = llm.engine._decode_ubatch
+
+        def spy(chunk, *args, **kw):
+            if kw.get("probe"):
+                seen.append(list(chunk))
+            return real(chunk, *args, **kw)
+
+        llm.engine._decode_ubatch = spy
+        llm.engine.decode(head, then=rest)
+        step = ubatch - w
+        chunks = -(-1000 // step)
+        probes = sum(1 for k in range(1, chunks + 1) if min(k * step, budget + step) > budget)
+        assert llm.stats.ubatches == chunks + probes and len(seen) == probes
+        assert all(p == prompt[-w:] for p in seen)  # the request's end, not the head's
+        assert llm.stats.tokens_decoded == 1000
+        llm.engine.decode(rest)  # a single chunk: no probe
+        assert len(seen) == probes and llm.engine.history.tail(w) == prompt[-w:]

@@ -280,10 +280,13 @@ class KVEngine(RecallDecoding):
         progress: Callable[[int, int], None] | None = None,
         on_logits: Callable[[int, int], None] | None = None,
         block: PendingBlock | None = None,
+        then: Sequence[int] = (),
     ) -> None:
         """Run tokens through the model in ubatch chunks, evicting down to the budget after each.
 
         block: a recalled block (engine/recall.py), decoded inside the first chunk after its first block.at tokens.
+        then: the rest of the request, decoded by a later call (a recalled block goes between): the chunks are sized
+        and probed as the whole request's would be, its last tokens (the question) scoring each chunk that evicts.
 
         progress(done, total) is called after each chunk (used for prefill progress bars).
         on_logits(start, m): every token gets logits, and this reads them (llama_get_logits_ith(ctx, 0..m-1) for
@@ -307,8 +310,10 @@ class KVEngine(RecallDecoding):
                 "it compresses only the prompt and must hold the whole prompt first; raise its n_ctx"
             )
         scorer, shifter = self.scorer, self.shifter
-        probe = tokens[-self.policy.protected_recent :] if self._probes(n) else None
-        step = self.chunk_tokens(n)
+        whole = n + len(then)
+        probe = [*tokens[-self.policy.protected_recent :], *then][-self.policy.protected_recent :]
+        probe = probe if self._probes(whole) else None
+        step = self.chunk_tokens(whole)
         inserted = self._check_block(block, n, step, on_logits)
         self.consistent = False  # set back once every chunk is decoded and accounted for
         start = 0
@@ -324,7 +329,7 @@ class KVEngine(RecallDecoding):
             # replace them, or when no eviction follows and the next chunk refills the whole window
             w = self.policy.protected_recent
             evicts = scorer is not None and scorer.live_cells() + m + inserted > (self.kv_budget or 0)
-            probes_now = bool(probe) and not last_chunk and evicts
+            probes_now = bool(probe) and (not last_chunk or bool(then)) and evicts
             refilled = not last_chunk and not evicts and min(step, n - start - m) >= w
             superseded = (probes_now and len(probe or ()) >= w) or refilled
             logits = logits_last and last_chunk

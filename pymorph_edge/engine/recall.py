@@ -161,7 +161,11 @@ def span_places(block: Sequence[int], ids: Sequence[Sequence[int]]) -> list[int]
     return out
 
 
-def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], max_tokens: int) -> list[Span]:
+def select(
+    engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], max_tokens: int, best_last: bool = False
+) -> list[Span]:
+    """The evicted sentences the new text needs, in sequence order; best_last: in rank order with the best last, for
+    a block that sits right before what asked for it (a completion's cue), where a model copies what is nearest."""
     runs = evicted_runs(engine)
     if not runs:
         return []
@@ -173,14 +177,15 @@ def select(engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], s
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both"):
-        chosen = choose(rank(spans, query_weights(text)), max_tokens, lambda s: on_cue(s, cue) and not is_rival(s, cue))
+        admit = lambda s: on_cue(s, cue) and not is_rival(s, cue)  # noqa: E731
+        chosen = choose(rank(spans, query_weights(text)), max_tokens, admit, best_last)
     # both: the words find what the new text names, and then no query probe runs; the model's attention decides
     # only when no sentence is on the cue (a question in other words)
     if by == "bm25" or (chosen and not ATTENTION_BESIDE_WORDS):
         return chosen
     by_attention = _by_attention(engine, new_tokens, spans, piece)
     if by == "attention" or not chosen:
-        picked = choose(by_attention, max_tokens, lambda s: not is_rival(s, cue))
+        picked = choose(by_attention, max_tokens, lambda s: not is_rival(s, cue), best_last)
         return with_next(picked, spans, max_tokens, lambda s: not is_rival(s, cue)) if ATTENTION_NEXT else picked
     # (the A/B's old way) attention's best span joins BM25's picks when it fits, placed first: the text nearest the
     # question is what the question named (a story sentence after "My locker number is 90517." made SmolLM2 go on
@@ -251,6 +256,7 @@ def recall_before(
     head: Sequence[int] = (),
     around: Around | None = None,
     query: Sequence[int] | None = None,
+    then: Sequence[int] = (),
 ) -> Recalled:
     """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
     that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
@@ -258,14 +264,16 @@ def recall_before(
     recomputed block is returned as `pending` instead, for the caller to decode inside head + new_tokens
     (KVEngine.decode(block=...)), and so is the tail of a restored block whose wrap rides (RIDE_RESTORED_WRAP:
     head, label and runs are in the cache already). Either way the caller calls release_pin after new_tokens. query: the text that
-    chooses what comes back, when it is not new_tokens (a block placed after the user's words has them in head)."""
+    chooses what comes back, when it is not new_tokens (a block placed after the user's words has them in head). then:
+    new_tokens, when head is the request's own text before them (a completion's block just before its last
+    sentence): head is chunked and probed as the whole request would be (KVEngine.decode's `then`)."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
     t0 = time.perf_counter()
     state = engine.recall_state
     c = state.counters
     c.recall_checks += 1
-    chosen = select(engine, new_tokens if query is None else query, piece, engine.recall_tokens)
+    chosen = select(engine, new_tokens if query is None else query, piece, engine.recall_tokens, bool(then))
     raw = [t for s in chosen for t in engine.log.tokens(s.lo, s.hi)]
     block = (wrap(raw) if wrap is not None else raw) if chosen else []
     if chosen and (not block or len(block) > engine.n_batch):
@@ -293,22 +301,22 @@ def recall_before(
     if not restored and FUSED_BLOCK and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(new_tokens)):
         return Recalled(pending=pending)
     if restored and RIDE_RESTORED_WRAP and head and parts is not None and parts[1]:
-        return _restore_riding(engine, head, parts, runs, len(raw), lpos, landed)
+        return _restore_riding(engine, head, parts, runs, len(raw), lpos, landed, then)
     if restored:
         assert parts is not None
         if head:
-            engine.decode(head, logits_last=False)  # the turn's own tokens, not recall's
+            engine.decode(head, logits_last=False, then=then)  # the turn's own tokens, not recall's
         t_block = time.perf_counter()
         engine.restore_block(parts[0], runs, parts[1], lpos)
         c.restored_tokens += len(raw)
         landed(time.perf_counter() - t_block)
-    elif head and len(head) + len(block) <= engine.chunk_tokens(len(head)):
+    elif head and len(head) + len(block) <= engine.chunk_tokens(len(head) + len(then)):
         # head and block in one ubatch, evicted down to the budget before the new text: recall costs the block's
         # tokens there, where a ubatch of the head's own cost SmolLM2 as much as 3 tokens of the block
-        engine.decode(head, logits_last=False, block=pending)
+        engine.decode(head, logits_last=False, block=pending, then=then)
     else:
         if head:
-            engine.decode(head, logits_last=False)
+            engine.decode(head, logits_last=False, then=then)
         t_block = time.perf_counter()
         engine.decode_block(block, lpos)
         landed(time.perf_counter() - t_block)
@@ -323,6 +331,7 @@ def _restore_riding(
     n_raw: int,
     lpos: list[int],
     landed: Callable[[float], None],
+    then: Sequence[int],
 ) -> Recalled:
     """A restored block whose wrap rides in ubatches the turn decodes anyway: the label in the head's, the text after
     the restored runs in the new text's first. The runs are written between the two (no ubatch of their own, and no
@@ -335,9 +344,10 @@ def _restore_riding(
         spent[0] += seconds
 
     if prefix:
-        engine.decode(head, logits_last=False, block=PendingBlock(len(head), list(prefix), lpos[: len(prefix)], add))
+        pending = PendingBlock(len(head), list(prefix), lpos[: len(prefix)], add)
+        engine.decode(head, logits_last=False, block=pending, then=then)
     else:
-        engine.decode(head, logits_last=False)
+        engine.decode(head, logits_last=False, then=then)
     t0 = time.perf_counter()
     engine.restore_runs(runs, lpos[len(prefix) : len(prefix) + n_raw], len(prefix))
     engine.recall_state.counters.restored_tokens += n_raw

@@ -241,10 +241,14 @@ def is_rival(span: Span, query_sentence: Sequence[str]) -> bool:
 
 
 def choose(
-    ranked: list[tuple[float, Span]], max_tokens: int, admit: Callable[[Span], bool] = lambda s: True
+    ranked: list[tuple[float, Span]],
+    max_tokens: int,
+    admit: Callable[[Span], bool] = lambda s: True,
+    best_last: bool = False,
 ) -> list[Span]:
-    """The best admitted spans that fit max_tokens, in sequence order; the cutoff is relative to the best admitted
-    one. admit is asked lazily, best first, so a costly test runs on the few spans that could be chosen."""
+    """The best admitted spans that fit max_tokens, in sequence order (best_last: in rank order, the best last);
+    the cutoff is relative to the best admitted one. admit is asked lazily, best first, so a costly test runs on
+    the few spans that could be chosen."""
     chosen: list[Span] = []
     best, used = None, 0
     for score, s in ranked:
@@ -256,7 +260,7 @@ def choose(
         if used + s.n_tokens <= max_tokens:
             chosen.append(s)
             used += s.n_tokens
-    return sorted(chosen, key=lambda s: s.lo)
+    return chosen[::-1] if best_last else sorted(chosen, key=lambda s: s.lo)
 
 
 def with_next(

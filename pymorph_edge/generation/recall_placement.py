@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pymorph_edge.engine.recall import Around, Wrap
+from pymorph_edge.engine.recall_select import SENTENCE_END
 from pymorph_edge.generation.chat import ChatFormatter, ChatTurn, text_after_answer
 
 # what recalled text says it is: text the user or the model wrote earlier in this conversation. It was "(From earlier
@@ -33,6 +34,10 @@ INLINE_GAP = "\n\n"  # between the recalled text and the user's own words, in th
 PREFER_INLINE = True
 # in shape 1, the block after the user's own words instead of before them (recall_bench's "+after")
 BLOCK_AFTER_WORDS = False
+# a completion's block just before the new text's last sentence (the cue it stops on) rather than before all of it:
+# a continuation request of ~500 tokens otherwise leaves the fact 500 tokens from its cue (docs/recall.md, "Next
+# to the cue"; recall_bench's "+front" turns it off)
+BEFORE_LAST_SENTENCE = True
 
 
 @dataclass
@@ -47,6 +52,18 @@ class RecallPlacement:
 
 
 Tokenize = Callable[[str], list[int]]
+
+
+def last_sentence_start(tokens: list[int], piece: Callable[[int], str]) -> int:
+    """How many of `tokens` come before their last sentence that has words (0: there is no earlier one). The
+    sentence ends are recall's query's (recall_select.SENTENCE_END), so the block goes just before what chose it."""
+    words_after = False
+    for i in range(len(tokens) - 1, -1, -1):
+        text = piece(tokens[i])
+        if words_after and SENTENCE_END.search(text):
+            return i + 1
+        words_after = words_after or any(ch.isalnum() for ch in text)
+    return 0
 
 
 def chat_placement(

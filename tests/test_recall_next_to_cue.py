@@ -1,0 +1,78 @@
+"""A completion's recalled block goes just before the new text's last sentence, the cue it stops on
+(recall_placement.BEFORE_LAST_SENTENCE, docs/recall.md "Next to the cue")."""
+
+from collections import Counter
+
+import pytest
+from test_recall import FACTS, FILLER, recalled_text
+
+from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.engine.recall import BLOCK_LPOS
+from pymorph_edge.generation import recall_placement
+from pymorph_edge.generation.recall_placement import last_sentence_start
+
+CUE = " As recorded at the start, the code for Tom is"
+
+
+def test_the_last_sentence_starts_after_the_last_sentence_end_that_words_follow():
+    pieces = ["Rain", " fell", ".", " The", " code", " is", ":"]
+    assert last_sentence_start(list(range(len(pieces))), lambda t: pieces[t]) == 3
+    # a sentence end with no words after it is the text's own end, not the start of a last sentence
+    pieces = ["Rain", " fell", ".", " Then", " it", " stopped", ".", "\n"]
+    assert last_sentence_start(list(range(len(pieces))), lambda t: pieces[t]) == 3
+    # one sentence: nothing comes before it
+    assert last_sentence_start([0, 1], lambda t: ["The", " code"][t]) == 0
+    assert last_sentence_start([], str) == 0
+
+
+def _positions(llm):
+    """llama.cpp position of each sequence index (block cells under BLOCK_LPOS + k) in the cache."""
+    sc = llm.engine.scorer
+    return dict(zip(sc.cell_lpos(), sc.cell_positions(), strict=True))
+
+
+@pytest.mark.parametrize("next_to_cue", [True, False])
+def test_a_completions_block_sits_between_the_new_text_and_its_cue(gqa_model, monkeypatch, next_to_cue):
+    monkeypatch.setattr(recall_placement, "BEFORE_LAST_SENTENCE", next_to_cue)
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        new_from = len(llm.tokenize(text.encode())) + 1  # past the first request and its answer's token
+        prompt = llm.tokenize((text + FILLER + CUE).encode())
+        cue_at = last_sentence_start(prompt, llm._piece_text)
+        assert new_from < cue_at < len(prompt)
+        llm.create_completion(text + FILLER + CUE, max_tokens=1, temperature=0.0)
+        assert llm.stats.recalls == 1 and any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        pos = _positions(llm)
+        block = [p for lp, p in pos.items() if lp >= BLOCK_LPOS]
+        new_text = [p for lp, p in pos.items() if new_from <= lp < cue_at]
+        cue = [p for lp, p in pos.items() if cue_at <= lp < BLOCK_LPOS]
+        assert block and new_text and cue
+        if next_to_cue:
+            assert max(new_text) < min(block) and max(block) < min(cue)
+        else:
+            assert max(block) < min(new_text)
+
+
+def test_the_block_is_chosen_by_the_whole_new_text_either_way(gqa_model, monkeypatch):
+    """The same sentences come back, by the same query; only their place and order change."""
+    got = []
+    for next_to_cue in (True, False):
+        monkeypatch.setattr(recall_placement, "BEFORE_LAST_SENTENCE", next_to_cue)
+        with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+            llm.create_completion(FACTS + FILLER, max_tokens=1, temperature=0.0)
+            llm.create_completion(FACTS + FILLER + FILLER + CUE, max_tokens=1, temperature=0.0)
+            got.append(recalled_text(llm))
+    assert sorted(got[0]) == sorted(got[1]) and got[0]
+
+
+def test_next_to_the_cue_the_best_ranked_sentence_comes_last():
+    """A model copies what is nearest: the sentence the cue matches best goes right before it, and an earlier
+    reminder about someone else, which also matches, further away (Gemma 3 copied such a reminder's value when it
+    came last)."""
+    from pymorph_edge.engine.recall_select import Span, choose
+
+    spans = [Span(lo, lo + 5, Counter()) for lo in (10, 40, 90)]
+    ranked = [(3.0, spans[0]), (2.0, spans[2]), (1.5, spans[1])]
+    assert choose(ranked, 100) == spans  # sequence order, as before a cue
+    assert choose(ranked, 100, best_last=True) == [spans[1], spans[2], spans[0]]
