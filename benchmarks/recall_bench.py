@@ -125,7 +125,9 @@ def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
     return nll, top1, len(value)
 
 
-def continuation(llm: Llama, set_name: str) -> list[dict]:
+def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
+    """single: each request holds the whole text so far, sent to an emptied cache (--single): recall can only fire
+    inside the request (recall_placement.RECALL_INSIDE_PROMPT)."""
     s = SETS[set_name]
     rng = random.Random(s["seed"])
     facts = [(n, f"{rng.randrange(10000, 100000)}") for n in s["names"]]
@@ -143,6 +145,8 @@ def continuation(llm: Llama, set_name: str) -> list[dict]:
     for r, (name, code) in enumerate(order):
         text += " ".join(prose[r * per : (r + 1) * per]) + " " + cue.format(name=name)
         n_prompt = len(llm.tokenize(text))
+        if single:
+            llm.reset()
         got = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
         digits = "".join(ch for ch in got if ch.isdigit())[:5]
         copied = sum(a == b for a, b in zip(digits, code, strict=False))
@@ -157,6 +161,11 @@ def continuation(llm: Llama, set_name: str) -> list[dict]:
                 "value_nll": nll,  # summed over the value's tokens, teacher-forced after the request
                 "value_top1": top1,  # of its n_value tokens, how many were the model's first choice
                 "value_tokens": n_value,
+                # per request with --single (each began with a reset), else the counters so far
+                "recalls": llm.stats.recalls,
+                "recalled_tokens": llm.stats.recalled_tokens,
+                "recall_s": llm.stats.recall_s,
+                "peak_cells": llm.stats.peak_cells,
             }
         )
         text += f" {code}.\n"
@@ -215,6 +224,9 @@ def main() -> None:
         "--configs", default="full,morphkv,morphkv-norecall,tova,tova-norecall,streaming,streaming-norecall"
     )
     ap.add_argument("--dialogues", type=int, default=4, help="dialogues per set")
+    ap.add_argument(
+        "--single", action="store_true", help="continuation: each request the whole text so far, in an emptied cache"
+    )
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
     ap.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the model's)"
@@ -229,7 +241,9 @@ def main() -> None:
         for set_name in args.sets.split(","):
             t0 = time.perf_counter()
             trials = (
-                continuation(llm, set_name) if args.task == "continuation" else dialogue(llm, set_name, args.dialogues)
+                continuation(llm, set_name, args.single)
+                if args.task == "continuation"
+                else dialogue(llm, set_name, args.dialogues)
             )
             st = llm.stats
             row = {
@@ -243,7 +257,7 @@ def main() -> None:
                 "recall_s": st.recall_s,
                 "log_bytes": st.recall_log_bytes,
             }
-            if args.task == "dialogue":  # each dialogue began with a reset: sum its counters, take the highest peak
+            if args.task == "dialogue" or args.single:  # each trial began with a reset: sum, take the highest peak
                 row.update({k: sum(t[k] for t in trials) for k in ("recalls", "recalled_tokens", "recall_s")})
                 row["peak_cells"] = max(t["peak_cells"] for t in trials)
             if args.task == "continuation":

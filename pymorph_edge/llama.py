@@ -26,14 +26,13 @@ from pymorph_edge.engine.llama_cpp_options import (
     refuse_unsupported,
     resolve_budget,
 )
-from pymorph_edge.engine.recall import Recalled, recall_before
 from pymorph_edge.engine.stats import KVStats
-from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.generation.chat_completions import ChatCompletionsMixin, RecallPlacement
 from pymorph_edge.generation.completions import CompletionsMixin
 from pymorph_edge.generation.embeddings import EmbeddingMixin
 from pymorph_edge.generation.generation_record import CancelCheck, GenerationCancelled, GenerationChunk, Timings
 from pymorph_edge.generation.logprobs import TokenLogprob, entry, logprob_row
+from pymorph_edge.generation.request_recall import recall_for_request
 from pymorph_edge.generation.sampling import Sampler, SamplingParams, sampling_keywords
 from pymorph_edge.generation.step_hooks import StepHooks
 from pymorph_edge.generation.text_output import TextAssembler
@@ -278,22 +277,12 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
                 if not engine.consistent:
                     engine.reset()
                 new, extends = tokens, engine.n_past > 0
-            recalled, n_new = Recalled(), len(new)  # n_new: what this request decodes, a head before the block included
-            if extends and recall is not None and engine.recall_enabled:
-                skip = recall.skip
-                if recall.wrap is None and placement.BEFORE_LAST_SENTENCE:
-                    skip = placement.last_sentence_start(new, self._piece_text)  # a completion: next to its cue
-                head, rest = new[:skip], new[skip:]
-                # a pending block rides in the first chunk of head + rest (recall.FUSED_BLOCK; prompt logprobs never
-                # extend, so no logit row of that chunk is read)
-                query = new if recall.query_in_head or skip != recall.skip else None
-                then = rest if skip != recall.skip else ()
-                recalled = recall_before(engine, rest, self._piece_text, recall.wrap, head, recall.around, query, then)
-                if recalled.decoded:
-                    new = rest  # head went in before the block
+            n_new = len(new)  # what this request decodes, what goes before a recalled block included
+            every_logit = hooks is not None and hooks.prompt_logprobs is not None
+            progress = self._prefill_progress(cancel)
+            recalled, new = recall_for_request(engine, new, extends, recall, self._piece_text, progress, every_logit)
             on_logits = hooks.prompt_logits(engine.ctx, new, n_vocab) if hooks is not None else None
             try:
-                progress = self._prefill_progress(cancel)
                 engine.decode(new, progress=progress, on_logits=on_logits, block=recalled.pending)
             finally:
                 if recalled:

@@ -8,7 +8,7 @@ from test_recall import FACTS, FILLER, recalled_text
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.engine.recall import BLOCK_LPOS
-from pymorph_edge.generation import recall_placement
+from pymorph_edge.generation import recall_placement, request_recall
 from pymorph_edge.generation.recall_placement import last_sentence_start
 
 CUE = " As recorded at the start, the code for Tom is"
@@ -34,6 +34,7 @@ def _positions(llm):
 @pytest.mark.parametrize("next_to_cue", [True, False])
 def test_a_completions_block_sits_between_the_new_text_and_its_cue(gqa_model, monkeypatch, next_to_cue):
     monkeypatch.setattr(recall_placement, "BEFORE_LAST_SENTENCE", next_to_cue)
+    monkeypatch.setattr(request_recall, "RECALL_INSIDE_PROMPT", False)  # recall at the request boundary only
     with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
         text = FACTS + FILLER
         llm.create_completion(text, max_tokens=1, temperature=0.0)
@@ -57,6 +58,7 @@ def test_a_completions_block_sits_between_the_new_text_and_its_cue(gqa_model, mo
 def test_the_block_is_chosen_by_the_whole_new_text_either_way(gqa_model, monkeypatch):
     """The same sentences come back, by the same query; only their place and order change."""
     got = []
+    monkeypatch.setattr(request_recall, "RECALL_INSIDE_PROMPT", False)
     for next_to_cue in (True, False):
         monkeypatch.setattr(recall_placement, "BEFORE_LAST_SENTENCE", next_to_cue)
         with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
@@ -76,3 +78,36 @@ def test_next_to_the_cue_the_best_ranked_sentence_comes_last():
     ranked = [(3.0, spans[0]), (2.0, spans[2]), (1.5, spans[1])]
     assert choose(ranked, 100) == spans  # sequence order, as before a cue
     assert choose(ranked, 100, best_last=True) == [spans[1], spans[2], spans[0]]
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_fresh_completion_longer_than_the_cache_recalls_inside_itself(gqa_model, monkeypatch, inside):
+    """No request boundary: the text before the cue is decoded (and evicted) first, then what the cue asks for comes
+    back just before it (request_recall.RECALL_INSIDE_PROMPT)."""
+    monkeypatch.setattr(request_recall, "RECALL_INSIDE_PROMPT", inside)
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        prompt = llm.tokenize((FACTS + FILLER + FILLER + CUE).encode())
+        cue_at = last_sentence_start(prompt, llm._piece_text)
+        llm.create_completion(FACTS + FILLER + FILLER + CUE, max_tokens=1, temperature=0.0)
+        s = llm.stats
+        assert s.tokens_evicted > 0 and s.recall_checks == int(inside) and s.recalls == int(inside)
+        assert s.tokens_decoded == len(prompt) + s.recalled_tokens  # the prompt once, and the block
+        assert len(llm.engine.history) == len(prompt)  # a block takes no sequence index
+        if inside:
+            assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+            pos = _positions(llm)
+            block = [p for lp, p in pos.items() if lp >= BLOCK_LPOS]
+            before = [p for lp, p in pos.items() if lp < cue_at]
+            cue = [p for lp, p in pos.items() if cue_at <= lp < BLOCK_LPOS]
+            assert block and max(before) < min(block) and max(block) < min(cue)
+        assert s.peak_cells <= 128 + 64
+
+
+def test_a_completion_that_fits_the_cache_or_echoes_logprobs_is_not_cut(gqa_model):
+    with Llama(gqa_model, kv_budget=4096, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        llm.create_completion(FACTS + CUE, max_tokens=1, temperature=0.0)
+        assert llm.stats.recall_checks == 0  # not cut: recall is not even asked
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        out = llm.create_completion(FACTS + FILLER + FILLER + CUE, max_tokens=1, echo=True, logprobs=1)
+        assert llm.stats.tokens_evicted > 0 and llm.stats.recall_checks == 0  # every prompt row was read in order
+        assert len(out["choices"][0]["logprobs"]["tokens"]) > 100
