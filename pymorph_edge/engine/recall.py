@@ -177,7 +177,10 @@ def select(
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both"):
-        admit = lambda s: on_cue(s, cue) and not is_rival(s, cue)  # noqa: E731
+
+        def admit(s: Span) -> bool:
+            return on_cue(s, cue) and not is_rival(s, cue)
+
         chosen = choose(rank(spans, query_weights(text)), max_tokens, admit, best_last)
     # both: the words find what the new text names, and then no query probe runs; the model's attention decides
     # only when no sentence is on the cue (a question in other words)

@@ -5,9 +5,9 @@ decodes it; generation/recall_placement.py says where a chat turn takes it).
   header), or, for a completion, just before the new text's last sentence, the cue it stops on
   (recall_placement.BEFORE_LAST_SENTENCE).
 - A fresh completion longer than the cache (RECALL_INSIDE_PROMPT): there is no boundary to recall at, so the text
-  before its last sentence is decoded first, evicting as it goes and scored by that sentence (the prefill probe),
-  and what it evicted that the last sentence asks for comes back just before it (docs/recall.md, "Inside one
-  request")."""
+  before its last sentence is decoded first, evicting as it goes (scored by that sentence's tokens, MorphKV's prefill
+  probe, when the prompt spans more than one chunk), and what it evicted that the last sentence asks for comes back
+  just before it (docs/recall.md, "Inside one request")."""
 
 from __future__ import annotations
 
