@@ -60,6 +60,6 @@ def test_flash_attention_rows_are_the_models_softmax(model):
 
 def test_morphkv_recalls_an_evicted_fact(model):
     with Llama(model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
-        ask_for_toms_code(llm)
-        assert llm.stats.recalls == 1 and llm.stats.peak_cells <= 128 + 64
+        s0 = ask_for_toms_code(llm)
+        assert llm.stats.recalls == s0.recalls + 1 and llm.stats.peak_cells <= 128 + 64
         assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
