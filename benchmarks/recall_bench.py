@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from recall_texts import DIALOGUE_FACTS, OPENING, SETS, STORIES, filler
+from recall_texts import DIALOGUE_FACTS, OPENING, SETS, STORIES, continuation_facts, filler
 
 from pymorph_edge import Llama
 from pymorph_edge.bench.common import last_logprobs
@@ -129,12 +129,7 @@ def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
     """single: each request holds the whole text so far, sent to an emptied cache (--single): recall can only fire
     inside the request (recall_placement.RECALL_INSIDE_PROMPT)."""
     s = SETS[set_name]
-    rng = random.Random(s["seed"])
-    facts = [(n, f"{rng.randrange(10000, 100000)}") for n in s["names"]]
-    fact, cue = (
-        s.get("fact", "The code for {name} is {code}."),
-        s.get("cue", "As recorded at the start, the code for {name} is"),
-    )
+    rng, facts, fact, cue = continuation_facts(set_name)
     text = "Records of the archive. " + " ".join(fact.format(name=n, code=c) for n, c in facts) + "\n\n"
     per = 28  # sentences (~500 tokens) per request
     prose = filler(set_name, 8 * per, s["seed"])

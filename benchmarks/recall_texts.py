@@ -269,3 +269,14 @@ def filler(set_name: str, n_sentences: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     parts = PROSE[set_name]
     return [" ".join(rng.choice(parts[k]) for k in ("who", "did", "what", "then")) + "." for _ in range(n_sentences)]
+
+
+def continuation_facts(set_name: str) -> tuple[random.Random, list[tuple[str, str]], str, str]:
+    """The continuation task's facts for a set: its random source (next used to order the reminders), the
+    (name, 5-digit code) pairs, and the fact and cue templates."""
+    s = SETS[set_name]
+    rng = random.Random(s["seed"])
+    facts = [(n, f"{rng.randrange(10000, 100000)}") for n in s["names"]]
+    fact = s.get("fact", "The code for {name} is {code}.")
+    cue = s.get("cue", "As recorded at the start, the code for {name} is")
+    return rng, facts, fact, cue

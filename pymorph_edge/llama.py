@@ -27,6 +27,7 @@ from pymorph_edge.engine.llama_cpp_options import (
     resolve_budget,
 )
 from pymorph_edge.engine.stats import KVStats
+from pymorph_edge.generation import generation_recall
 from pymorph_edge.generation.chat_completions import ChatCompletionsMixin, RecallPlacement
 from pymorph_edge.generation.completions import CompletionsMixin
 from pymorph_edge.generation.embeddings import EmbeddingMixin
@@ -174,6 +175,9 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
         self.model_path = str(self._model.path)
         self.policy = self._engine.policy
         self.kv_budget = budget
+        self._generation_recall = generation_recall.for_engine(
+            self._engine, self._piece_text, config.recall_in_generation
+        )
         self.verbose = bool(verbose)
         self.last_timings = Timings()
         self._seed: int | None = None if seed == LLAMA_DEFAULT_SEED else seed
@@ -309,7 +313,7 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
                 yield tok, (entry(row, tok, n_logprobs or 0) if row is not None else None)
                 if stop or (engine.full and engine.next_pos >= engine.n_ctx):
                     return  # a stopping criterion, or a full cache that is full: the caller sees the stream end
-                engine.decode([tok])
+                self.decode_step(tok)  # recall may bring evicted text back before the sentence in progress
                 self.last_timings.decode_s += time.perf_counter() - t1
         finally:
             sampler.close()
@@ -405,6 +409,13 @@ class Llama(TokenizerMixin, CompletionsMixin, ChatCompletionsMixin, SessionMixin
     def engine(self) -> KVEngine:
         """The decode engine (cell maps, raw decode); for tests and tools."""
         return self._engine
+
+    def decode_step(self, token: int) -> None:
+        """Decode one token as the generation loop does, recall inside the generation included; for teacher-forced
+        tools (the bench's ppl, fidelity and long-run tasks)."""
+        self._engine.decode([token])
+        if self._generation_recall is not None:
+            self._generation_recall.after_token()
 
     def reset(self) -> None:
         self._engine.reset()

@@ -68,7 +68,7 @@ def run(
             p = np.exp(p_lp)
             kl.append(float(np.sum(p * (p_lp - lp[ids]))))
             t0 = time.perf_counter()
-            llm.engine.decode([tok])
+            llm.decode_step(tok)  # as generation decodes: recall inside it included
             decode_s.append(time.perf_counter() - t0)
             cells.append(llm.stats.cells_in_use)
             tick(1)

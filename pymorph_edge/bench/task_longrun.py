@@ -53,7 +53,7 @@ def run(cfg: BenchConfig, model: str, spec: dict[str, Any], tick: Callable[[int]
                 seg_start, nll, n = i + 1, 0.0, 0
             if i + 1 < total:
                 t0 = time.perf_counter()
-                eng.decode([toks[i]])
+                llm.decode_step(toks[i])  # as generation decodes: recall inside it included
                 decode_s += time.perf_counter() - t0
                 max_pos = max(max_pos, eng.next_pos)
             tick(1)

@@ -43,6 +43,9 @@ class EngineConfig:
     # models every token's sliding-window rows too; the context then has a second sequence and a unified cache;
     # docs/recall.md)
     recall_kv_bytes: int = 0
+    # recall also inside a generation, when a word just completed names text evicted from the cache
+    # (generation/generation_recall.py); None: RECALL_IN_GENERATION
+    recall_in_generation: bool | None = None
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
     # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
@@ -83,6 +86,8 @@ class EngineConfig:
         _check_non_negative("recall_kv_bytes", self.recall_kv_bytes)
         if self.recall is not None and not isinstance(self.recall, bool):
             raise ValueError(f"recall must be True, False or None, got {self.recall!r}")
+        if self.recall_in_generation is not None and not isinstance(self.recall_in_generation, bool):
+            raise ValueError(f"recall_in_generation must be True, False or None, got {self.recall_in_generation!r}")
         if self.recall_tokens is not None and (
             isinstance(self.recall_tokens, bool) or not isinstance(self.recall_tokens, int) or self.recall_tokens < 0
         ):

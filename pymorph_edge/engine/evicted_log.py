@@ -28,6 +28,16 @@ class EvictedLog:
     def clear(self) -> None:
         self._ids = array("i")
         self.start = 0  # sequence index of _ids[0]
+        self.rewound_to: int | None = 0  # lowest index dropped since take_rewind(): what a reader indexed is stale
+
+    def take_rewind(self) -> int | None:
+        """The lowest index truncated, cleared or reloaded since the last call (None: the log only grew), for a
+        reader that indexes the log as it grows (generation/generation_recall.py)."""
+        at, self.rewound_to = self.rewound_to, None
+        return at
+
+    def _rewound(self, n: int) -> None:
+        self.rewound_to = n if self.rewound_to is None else min(self.rewound_to, n)
 
     @property
     def end(self) -> int:
@@ -56,6 +66,7 @@ class EvictedLog:
             self.start = n
         elif n < self.end:
             del self._ids[n - self.start :]
+            self._rewound(n)
 
     def tokens(self, lo: int, hi: int) -> list[int]:
         """Token ids of indices [lo, hi), clipped to what the log still holds."""
@@ -76,3 +87,4 @@ class EvictedLog:
         ids = array("i")
         ids.frombytes(raw)
         self._ids, self.start = ids, start
+        self._rewound(0)

@@ -76,6 +76,8 @@ class RecallCounters:
     recall_probe_s: float = 0.0  # of recall_s: the query probes ("attention", or "both" when no word is on the cue)
     recall_block_s: float = 0.0  # of recall_s: decoding the recalled blocks; the rest is choosing
     restored_tokens: int = 0  # recalled tokens whose saved KV was restored rather than recomputed
+    generation_recalls: int = 0  # of recalls: those fired inside a generation (generation/generation_recall.py)
+    generation_recall_s: float = 0.0  # their time: looks that found nothing, blocks, and the sentence decoded again
 
 
 @dataclass
@@ -94,7 +96,14 @@ class RecallState:
     def from_json(cls, d: dict[str, Any]) -> RecallState:
         try:
             # the time split and the checks came later: a session file saved before them has none
-            later = {"recall_checks", "recall_probe_s", "recall_block_s", "restored_tokens"}
+            later = {
+                "recall_checks",
+                "recall_probe_s",
+                "recall_block_s",
+                "restored_tokens",
+                "generation_recalls",
+                "generation_recall_s",
+            }
             counters = RecallCounters(
                 **{k: d[k] for k in RecallCounters.__dataclass_fields__ if k not in later or k in d}
             )
@@ -162,14 +171,24 @@ def span_places(block: Sequence[int], ids: Sequence[Sequence[int]]) -> list[int]
 
 
 def select(
-    engine: KVEngine, new_tokens: Sequence[int], piece: Callable[[int], str], max_tokens: int, best_last: bool = False
+    engine: KVEngine,
+    new_tokens: Sequence[int],
+    piece: Callable[[int], str],
+    max_tokens: int,
+    best_last: bool = False,
+    must: str | None = None,
+    before: int | None = None,
 ) -> list[Span]:
     """The evicted sentences the new text needs, in sequence order; best_last: in rank order with the best last, for
-    a block that sits right before what asked for it (a completion's cue), where a model copies what is nearest."""
+    a block that sits right before what asked for it (a completion's cue), where a model copies what is nearest.
+    must: only sentences with this word, chosen by the words alone (recall inside a generation: the word that asked).
+    before: only text before this sequence index (recall inside a generation: not the sentence in progress)."""
     runs = evicted_runs(engine)
+    if before is not None:
+        runs = [(lo, min(hi, before)) for lo, hi in runs if lo < before]
     if not runs:
         return []
-    bounds = (engine.log.start, min(engine.log.end, engine.n_past))
+    bounds = (engine.log.start, min(engine.log.end, engine.n_past, engine.n_past if before is None else before))
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     by = engine.config.recall_by
@@ -179,9 +198,11 @@ def select(
     if by in ("bm25", "both"):
 
         def admit(s: Span) -> bool:
-            return on_cue(s, cue) and not is_rival(s, cue)
+            return on_cue(s, cue) and not is_rival(s, cue) and (must is None or must in s.words)
 
         chosen = choose(rank(spans, query_weights(text)), max_tokens, admit, best_last)
+    if must is not None:
+        return chosen
     # both: the words find what the new text names, and then no query probe runs; the model's attention decides
     # only when no sentence is on the cue (a question in other words)
     if by == "bm25" or (chosen and not ATTENTION_BESIDE_WORDS):
@@ -260,6 +281,7 @@ def recall_before(
     around: Around | None = None,
     query: Sequence[int] | None = None,
     then: Sequence[int] = (),
+    chosen: list[Span] | None = None,
 ) -> Recalled:
     """Bring the evicted text relevant to new_tokens back as a pinned block at the next positions. head: tokens
     that must precede the block (an answer's undecoded last token, the new user message's header). Head and block
@@ -269,14 +291,16 @@ def recall_before(
     head, label and runs are in the cache already). Either way the caller calls release_pin after new_tokens. query: the text that
     chooses what comes back, when it is not new_tokens (a block placed after the user's words has them in head). then:
     new_tokens, when head is the request's own text before them (a completion's block just before its last
-    sentence): head is chunked and probed as the whole request would be (KVEngine.decode's `then`)."""
+    sentence): head is chunked and probed as the whole request would be (KVEngine.decode's `then`). chosen: the
+    sentences to bring back, already selected (recall inside a generation looks before it rolls back)."""
     if engine.scorer is None or not engine.recall_enabled or engine.recall_tokens <= 0 or engine.n_past == 0:
         return Recalled()
     t0 = time.perf_counter()
     state = engine.recall_state
     c = state.counters
     c.recall_checks += 1
-    chosen = select(engine, new_tokens if query is None else query, piece, engine.recall_tokens, bool(then))
+    if chosen is None:
+        chosen = select(engine, new_tokens if query is None else query, piece, engine.recall_tokens, bool(then))
     raw = [t for s in chosen for t in engine.log.tokens(s.lo, s.hi)]
     block = (wrap(raw) if wrap is not None else raw) if chosen else []
     if chosen and (not block or len(block) > engine.n_batch):

@@ -1,0 +1,226 @@
+"""Recall inside one generation: a word the text has just completed, whose earlier mentions the cache no longer
+holds, brings back the evicted sentences that contain it, just before the sentence in progress.
+
+Request recall (engine/recall.py) looks once, at a request's new text. A long answer, or a long text decoded token by
+token, has no such boundary: a fact stated once at the start is evicted long before the text comes back to it. So
+the generation loop calls `after_token` once per decoded token, and it must cost next to nothing when nothing is
+asked. It keeps an index of the log's words (recall_select.words: no stopwords), each with the sequence indices it
+was mentioned at, fed token by token. When a token completes a word (a non-word character follows it):
+- the word was mentioned before the sentence in progress, at most MAX_MENTIONS times: a fact is stated once or twice,
+  while a story's hero comes up in every paragraph and what the policy keeps of her is enough;
+- none of those mentions is in the cache any more, as itself or as a recalled copy (recall.evicted_runs);
+- they are not the same ones a look at this word already found nothing for.
+Then recall chooses among the evicted sentences that contain the word, ranked by BM25 against the sentence in
+progress and with its rival test (recall.select(must=...)). What it chooses is brought back where a completion's
+block goes (recall_placement.BEFORE_LAST_SENTENCE): the sentence in progress is rolled back, the block decoded and
+pinned, and the sentence decoded again after it, so the next token's logits read the block right before the cue.
+The text the caller sees does not change; the block sits in the cache only (docs/recall.md, "Inside one generation").
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable
+
+from pymorph_edge.engine.kv_engine import KVEngine
+from pymorph_edge.engine.recall import evicted_runs, recall_before, select
+from pymorph_edge.engine.recall_select import SENTENCE_END, STOPWORDS
+
+logger = logging.getLogger(__name__)
+
+# recall inside a generation by default (EngineConfig(recall_in_generation=None))
+RECALL_IN_GENERATION = True
+MAX_MENTIONS = 2  # earlier mentions a word may have and still ask for what it named (see the module docstring)
+# a word mentioned this often is common: its mentions are no longer stored (it never asks again), so the index of a
+# long conversation holds the rare words' mentions only
+COMMON = 16
+_WORD_CHARS = re.compile(r"[a-z0-9]+")
+_LEADING = re.compile(r"[a-z0-9]*")
+_TRAILING = re.compile(r"[a-z0-9]*\Z")
+
+Piece = Callable[[int], str]
+
+
+class GenerationRecall:
+    """The word index and the trigger for one engine; `after_token` runs after each decoded token."""
+
+    def __init__(self, engine: KVEngine, piece: Piece) -> None:
+        self.engine, self.piece = engine, piece
+        self.mentions: dict[str, list[int]] = {}  # word -> sequence indices of the tokens each mention started in
+        self._common: set[str] = set()  # words with COMMON mentions: no more are stored
+        # (completed at, started at, word) of the last cache's worth of tokens, in the order indexed: what a
+        # truncation can take back (the engine truncates only within its live tail)
+        self._entries: deque[tuple[int, int, str]] = deque()
+        self._sentences: deque[int] = deque([0])  # sequence indices where a sentence starts, ascending
+        self._horizon = 0  # entries completed before this were let go: a truncation below it rebuilds the index
+        self._indexed = 0  # log indices below this are in the index
+        self._word, self._word_at = "", 0  # a word whose end has not been seen yet, and where it started
+        self._looked: dict[str, tuple[int, ...]] = {}  # word -> the mentions a look found nothing for
+
+    def after_token(self) -> bool:
+        """Index what the log gained, and recall what a word just completed asks for; True when the cache changed
+        (the last token was decoded again: its logits are fresh)."""
+        engine = self.engine
+        if not engine.recall_enabled or engine.scorer is None or engine.recall_tokens <= 0:
+            return False
+        at = engine.log.take_rewind()
+        if at is not None:
+            self._rewind(at)
+        completed = self._index(engine.log.start, min(engine.log.end, engine.n_past))
+        self._let_go(engine.n_past - engine.n_ctx - engine.n_batch)
+        evicted: Callable[[int], bool] | None = None  # read off the cell map once, when a word may ask
+        for word, sentence, at in completed:
+            if at < engine.n_past - 1 or word in self._common:  # a prompt's words: request recall looked at them
+                continue
+            earlier = self._earlier(word, sentence)
+            if not earlier or len(earlier) > MAX_MENTIONS or self._looked.get(word) == earlier:
+                continue
+            evicted = evicted or self._evicted()
+            if not all(evicted(m) for m in earlier):
+                continue
+            self._looked[word] = earlier
+            if self._recall(word, sentence):
+                return True
+        return False
+
+    def _earlier(self, word: str, sentence: int) -> tuple[int, ...]:
+        """The word's mentions before index `sentence`, up to MAX_MENTIONS + 1 of them (the newest)."""
+        out: list[int] = []
+        for m in reversed(self.mentions.get(word, ())):
+            if m < sentence:
+                out.append(m)
+                if len(out) > MAX_MENTIONS:
+                    break
+        return tuple(reversed(out))
+
+    def _let_go(self, below: int) -> None:
+        """Drop the rollback record of what no truncation can reach any more."""
+        while self._entries and self._entries[0][0] < below:
+            self._entries.popleft()
+            self._horizon = below
+        while len(self._sentences) > 1 and self._sentences[1] < below:
+            self._sentences.popleft()
+
+    def _evicted(self) -> Callable[[int], bool]:
+        """Whether a sequence index is held by no live cell, its recalled copies included."""
+        runs = evicted_runs(self.engine)
+        starts = [lo for lo, _ in runs]
+
+        def evicted(i: int) -> bool:
+            k = bisect_right(starts, i) - 1
+            return k >= 0 and runs[k][0] <= i < runs[k][1]
+
+        return evicted
+
+    def _index(self, start: int, end: int) -> list[tuple[str, int, int]]:
+        """Feed log tokens [indexed, end) to the index; returns the content words they completed, each with where
+        its sentence started and the index of the token that completed it."""
+        if self._indexed < start:  # the log dropped its oldest tokens before they were indexed
+            self._indexed, self._word = start, ""
+        done: list[tuple[str, int, int]] = []
+        ids = self.engine.log.tokens(self._indexed, end)
+        for i, tok in enumerate(ids, self._indexed):
+            text = self.piece(tok).lower()
+            lead = _LEADING.match(text)
+            n = lead.end() if lead is not None else 0
+            if n == len(text):  # the word (if any) goes on
+                if text and not self._word:
+                    self._word_at = i
+                self._word += text
+                continue
+            if n and not self._word:
+                self._word_at = i
+            words = [(self._word + text[:n], self._word_at)] if self._word or n else []
+            tail = _TRAILING.search(text)
+            cut = tail.start() if tail is not None else len(text)
+            words += [(m.group(), i) for m in _WORD_CHARS.finditer(text, n, cut)]
+            self._word, self._word_at = text[cut:], i
+            sentence = self._sentences[-1]
+            for w, s in words:
+                if w not in STOPWORDS:  # a stopword never asks, and never counts as a mention
+                    self._add(w, s, i)
+                    done.append((w, sentence, i))
+            if SENTENCE_END.search(text) is not None:
+                self._sentences.append(i + 1)
+        self._indexed = max(self._indexed, end)
+        return done
+
+    def _add(self, word: str, start: int, completed: int) -> None:
+        if word in self._common:
+            return
+        ms = self.mentions.setdefault(word, [])
+        if len(ms) >= COMMON:
+            self._common.add(word)
+            del self.mentions[word]
+            return
+        ms.append(start)
+        self._entries.append((completed, start, word))
+
+    def _rewind(self, n: int) -> None:
+        """Forget what the index read at and after sequence index n (the log was truncated there). It is read again
+        from the last token boundary at or before n where no word was running (the token before ends in a non-word
+        character), so a word cut by the truncation is not half-kept."""
+        log = self.engine.log
+        b = min(n, self._indexed)
+        if b < self._horizon or b <= log.start:  # a reset, a reload, or deeper than the record: read all again
+            self.mentions, self._common, self._entries = {}, set(), deque()
+            self._sentences, self._horizon = deque([0]), 0
+            self._indexed, self._word = log.start, ""
+            self._looked.clear()
+            return
+        while b > log.start:
+            prev = log.tokens(b - 1, b)
+            tail = _TRAILING.search(self.piece(prev[0]).lower()) if prev else None
+            if tail is None or not tail.group():
+                break
+            b -= 1
+        while self._entries and self._entries[-1][0] >= b:  # entries are in the order their words completed
+            _, _, w = self._entries.pop()
+            ms = self.mentions.get(w)
+            if ms is None:  # it became common since: it stays common
+                continue
+            ms.pop()
+            if not ms:
+                del self.mentions[w]
+        while len(self._sentences) > 1 and self._sentences[-1] > b:
+            self._sentences.pop()
+        self._indexed, self._word = b, ""
+        self._looked.clear()
+
+    def _recall(self, word: str, sentence: int) -> bool:
+        """Bring back what `word` names, before the sentence in progress (from index `sentence`)."""
+        engine = self.engine
+        t0 = time.perf_counter()
+        # llama.cpp takes a batch only right after the newest cached position, so the token before the cut must be
+        # live; at least the last token is decoded again, for the next token's logits, and at most one ubatch
+        cut = min(max(sentence, engine.live_from() + 1, engine.n_past - engine.n_batch), engine.n_past - 1)
+        tail = engine.history.tail(engine.n_past - cut)
+        before = min(sentence, cut)  # what the sentence in progress lost is not earlier text
+        chosen = select(engine, tail, self.piece, engine.recall_tokens, best_last=True, must=word, before=before)
+        block = sum(s.n_tokens for s in chosen)
+        if not chosen:
+            engine.recall_state.counters.generation_recall_s += time.perf_counter() - t0
+            return False
+        logger.debug("recall inside the generation on %r: %d sentences, %d tokens", word, len(chosen), block)
+        engine.truncate(cut)
+        engine.log.take_rewind()  # the same tokens come back next: the index stays as it is
+        recalled = recall_before(engine, tail, self.piece, chosen=chosen)
+        try:
+            engine.decode(tail)
+        finally:
+            if recalled:
+                engine.release_pin()
+        c = engine.recall_state.counters
+        c.generation_recalls += bool(recalled)
+        c.generation_recall_s += time.perf_counter() - t0
+        return True
+
+
+def for_engine(engine: KVEngine, piece: Piece, enabled: bool | None) -> GenerationRecall | None:
+    """The watcher a generation loop calls, or None where recall is off (enabled None: RECALL_IN_GENERATION)."""
+    on = RECALL_IN_GENERATION if enabled is None else enabled
+    return GenerationRecall(engine, piece) if on and engine.recall_enabled else None

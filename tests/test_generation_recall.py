@@ -1,0 +1,139 @@
+"""Recall inside one generation (generation/generation_recall.py): a word the generation completes whose earlier
+mentions are all evicted brings their sentences back, just before the sentence in progress, without changing the
+text generated."""
+
+import numpy as np
+import pytest
+from test_recall import FACTS, FILLER, recalled_text
+
+from pymorph_edge import EngineConfig, Llama
+from pymorph_edge.engine.recall import BLOCK_LPOS, evicted_runs
+from pymorph_edge.generation import generation_recall
+from pymorph_edge.generation.generation_recall import GenerationRecall
+
+CUE = " As recorded at the start, the code for Tom is"
+# prose whose every word is new: no word in it has an earlier mention to ask for (the synthetic vocabulary spells
+# text byte by byte, so each sentence is ~100 tokens and the budget holds about one)
+WORDS = (
+    "amber basil cedar delta ember fable garnet harbor ivory jasper kettle lantern meadow nectar orchard pebble quartz "
+    "raven saddle thistle umber velvet willow yonder zephyr acorn bramble candle dune eagle fennel glacier hazel "
+    "island juniper kelp lagoon marble nutmeg oyster prairie quill river sorrel tundra urchin valley walnut yarrow "
+    "zinnia anchor beacon canyon dagger estuary falcon gravel heron igloo jungle kayak ledge mortar nomad otter "
+    "parrot quiver rampart summit tannin upland vessel wharf yeoman zircon"
+).split()
+PROSE = "".join(f" {' '.join(WORDS[k : k + 8]).capitalize()}." for k in range(0, len(WORDS), 8))
+
+
+def forcing(tokens):
+    """A logits processor that makes greedy sampling write exactly these tokens, one per step (teacher forcing
+    through the generation loop itself)."""
+    it = iter(list(tokens))
+
+    def proc(input_ids, scores):
+        out = np.full_like(scores, -1e30)
+        out[next(it)] = 0.0
+        return out
+
+    return proc
+
+
+def forced_completion(llm, prompt, text):
+    forced = llm.tokenize(text.encode(), add_bos=False)
+    out = llm.create_completion(
+        prompt, max_tokens=len(forced), temperature=0.0, logits_processor=forcing(forced), logprobs=1
+    )
+    return forced, out
+
+
+def _tom_evicted(llm):
+    """Whether every token of "Tom" in the facts (the prompt's first line) is out of the cache."""
+    head = FACTS[: FACTS.index("Tom")]
+    lo, hi = len(llm.tokenize(head.encode())), len(llm.tokenize((head + "Tom").encode()))
+    runs = evicted_runs(llm.engine)
+    return lo < hi and all(any(a <= i < b for a, b in runs) for i in range(lo, hi))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_word_that_names_an_evicted_fact_brings_it_back_inside_one_generation(gqa_model, on):
+    cfg = EngineConfig(n_ubatch=64, recall_in_generation=on)
+    with Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as llm:
+        forced, out = forced_completion(llm, FACTS, PROSE + CUE)
+        # the generation wrote what it was made to write, recall or not: the block is in the cache only
+        assert out["choices"][0]["text"] == llm.detokenize(forced).decode()
+        st = llm.stats
+        assert st.peak_cells <= 128 + 64
+        if not on:
+            assert st.generation_recalls == 0 and _tom_evicted(llm)
+            return
+        assert st.generation_recalls == 1 and st.recalls == 1
+        assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+        # the block sits right before the cue it answers: the text decoded again after it is the newest (at most
+        # one ubatch), and ends with "Tom is"
+        sc, n_past = llm.engine.scorer, llm.engine.n_past
+        pos = dict(zip(sc.cell_lpos(), sc.cell_positions(), strict=True))
+        block = [p for lp, p in pos.items() if lp >= BLOCK_LPOS]
+        before = [lp for lp, p in pos.items() if lp < BLOCK_LPOS and p < min(block)]
+        after = [lp for lp, p in pos.items() if lp < BLOCK_LPOS and p > max(block)]
+        assert block and before and after and max(before) < min(after)
+        assert n_past - 64 <= min(after) and n_past - 1 in after
+
+
+def test_a_word_mentioned_often_or_still_in_the_cache_asks_for_nothing(gqa_model):
+    """ "traveller" is in every filler sentence (more than MAX_MENTIONS), and the recent "Tom" is in the cache."""
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        forced_completion(llm, FACTS + FILLER, PROSE + " The tired traveller met Tom. Tom said hello.")
+        assert llm.stats.generation_recalls == 1  # the first "Tom" only: the second finds the first in the cache
+
+
+def test_the_word_index_after_a_rollback_equals_one_built_afresh(gqa_model):
+    texts = [
+        "The code for Maria is 48213. The code for Tom is 90517.",
+        " Rain fell on the harbour all night, and the traveller waited.",
+        " Then the ferry came.",
+    ]
+    with Llama(gqa_model, kv_budget=512, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        eng = llm.engine
+        watcher = GenerationRecall(eng, llm._piece_text)
+        ids = [t for k, text in enumerate(texts) for t in llm.tokenize(text.encode(), add_bos=k == 0)]
+        eng.decode(ids)
+        watcher.after_token()
+        for cut in (len(ids) - 3, len(ids) - 7, 20, 3):  # mid-word and at word boundaries
+            eng.truncate(cut)
+            eng.decode(ids[cut:-2])
+            watcher.after_token()
+            fresh = GenerationRecall(eng, llm._piece_text)
+            fresh.after_token()
+            assert watcher.mentions == fresh.mentions and watcher._sentences == fresh._sentences
+            eng.decode(ids[-2:])
+            watcher.after_token()
+        assert watcher.mentions["tom"] and watcher.mentions["48213"] and "the" not in watcher.mentions
+        assert len(watcher.mentions["code"]) == 2
+        assert watcher.mentions["traveller"] == [watcher.mentions["traveller"][0]]
+
+
+def test_recall_in_generation_is_validated_and_follows_recall(gqa_model):
+    with pytest.raises(ValueError, match="recall_in_generation must be True, False or None, got 'yes'"):
+        EngineConfig(recall_in_generation="yes")
+    with Llama(gqa_model, kv_budget=128, recall=False) as llm:
+        assert llm._generation_recall is None  # recall off: nothing to watch for
+    with Llama(gqa_model, kv_budget=None) as llm:
+        assert llm._generation_recall is None
+    with Llama(gqa_model, kv_budget=128) as llm:  # MorphKV recalls by default, inside a generation too
+        assert (llm._generation_recall is not None) == generation_recall.RECALL_IN_GENERATION
+
+
+def test_a_reloaded_state_recalls_inside_the_next_generation(gqa_model):
+    """The word index is not saved: it is read again from the reloaded log, and the next generation recalls from it."""
+    cfg = EngineConfig(n_ubatch=64)
+    with (
+        Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as a,
+        Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as b,
+    ):
+        forced_completion(a, FACTS, PROSE)
+        assert a.stats.generation_recalls == 0 and _tom_evicted(a)
+        b.load_state(a.save_state())
+        text = FACTS + a.detokenize(a.tokenize(PROSE.encode(), add_bos=False)).decode()
+        forced, out = forced_completion(b, text, CUE)  # extends the reloaded sequence
+        assert out["choices"][0]["text"] == b.detokenize(forced).decode()
+        assert b.stats.generation_recalls == 1
+        assert any("The code for Tom is 90517." in t for t in recalled_text(b))
