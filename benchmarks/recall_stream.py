@@ -31,13 +31,13 @@ from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
 
-def stream(llm: Llama, set_name: str) -> tuple[list[int], list[dict]]:
+def stream(llm: Llama, set_name: str, per: int = 28) -> tuple[list[int], list[dict]]:
     """The set's text as token ids (each part tokenized on its own, so each value's tokens are known), and where each
     reminder's value lies in it."""
     s = SETS[set_name]
     rng, facts, fact, cue = continuation_facts(set_name)
     ids = llm.tokenize(("Records of the archive. " + " ".join(fact.format(name=n, code=c) for n, c in facts)).encode())
-    per = 28  # sentences (~500 tokens) between reminders, as in recall_bench's continuation task
+    # per: sentences between reminders; 28 (~500 tokens) as in recall_bench's continuation task
     prose = filler(set_name, 8 * per, s["seed"])
     order = facts[:]
     rng.shuffle(order)
@@ -88,6 +88,12 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--sets", default="tuning,fresh,last")
     ap.add_argument("--configs", default="full,morphkv,morphkv-norecall")
+    ap.add_argument(
+        "--per",
+        type=int,
+        default=28,
+        help="prose sentences between reminders (28: ~500 tokens; 60 takes SmolLM2 past its n_ctx_train)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     path = resolve_model(args.model)
@@ -96,7 +102,7 @@ def main() -> None:
         llm = open_llm(path, config, args.budget)
         for set_name in args.sets.split(","):
             llm.reset()
-            ids, values = stream(llm, set_name)
+            ids, values = stream(llm, set_name, args.per)
             trials, seconds, watch_s = run(llm, ids, values)
             st = llm.stats
             row = {

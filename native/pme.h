@@ -123,6 +123,10 @@ int     pme_set_pins(pme_state * st, int32_t n_keep, int32_t lo, int32_t hi);
  * lpos[0..n) they had before eviction, and the tokens decoded next keep theirs (the block takes no room in
  * the logical sequence). Returns 0, or -1. */
 int     pme_mark_recalled(pme_state * st, int32_t pos0, int32_t n, const int64_t * lpos);
+/* n positions before the next one were given up with no token in them (a truncation whose token before was
+ * evicted, so llama.cpp takes the next batch only n positions lower): the tokens decoded next take lower positions
+ * and keep their logical ones. Returns 0, or -1. */
+int     pme_skip_positions(pme_state * st, int32_t n);
 /* logical position of each cell (-1 when free); returns n_cells, or -1 when cap is too small */
 int     pme_cell_lpos(const pme_state * st, int64_t * out, int32_t cap);
 int     pme_cell_positions(const pme_state * st, int32_t * out, int32_t cap);

@@ -61,3 +61,15 @@ int pme_cell_lpos(const pme_state * st, int64_t * out, int32_t cap) {
 int pme_is_pinned(const pme_state * st, int32_t pos) {
     return pos < st->pin_prefix || (pos >= st->pin_lo && pos < st->pin_hi);
 }
+
+int pme_skip_positions(pme_state * st, int32_t n) {
+    if (!st || st->failed) {
+        return -1;
+    }
+    if (n < 0) {
+        pme_set_error(st, "pme_skip_positions: n %d", n);
+        return -1;
+    }
+    st->lpos_offset += n;
+    return 0;
+}

@@ -4,7 +4,7 @@ text generated."""
 
 import numpy as np
 import pytest
-from test_recall import FACTS, FILLER, recalled_text
+from test_recall import FACTS, FILLER, NATIVE, recalled_text
 
 from pymorph_edge import EngineConfig, Llama
 from pymorph_edge.engine.recall import BLOCK_LPOS, evicted_runs
@@ -137,3 +137,17 @@ def test_a_reloaded_state_recalls_inside_the_next_generation(gqa_model):
         assert out["choices"][0]["text"] == b.detokenize(forced).decode()
         assert b.stats.generation_recalls == 1
         assert any("The code for Tom is 90517." in t for t in recalled_text(b))
+
+
+@pytest.mark.parametrize("policy", NATIVE)
+def test_every_native_policy_recalls_inside_a_generation(gqa_model, policy):
+    with Llama(gqa_model, kv_budget=128, policy=policy, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        forced, out = forced_completion(llm, FACTS, PROSE + CUE)
+        assert out["choices"][0]["text"] == llm.detokenize(forced).decode()
+        st = llm.stats
+        assert st.peak_cells <= 128 + 64
+        if st.generation_recalls == 0:  # the policy kept the fact (H2O's heavy hitters): nothing to bring back
+            assert not _tom_evicted(llm), policy
+        else:
+            assert st.generation_recalls == 1, policy
+            assert any("The code for Tom is 90517." in t for t in recalled_text(llm))

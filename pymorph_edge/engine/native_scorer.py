@@ -168,6 +168,10 @@ class NativeScorer:
         buf = self._ffi.new("int64_t[]", lpos)
         self._check(self._lib.pme_mark_recalled(self._state, pos0, len(lpos), buf), "recall")
 
+    def skip_positions(self, n: int) -> None:
+        """The next tokens go n positions lower and keep their logical positions (see pme_skip_positions)."""
+        self._check(self._lib.pme_skip_positions(self._state, n), "skip positions")
+
     def cell_lpos(self) -> list[int]:
         """Logical position of each cell (-1 free): the sequence index, or a recalled block's own label."""
         out = self._ffi.new("int64_t[]", self.n_cells)

@@ -162,6 +162,17 @@ class RecallDecoding:
         self.scorer.kvstore_place(pos_new, list(lpos))
         return True
 
+    def close_gap(self: KVEngine) -> None:
+        """After a truncation whose token before is evicted (a 1-token window, TOVA's): llama.cpp takes the next
+        batch only right after its newest cached position, so the next tokens start there, the positions between
+        left free, and keep their sequence indices (generation/generation_recall.py)."""
+        if self.scorer is None:
+            return
+        gap = self.next_pos - (C.llama_memory_seq_pos_max(self.mem, SEQ) + 1)
+        if gap > 0:
+            self.scorer.skip_positions(gap)
+            self.next_pos -= gap
+
     def release_pin(self: KVEngine) -> None:
         """End a recalled block's pin: from now on the policy keeps or evicts it like any other tokens."""
         if self.scorer is not None:

@@ -195,12 +195,13 @@ class GenerationRecall:
         """Bring back what `word` names, before the sentence in progress (from index `sentence`)."""
         engine = self.engine
         t0 = time.perf_counter()
-        # llama.cpp takes a batch only right after the newest cached position, so the token before the cut must be
-        # live; at least the last token is decoded again, for the next token's logits, and at most one ubatch
-        cut = min(max(sentence, engine.live_from() + 1, engine.n_past - engine.n_batch), engine.n_past - 1)
+        # at least the last token is decoded again, for the next token's logits, and at most one ubatch; none that
+        # is evicted (truncate keeps what precedes its live tail)
+        cut = min(max(sentence, engine.live_from(), engine.n_past - engine.n_batch), engine.n_past - 1)
         tail = engine.history.tail(engine.n_past - cut)
         before = min(sentence, cut)  # what the sentence in progress lost is not earlier text
-        chosen = select(engine, tail, self.piece, engine.recall_tokens, best_last=True, must=word, before=before)
+        query = engine.log.tokens(sentence, engine.n_past)  # the sentence so far, though only its end is decoded again
+        chosen = select(engine, query, self.piece, engine.recall_tokens, best_last=True, must=word, before=before)
         block = sum(s.n_tokens for s in chosen)
         if not chosen:
             engine.recall_state.counters.generation_recall_s += time.perf_counter() - t0
@@ -208,6 +209,7 @@ class GenerationRecall:
         logger.debug("recall inside the generation on %r: %d sentences, %d tokens", word, len(chosen), block)
         engine.truncate(cut)
         engine.log.take_rewind()  # the same tokens come back next: the index stays as it is
+        engine.close_gap()  # under a 1-token window (TOVA) the token before the cut may be evicted
         recalled = recall_before(engine, tail, self.piece, chosen=chosen)
         try:
             engine.decode(tail)
