@@ -10,7 +10,8 @@ token the generation loop's recall watcher runs (generation/generation_recall.py
 loop. Each reminder's value is scored from the logits before its tokens: the summed NLL of its tokens and how many
 were the model's first choice. "morphkv" has recall inside the generation (the default), "morphkv-norecall" none;
 "+nogen" keeps request recall on and turns the watcher off (in this stream the two are the same: no request
-boundary falls inside). The texts are benchmarks/recall_texts.py's; "last" was only ever reported, never tuned on.
+boundary falls inside); "+sentence" lets a mention whose sentence lost any token ask too (an A/B, not the
+default). The texts are benchmarks/recall_texts.py's; "last" was only ever reported, never tuned on.
 Writes results.json, results.md and a plot.
 """
 
@@ -28,6 +29,7 @@ from recall_texts import SETS, continuation_facts, filler
 from pymorph_edge import Llama
 from pymorph_edge.bench.common import last_logprobs
 from pymorph_edge.engine.engine_config import EngineConfig
+from pymorph_edge.generation import generation_recall
 from pymorph_edge.model.default_model import resolve_model
 
 
@@ -75,6 +77,8 @@ def run(llm: Llama, ids: list[int], values: list[dict]) -> tuple[list[dict], flo
 
 def open_llm(path: Path, config: str, budget: int) -> Llama:
     config, *flags = config.split("+")
+    # "+sentence": a mention whose sentence lost a token asks too (generation_recall.WHOLE_SENTENCE_HELD)
+    generation_recall.WHOLE_SENTENCE_HELD = "sentence" in flags
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pymorph_edge.engine.kv_engine import KVEngine
-from pymorph_edge.engine.recall import evicted_runs, recall_before, select
+from pymorph_edge.engine.recall import MAX_SPAN_TOKENS, evicted_runs, recall_before, select
 from pymorph_edge.engine.recall_select import SENTENCE_END, STOPWORDS
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 # recall inside a generation by default (EngineConfig(recall_in_generation=None))
 RECALL_IN_GENERATION = True
 MAX_MENTIONS = 2  # earlier mentions a word may have and still ask for what it named (see the module docstring)
+# True: a mention counts as held only while the rest of its sentence is live too, so a half-kept fact ("Maria" kept,
+# her code evicted) asks as well. Off (the default, measured): only a mention that is itself evicted asks; the
+# first reminder of each stream, ~600 tokens in, lost that way (recall_stream's "+sentence" is the A/B)
+WHOLE_SENTENCE_HELD = False
 # a word mentioned this often is common: its mentions are no longer stored (it never asks again), so the index of a
 # long conversation holds the rare words' mentions only
 COMMON = 16
@@ -80,7 +84,7 @@ class GenerationRecall:
             if not earlier or len(earlier) > MAX_MENTIONS or self._looked.get(word) == earlier:
                 continue
             evicted = evicted or self._evicted()
-            if not all(evicted(m) for m in earlier):
+            if not all(any(evicted(i) for i in self._held_with(m)) for m in earlier):
                 continue
             self._looked[word] = earlier
             if self._recall(word, sentence):
@@ -104,6 +108,17 @@ class GenerationRecall:
             self._horizon = below
         while len(self._sentences) > 1 and self._sentences[1] < below:
             self._sentences.popleft()
+
+    def _held_with(self, m: int) -> range:
+        """The indices that must all be live for the mention at m to count as held (see WHOLE_SENTENCE_HELD)."""
+        if not WHOLE_SENTENCE_HELD:
+            return range(m, m + 1)
+        end = m + 1
+        for tok in self.engine.log.tokens(m, m + MAX_SPAN_TOKENS):
+            if SENTENCE_END.search(self.piece(tok)) is not None:
+                break
+            end += 1
+        return range(m, min(end, self.engine.n_past))
 
     def _evicted(self) -> Callable[[int], bool]:
         """Whether a sequence index is held by no live cell, its recalled copies included."""
