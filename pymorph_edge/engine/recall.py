@@ -195,7 +195,7 @@ def select(
     chosen: list[Span] = []
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
-    if by in ("bm25", "both"):
+    if by in ("bm25", "both") or must is not None:  # a word asked: the words answer, whatever recall_by says
 
         def admit(s: Span) -> bool:
             return on_cue(s, cue) and not is_rival(s, cue) and (must is None or must in s.words)

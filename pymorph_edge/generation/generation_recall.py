@@ -10,11 +10,13 @@ was mentioned at, fed token by token. When a token completes a word (a non-word 
   while a story's hero comes up in every paragraph and what the policy keeps of her is enough;
 - none of those mentions is in the cache any more, as itself or as a recalled copy (recall.evicted_runs);
 - they are not the same ones a look at this word already found nothing for.
-Then recall chooses among the evicted sentences that contain the word, ranked by BM25 against the sentence in
-progress and with its rival test (recall.select(must=...)). What it chooses is brought back where a completion's
-block goes (recall_placement.BEFORE_LAST_SENTENCE): the sentence in progress is rolled back, the block decoded and
-pinned, and the sentence decoded again after it, so the next token's logits read the block right before the cue.
-The text the caller sees does not change; the block sits in the cache only (docs/recall.md, "Inside one generation").
+Then recall chooses among the evicted sentences before the sentence in progress that contain the word, ranked by
+BM25 against that sentence and with its rival test (recall.select(must=..., before=...)). What it chooses is brought
+back where a completion's block goes (recall_placement.BEFORE_LAST_SENTENCE): the sentence in progress is rolled
+back (at most one ubatch of it, none of it that is evicted), the block decoded and pinned, and the rest decoded again
+after it, so the next token's logits read the block right before the cue. The text the caller sees does not change;
+the block sits in the cache only (docs/recall.md, "Inside one generation"). The index is not saved with a session:
+a reloaded log (a truncation, a reset) is read again, from the last token boundary no word runs across.
 """
 
 from __future__ import annotations
