@@ -106,7 +106,8 @@ def run_policy_table_row(name, model):
         kv_budget=kv_budget,
         policy=policy,
         n_ctx=2048,
-        config=None if name == "full" else EngineConfig(n_ubatch=ubatch),
+        # each token decoded once: recall inside the generation decodes more, counted in test_generation_recall.py
+        config=None if name == "full" else EngineConfig(n_ubatch=ubatch, recall_in_generation=False),
     ) as llm:
         prompt = [3 + (i * 7) % 250 for i in range(600)]
         out = llm.create_completion(prompt, max_tokens=400, temperature=0, logit_bias={llm.token_eos(): -1e9})

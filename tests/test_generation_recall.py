@@ -151,3 +151,20 @@ def test_every_native_policy_recalls_inside_a_generation(gqa_model, policy):
         else:
             assert st.generation_recalls == 1, policy
             assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+
+
+def test_recall_inside_a_generation_spends_at_most_its_share_of_the_decoding(gqa_model):
+    """A random model writes noise full of rare "words": recall inside the generation fires on it, but decodes at most
+    one token in SPEND of those generated (plus the one recall that crossed the line), and every token it decodes is
+    counted."""
+    budget, ubatch = 512, 64
+    with Llama(gqa_model, kv_budget=budget, config=EngineConfig(n_ubatch=ubatch)) as llm:
+        prompt = llm.tokenize("The quick brown fox. " * 3)
+        n = 3 * budget
+        out = llm.create_completion(prompt, max_tokens=n, temperature=0, logit_bias={llm.token_eos(): -1e9})
+        s = llm.stats
+        assert out["usage"]["completion_tokens"] == n
+        assert s.generation_recalls > 0  # it did fire on the noise
+        assert s.tokens_decoded == len(prompt) + n - 1 + s.generation_recall_tokens
+        assert s.generation_recall_tokens <= n / generation_recall.SPEND + ubatch + llm.engine.recall_tokens
+        assert s.peak_cells <= budget + ubatch

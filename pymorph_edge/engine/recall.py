@@ -78,6 +78,7 @@ class RecallCounters:
     restored_tokens: int = 0  # recalled tokens whose saved KV was restored rather than recomputed
     generation_recalls: int = 0  # of recalls: those fired inside a generation (generation/generation_recall.py)
     generation_recall_s: float = 0.0  # their time: looks that found nothing, blocks, and the sentence decoded again
+    generation_recall_tokens: int = 0  # tokens they decoded: the blocks, and the sentences decoded again after them
 
 
 @dataclass
@@ -103,6 +104,7 @@ class RecallState:
                 "restored_tokens",
                 "generation_recalls",
                 "generation_recall_s",
+                "generation_recall_tokens",
             }
             counters = RecallCounters(
                 **{k: d[k] for k in RecallCounters.__dataclass_fields__ if k not in later or k in d}

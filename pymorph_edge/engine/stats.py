@@ -32,6 +32,9 @@ class KVStats:
     restored_tokens: int = 0  # of recalled_tokens: restored from saved KV (EngineConfig(recall_kv_bytes))
     generation_recalls: int = 0  # of recalls: fired inside a generation (generation/generation_recall.py)
     generation_recall_s: float = 0.0  # their time, looks that found nothing and the sentence decoded again included
+    generation_recall_tokens: int = (
+        0  # tokens they decoded: blocks, and the sentences decoded again (in tokens_decoded)
+    )
     # What scoring costs a backend whose buffers are not host memory (CUDA, Metal, RPC), since the last reset:
     # device->host bytes the scorer copied and the graph nodes it asked for (each splits the graph and waits
     # for the backend), over one-token ubatches (decode steps) and multi-token ones (prompt chunks, probes,

@@ -41,6 +41,10 @@ MAX_MENTIONS = 2  # earlier mentions a word may have and still ask for what it n
 # her code evicted) asks as well. Off (the default, measured): only a mention that is itself evicted asks; the
 # first reminder of each stream, ~600 tokens in, lost that way (recall_stream's "+sentence" is the A/B)
 WHOLE_SENTENCE_HELD = False
+# recall inside a generation decodes at most one token in SPEND of those the generation decoded (a block and the
+# sentence decoded again after it), so text full of rare words (code, identifiers, a model writing noise) cannot
+# make it cost more than that; the teacher-forced stream spends about one in twenty (docs/recall.md)
+SPEND = 8
 # a word mentioned this often is common: its mentions are no longer stored (it never asks again), so the index of a
 # long conversation holds the rare words' mentions only
 COMMON = 16
@@ -66,6 +70,8 @@ class GenerationRecall:
         self._indexed = 0  # log indices below this are in the index
         self._word, self._word_at = "", 0  # a word whose end has not been seen yet, and where it started
         self._looked: dict[str, tuple[int, ...]] = {}  # word -> the mentions a look found nothing for
+        self._steps = 0  # after_token calls: tokens the generations decoded
+        self._spent = 0  # tokens recall decoded inside them (blocks, and sentences decoded again)
 
     def after_token(self) -> bool:
         """Index what the log gained, and recall what a word just completed asks for; True when the cache changed
@@ -78,6 +84,9 @@ class GenerationRecall:
             self._rewind(at)
         completed = self._index(engine.log.start, min(engine.log.end, engine.n_past))
         self._let_go(engine.n_past - engine.n_ctx - engine.n_batch)
+        self._steps += 1
+        if self._spent * SPEND > self._steps:  # recall's share of the decoding is spent for now
+            return False
         evicted: Callable[[int], bool] | None = None  # read off the cell map once, when a word may ask
         for word, sentence, at in completed:
             if at < engine.n_past - 1 or word in self._common:  # a prompt's words: request recall looked at them
@@ -235,7 +244,9 @@ class GenerationRecall:
                 engine.release_pin()
         c = engine.recall_state.counters
         c.generation_recalls += bool(recalled)
+        c.generation_recall_tokens += recalled.decoded + len(tail)
         c.generation_recall_s += time.perf_counter() - t0
+        self._spent += recalled.decoded + len(tail)
         return True
 
 
