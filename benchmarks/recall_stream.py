@@ -8,7 +8,8 @@ follow, and every ~500 tokens a reminder restates one fact ("As recorded at the 
 48213."). The whole text goes through the cache one token at a time, as a generation would write it, and after each
 token the generation loop's recall watcher runs (generation/generation_recall.py), as it does in Llama's generation
 loop. Each reminder's value is scored from the logits before its tokens: the summed NLL of its tokens and how many
-were the model's first choice. "morphkv" has recall inside the generation (the default), "morphkv-norecall" none;
+were the model's first choice. "morphkv" has recall inside the generation (opt-in since stop 38's ppl run),
+"morphkv-norecall" none;
 "+nogen" keeps request recall on and turns the watcher off (in this stream the two are the same: no request
 boundary falls inside); "+sentence" lets a mention whose sentence lost any token ask too (an A/B, not the
 default). The texts are benchmarks/recall_texts.py's; "last" was only ever reported, never tuned on.
@@ -82,7 +83,7 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")
-    cfg = EngineConfig(recall_in_generation=False if "nogen" in flags else None)
+    cfg = EngineConfig(recall_in_generation="nogen" not in flags)  # on unless "+nogen" (it is off by default)
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 

@@ -80,7 +80,9 @@ def test_a_word_that_names_an_evicted_fact_brings_it_back_inside_one_generation(
 
 def test_a_word_mentioned_often_or_still_in_the_cache_asks_for_nothing(gqa_model):
     """ "traveller" is in every filler sentence (more than MAX_MENTIONS), and the recent "Tom" is in the cache."""
-    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+    with Llama(
+        gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64, recall_in_generation=True)
+    ) as llm:
         forced_completion(llm, FACTS + FILLER, PROSE + " The tired traveller met Tom. Tom said hello.")
         assert llm.stats.generation_recalls == 1  # the first "Tom" only: the second finds the first in the cache
 
@@ -91,7 +93,9 @@ def test_the_word_index_after_a_rollback_equals_one_built_afresh(gqa_model):
         " Rain fell on the harbour all night, and the traveller waited.",
         " Then the ferry came.",
     ]
-    with Llama(gqa_model, kv_budget=512, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+    with Llama(
+        gqa_model, kv_budget=512, recall=True, config=EngineConfig(n_ubatch=64, recall_in_generation=True)
+    ) as llm:
         eng = llm.engine
         watcher = GenerationRecall(eng, llm._piece_text)
         ids = [t for k, text in enumerate(texts) for t in llm.tokenize(text.encode(), add_bos=k == 0)]
@@ -118,13 +122,15 @@ def test_recall_in_generation_is_validated_and_follows_recall(gqa_model):
         assert llm._generation_recall is None  # recall off: nothing to watch for
     with Llama(gqa_model, kv_budget=None) as llm:
         assert llm._generation_recall is None
-    with Llama(gqa_model, kv_budget=128) as llm:  # MorphKV recalls by default, inside a generation too
+    with Llama(gqa_model, kv_budget=128) as llm:  # MorphKV recalls by default; inside a generation, when asked
         assert (llm._generation_recall is not None) == generation_recall.RECALL_IN_GENERATION
+    with Llama(gqa_model, kv_budget=128, config=EngineConfig(recall_in_generation=True)) as llm:
+        assert llm._generation_recall is not None
 
 
 def test_a_reloaded_state_recalls_inside_the_next_generation(gqa_model):
     """The word index is not saved: it is read again from the reloaded log, and the next generation recalls from it."""
-    cfg = EngineConfig(n_ubatch=64)
+    cfg = EngineConfig(n_ubatch=64, recall_in_generation=True)
     with (
         Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as a,
         Llama(gqa_model, kv_budget=128, recall=True, config=cfg) as b,
@@ -141,7 +147,13 @@ def test_a_reloaded_state_recalls_inside_the_next_generation(gqa_model):
 
 @pytest.mark.parametrize("policy", NATIVE)
 def test_every_native_policy_recalls_inside_a_generation(gqa_model, policy):
-    with Llama(gqa_model, kv_budget=128, policy=policy, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+    with Llama(
+        gqa_model,
+        kv_budget=128,
+        policy=policy,
+        recall=True,
+        config=EngineConfig(n_ubatch=64, recall_in_generation=True),
+    ) as llm:
         forced, out = forced_completion(llm, FACTS, PROSE + CUE)
         assert out["choices"][0]["text"] == llm.detokenize(forced).decode()
         st = llm.stats
@@ -158,7 +170,7 @@ def test_recall_inside_a_generation_spends_at_most_its_share_of_the_decoding(gqa
     one token in SPEND of those generated (plus the one recall that crossed the line), and every token it decodes is
     counted."""
     budget, ubatch = 512, 64
-    with Llama(gqa_model, kv_budget=budget, config=EngineConfig(n_ubatch=ubatch)) as llm:
+    with Llama(gqa_model, kv_budget=budget, config=EngineConfig(n_ubatch=ubatch, recall_in_generation=True)) as llm:
         prompt = llm.tokenize("The quick brown fox. " * 3)
         n = 3 * budget
         out = llm.create_completion(prompt, max_tokens=n, temperature=0, logit_bias={llm.token_eos(): -1e9})

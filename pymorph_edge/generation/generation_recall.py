@@ -34,8 +34,10 @@ from pymorph_edge.engine.recall_select import SENTENCE_END, STOPWORDS
 
 logger = logging.getLogger(__name__)
 
-# recall inside a generation by default (EngineConfig(recall_in_generation=None))
-RECALL_IN_GENERATION = True
+# off by default (EngineConfig(recall_in_generation=None)): on SmolLM2 it matched the full cache on the teacher-forced
+# fact stream, but raised perplexity on real text from 11.29 to 11.71 at budget 512 (rare words in code and prose
+# brought back blocks the next tokens did not need; docs/recall.md, "Inside one generation")
+RECALL_IN_GENERATION = False
 MAX_MENTIONS = 2  # earlier mentions a word may have and still ask for what it named (see the module docstring)
 # True: a mention counts as held only while the rest of its sentence is live too, so a half-kept fact ("Maria" kept,
 # her code evicted) asks as well. Off (the default, measured): only a mention that is itself evicted asks; the
