@@ -190,7 +190,7 @@ def select(
         runs = [(lo, min(hi, before)) for lo, hi in runs if lo < before]
     if not runs:
         return []
-    bounds = (engine.log.start, min(engine.log.end, engine.n_past, engine.n_past if before is None else before))
+    bounds = (engine.log.start, min(engine.log.end, engine.n_past if before is None else min(engine.n_past, before)))
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     by = engine.config.recall_by
