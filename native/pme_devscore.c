@@ -45,6 +45,7 @@ static void dev_free(struct pme_dev * d) {
     if (d->kst_ctx) {
         ggml_free(d->kst_ctx);
     }
+    pme_devring_free(d);
     if (d->acc_ctx) {
         ggml_free(d->acc_ctx);
     }
@@ -76,7 +77,7 @@ static struct pme_dev * dev_open(pme_state * st, ggml_backend_dev_t device) {
     if (!d) {
         return NULL;
     }
-    const size_t nc = (size_t) st->cfg.n_cells, rows = (size_t) st->cfg.window + 2;
+    const size_t nc = (size_t) st->cfg.n_cells, rows = (size_t) st->cfg.window + 3;
     d->dev     = device;
     d->backend = ggml_backend_dev_init(device, NULL);
     d->meta_size =
@@ -113,6 +114,7 @@ static struct pme_dev * dev_open(pme_state * st, ggml_backend_dev_t device) {
         return NULL;
     }
     d->acc_serial = -1;
+    d->grp_serial = -1;
     return d;
 }
 
@@ -269,6 +271,9 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
     const int            has_sum = T > 1 && (reads & PME_READS_SUM) != 0;
     struct ggml_cgraph * gf      = ggml_new_graph_custom(ctx, PME_DEV_MAX_TENSORS, false);
     const size_t         f       = sizeof(float);
+    /* the ubatch's first graph also brings the ring group's next suffix sum next to what collect reads */
+    const int32_t        grp_k =
+        d->acc_serial != st->ub_serial ? pme_devring_copy_in(st, d, ctx, gf, (rows + has_max + has_sum) * n_kv) : -1;
     if (rows > 0) {
         struct ggml_tensor * ar = ggml_view_2d(ctx, d->acc, n_kv, rows, (size_t) n_kv * f, 0);
         ggml_build_forward_expand(gf, fold_heads(ctx, ar, s, n_kv, rows, (size_t) (T - rows) * s->nb[1], hkv));
@@ -300,13 +305,14 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
         st->ub_layers++;
         return 0;
     }
-    const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0) | (staged ? 16 : 0);
-    if (!(d->checked & (1 << kind))) {
+    const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0) | (staged ? 16 : 0) |
+                     (grp_k >= 0 ? 32 : 0);
+    if (!(d->checked & ((uint64_t) 1 << kind))) {
         if (!graph_supported(d, gf)) {
             ggml_free(ctx);
             return 1;
         }
-        d->checked |= 1 << kind;
+        d->checked |= (uint64_t) 1 << kind;
     }
     if (d->acc_serial != st->ub_serial) {
         /* a new ubatch: its accumulators start at zero, and the prompt's head weights go over with them */
@@ -335,6 +341,10 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
         return -1;
     }
     ggml_free(ctx);
+    if (grp_k >= 0) {
+        d->grp_serial = st->ub_serial;
+        d->grp_k      = grp_k;
+    }
     if (staged) {
         d->kst_layer[d->kst_slots++] = layer;
         st->kl_seen[layer] |= 4; /* the callback leaves this layer's keys to pme_devkeys_collect */
@@ -352,15 +362,30 @@ int pme_dev_collect(pme_state * st) {
         return 0;
     }
     const int64_t n_kv = d->n_kv, nc = st->cfg.n_cells, rows = d->rows;
-    const int64_t n  = (rows + d->has_max + d->has_sum) * n_kv;
-    const int     kk = pme_ub_kind(st);
+    /* a whole-window chunk whose every layer was folded here: its rows stay, as suffix sums (pme_devring.c), and
+     * only the first comes over; or the group's next suffix sum, copied in by this ubatch's first graph */
+    const int     group =
+        rows == st->cfg.window && pme_ring_groups(st) && d->layers == st->ub_layers && pme_devring_make(st, d) == 0;
+    const int     copied = !group && d->grp_serial == st->ub_serial && st->grp_on == PME_GRP_DEV;
+    const int64_t extra  = (rows + d->has_max + d->has_sum) * n_kv; /* where the suffix sum sits */
+    const int64_t lo     = group ? rows * n_kv : 0;
+    const int64_t n      = extra + (group ? n_kv : copied ? st->grp_n_kv : 0) - lo;
+    const int     kk     = pme_ub_kind(st);
     if (n > 0) {
-        ggml_backend_tensor_get(d->acc, d->host, 0, (size_t) n * sizeof(float));
+        ggml_backend_tensor_get(d->acc, d->host + lo, (size_t) lo * sizeof(float), (size_t) n * sizeof(float));
         st->d2h_bytes[kk] += n * (int64_t) sizeof(float);
         st->syncs[kk] += 1;
     }
+    if (group || copied) {
+        const int64_t k = group ? 0 : d->grp_k, nk = group ? n_kv : st->grp_n_kv;
+        float *       g = st->grp_sfx + k * nc;
+        memcpy(g, d->host + extra, (size_t) nk * sizeof(float));
+        memset(g + nk, 0, (size_t) (nc - nk) * sizeof(float));
+        st->ub_grp_dev  = group;
+        st->grp_fetched = (int32_t) k;
+    }
     /* the last `rows` of the window's ub_rows rows */
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; !group && r < rows; ++r) {
         float *       dst = st->ub_row_acc + (st->ub_rows - rows + r) * nc;
         const float * src = d->host + r * n_kv;
         for (int64_t c = 0; c < n_kv; ++c) {

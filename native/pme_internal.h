@@ -102,8 +102,19 @@ struct pme_state {
     float *                       ring;      /* (W, n_cells) attention rows of the last W decoded tokens (MorphKV) */
     int32_t                       ring_head; /* next row to overwrite */
     int32_t                       ring_count;
-    float * pscore; /* (n_cells) score persisting across ubatches (MorphKV prefill, H2O cumulative) */
-    float * score;  /* (n_cells) selection score of the last eviction pass */
+    /* the rows of a prompt ubatch that filled the whole ring (sum fusion), kept as suffix sums (pme_ring_group.c):
+     * grp_sfx row k = the sum of the group's rows k..W-1, so that where the rows were reduced on a device only the
+     * sum in use comes over, and each decode step brings the next one */
+    int32_t                       grp_on; /* PME_GRP_NONE, PME_GRP_HOST (every suffix sum in grp_sfx) or PME_GRP_DEV */
+    int32_t                       grp_head;    /* ring slot of the group's first (oldest) row */
+    int32_t                       grp_out;     /* the group's rows overwritten since: grp_sfx row grp_out is in use */
+    int32_t                       grp_fetched; /* PME_GRP_DEV: the row of grp_sfx fetched from the device, -1 none */
+    int32_t                       grp_n_kv;    /* cells the group's rows span */
+    float *                       grp_sfx;     /* (W, n_cells) */
+    uint8_t *                     grp_valid;   /* (n_cells) the cell still holds the token the group's rows measured */
+    int32_t ub_grp_dev; /* this ubatch's rows became a group on the device (pme_dev_collect): row 0 in grp_sfx */
+    float * pscore;     /* (n_cells) score persisting across ubatches (MorphKV prefill, H2O cumulative) */
+    float * score;      /* (n_cells) selection score of the last eviction pass */
 
     /* victims of one pass */
     pme_candidate * cand;       /* (n_cells) eviction candidates */
@@ -303,15 +314,25 @@ static inline int pme_ub_is_prompt(const pme_state * st) {
     return (st->ub_flags & (PME_UB_PREFILL | PME_UB_PROBE)) != 0;
 }
 
-void         pme_policy_reset(pme_state * st);
-void         pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
+void pme_policy_reset(pme_state * st);
+
+/* pme_ring_group.c: the MorphKV ring's suffix-summed group */
+enum { PME_GRP_NONE = 0, PME_GRP_HOST = 1, PME_GRP_DEV = 2 };
+
+int           pme_ring_groups(const pme_state * st);       /* this ubatch's rows form a group */
+void          pme_ring_roll(pme_state * st, int32_t rows); /* rows written over the ring: the group's first go */
+void          pme_ring_group_new(pme_state * st);          /* after the rows of a grouping ubatch are in */
+const float * pme_ring_group_row(pme_state * st);          /* the suffix sum in use (NULL: no group), masked */
+int           pme_ring_slot_grouped(const pme_state * st, int32_t slot);
+int           pme_ring_group_fetch_all(pme_state * st);    /* every suffix sum still in use into grp_sfx */
+void          pme_keylog_capture(pme_state * st, const struct ggml_tensor * node, int32_t il); /* pme_keylog.c */
 /* one token's K row (n_head_kv heads nb_head bytes apart, in the cache's type) into the key log's f16 staging */
-void         pme_keylog_store_row(pme_state * st, uint16_t * dst, const char * row, int type, size_t nb_head);
+void          pme_keylog_store_row(pme_state * st, uint16_t * dst, const char * row, int type, size_t nb_head);
 /* pme_kmirror.c: a layer's K view in host memory, copied whole once and then by the rows each ubatch wrote */
-const char * pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t layer);
-void         pme_kmirror_invalidate(pme_state * st);
-const char * pme_mask_rows(pme_state * st, const struct ggml_tensor * mask, int64_t n_tokens);
-void         pme_kmirror_free(pme_state * st);
+const char *  pme_k_rows(pme_state * st, const struct ggml_tensor * k, int32_t layer);
+void          pme_kmirror_invalidate(pme_state * st);
+const char *  pme_mask_rows(pme_state * st, const struct ggml_tensor * mask, int64_t n_tokens);
+void          pme_kmirror_free(pme_state * st);
 
 int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
 
@@ -319,5 +340,9 @@ int pme_is_pinned(const pme_state * st, int32_t pos); /* pme_pins.c */
 int  pme_dev_wants(const pme_state * st, const struct ggml_tensor * t);
 int  pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer);
 int  pme_dev_collect(pme_state * st);
+/* pme_devring.c: a group's suffix sums made on the device from this ubatch's rows (0, or 1: read the rows), and
+ * rows [k0, k1) of them read into grp_sfx */
+int  pme_devring_make(pme_state * st, struct pme_dev * d);
+int  pme_devring_read(pme_state * st, int32_t k0, int32_t k1);
 void pme_dev_free(pme_state * st);
 #endif

@@ -26,8 +26,10 @@ void pme_policy_reset(pme_state * st) {
     const size_t nc = (size_t) st->cfg.n_cells;
     memset(st->ring, 0, (size_t) st->cfg.window * nc * sizeof(float));
     memset(st->pscore, 0, nc * sizeof(float));
-    st->ring_head  = 0;
-    st->ring_count = 0;
+    st->ring_head   = 0;
+    st->ring_count  = 0;
+    st->grp_on      = PME_GRP_NONE;
+    st->grp_fetched = -1;
 }
 
 void pme_policy_forget_cell(pme_state * st, int32_t cell) {
@@ -35,7 +37,8 @@ void pme_policy_forget_cell(pme_state * st, int32_t cell) {
     for (int32_t r = 0; r < st->cfg.window; ++r) {
         st->ring[(size_t) r * nc + (size_t) cell] = 0.0f;
     }
-    st->pscore[cell] = 0.0f;
+    st->pscore[cell]    = 0.0f;
+    st->grp_valid[cell] = 0;
 }
 
 void pme_policy_observe(pme_state * st) {

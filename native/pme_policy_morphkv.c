@@ -12,12 +12,22 @@
 
 static void morphkv_observe(pme_state * st) {
     const size_t nc = (size_t) st->cfg.n_cells;
+    pme_ring_roll(st, st->ub_rows); /* the rows written now replace a whole-window group's oldest */
+    const int group = pme_ring_groups(st);
     for (int32_t r = 0; r < st->ub_rows; ++r) {
-        memcpy(st->ring + (size_t) st->ring_head * nc, st->ub_row_acc + (size_t) r * nc, nc * sizeof(float));
+        /* a group's rows live in its suffix sums (pme_ring_group.c); on a device they never came over */
+        if (st->ub_grp_dev) {
+            memset(st->ring + (size_t) st->ring_head * nc, 0, nc * sizeof(float));
+        } else {
+            memcpy(st->ring + (size_t) st->ring_head * nc, st->ub_row_acc + (size_t) r * nc, nc * sizeof(float));
+        }
         st->ring_head = (st->ring_head + 1) % st->cfg.window;
         if (st->ring_count < st->cfg.window) {
             st->ring_count++;
         }
+    }
+    if (group) {
+        pme_ring_group_new(st); /* ring_head is back where the group began */
     }
     const float d = st->cfg.prefill_decay;
     for (size_t c = 0; c < nc; ++c) {
@@ -44,7 +54,14 @@ static void morphkv_score(pme_state * st) {
     }
     float * fused = st->tmp;
     memset(fused, 0, nc * sizeof(float));
+    const float * group = pme_ring_group_row(st); /* a whole-window chunk's rows still in the ring, summed */
+    for (size_t c = 0; group && c < nc; ++c) {
+        fused[c] = st->grp_valid[c] ? group[c] : 0.0f;
+    }
     for (int32_t r = 0; r < st->ring_count; ++r) {
+        if (pme_ring_slot_grouped(st, r)) {
+            continue;
+        }
         const float * row = st->ring + (size_t) r * nc;
         if (st->cfg.fusion == PME_FUSION_MAX) {
             for (size_t c = 0; c < nc; ++c) {

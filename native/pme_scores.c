@@ -13,6 +13,7 @@ void pme_ubatch_reset_acc(pme_state * st) {
     int32_t      rows = st->ub_n < st->cfg.window ? st->ub_n : st->cfg.window;
     st->ub_rows       = rows;
     st->ub_layers     = 0;
+    st->ub_grp_dev    = 0;
     memset(st->ub_row_acc, 0, (size_t) rows * nc * sizeof(float));
     memset(st->ub_chunk_acc, 0, nc * sizeof(float));
     memset(st->ub_sum_acc, 0, nc * sizeof(float));

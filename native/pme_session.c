@@ -10,7 +10,7 @@
 #include <string.h>
 
 #define SESSION_MAGIC   0x53454d50u /* "PMES" little-endian */
-#define SESSION_VERSION 1u
+#define SESSION_VERSION 2u          /* 2: the ring group's suffix sums (version 1 files have none, grp_left 0) */
 
 typedef struct session_header {
     uint32_t magic;
@@ -20,7 +20,7 @@ typedef struct session_header {
     int32_t  window;
     int32_t  ring_head;
     int32_t  ring_count;
-    int32_t  reserved;
+    int32_t  grp_left; /* rows of a whole-window group still in the ring (pme_ring_group.c), 0 none */
     int64_t  n_live;
     int64_t  peak;
     int64_t  evicted;
@@ -30,17 +30,22 @@ typedef struct session_header {
     int64_t  lpos_offset;
 } session_header;
 
-/* bytes per live cell: position, logical position, persistent score, then ring_count ring values */
-static int64_t per_cell(int32_t ring_count) {
+/* bytes per live cell: position, logical position, persistent score, ring_count ring values, then the group's
+ * suffix sums still in use (grp_left of them) */
+static int64_t per_cell(int32_t ring_count, int32_t grp_left) {
     return (int64_t) (sizeof(int32_t) + sizeof(int64_t) + sizeof(float)) +
-           (int64_t) ring_count * (int64_t) sizeof(float);
+           (int64_t) (ring_count + grp_left) * (int64_t) sizeof(float);
+}
+
+static int32_t grp_left(const pme_state * st) {
+    return st->grp_on != PME_GRP_NONE ? st->cfg.window - st->grp_out : 0;
 }
 
 int64_t pme_session_size(const pme_state * st) {
     if (!st) {
         return -1;
     }
-    return (int64_t) sizeof(session_header) + st->n_live * per_cell(st->ring_count);
+    return (int64_t) sizeof(session_header) + st->n_live * per_cell(st->ring_count, grp_left(st));
 }
 
 int64_t pme_session_save(pme_state * st, void * buf, int64_t cap) {
@@ -52,11 +57,14 @@ int64_t pme_session_save(pme_state * st, void * buf, int64_t cap) {
         pme_set_error(st, "pme_session_save: buffer of %lld bytes, %lld needed", (long long) cap, (long long) need);
         return -1;
     }
-    session_header h = { SESSION_MAGIC,  SESSION_VERSION, st->cfg.policy, st->cfg.n_cells,
-                         st->cfg.window, st->ring_head,   st->ring_count, 0,
-                         st->n_live,     st->peak,        st->evicted,    st->evict_calls,
-                         st->ubatches,   st->compactions, st->lpos_offset };
-    char *         p = (char *) buf;
+    if (pme_ring_group_fetch_all(st) != 0) { /* sums still on a device come over once */
+        return -1;
+    }
+    const int32_t  left = grp_left(st);
+    session_header h    = { SESSION_MAGIC, SESSION_VERSION, st->cfg.policy, st->cfg.n_cells, st->cfg.window,
+                            st->ring_head, st->ring_count,  left,           st->n_live,      st->peak,
+                            st->evicted,   st->evict_calls, st->ubatches,   st->compactions, st->lpos_offset };
+    char *         p    = (char *) buf;
     memcpy(p, &h, sizeof h);
     p += sizeof h;
     const size_t nc = (size_t) st->cfg.n_cells;
@@ -74,6 +82,11 @@ int64_t pme_session_save(pme_state * st, void * buf, int64_t cap) {
             memcpy(p, &st->ring[(size_t) r * nc + (size_t) c], sizeof(float));
             p += sizeof(float);
         }
+        for (int32_t k = st->cfg.window - left; k < st->cfg.window; ++k) {
+            const float v = st->grp_valid[c] ? st->grp_sfx[(size_t) k * nc + (size_t) c] : 0.0f;
+            memcpy(p, &v, sizeof(float));
+            p += sizeof(float);
+        }
     }
     return need;
 }
@@ -89,7 +102,7 @@ int pme_session_load(pme_state * st, const void * buf, int64_t size) {
     }
     memcpy(&h, buf, sizeof h);
     /* every check comes before the state is touched: a bad file leaves the running state as it was */
-    if (h.magic != SESSION_MAGIC || h.version != SESSION_VERSION) {
+    if (h.magic != SESSION_MAGIC || h.version < 1 || h.version > SESSION_VERSION) {
         pme_set_error(st, "not a scorer state (magic %08x, version %u)", h.magic, h.version);
         return -1;
     }
@@ -99,27 +112,30 @@ int pme_session_load(pme_state * st, const void * buf, int64_t size) {
         return -1;
     }
     if (h.n_live < 0 || h.n_live > st->cfg.n_cells || h.ring_count < 0 || h.ring_count > st->cfg.window ||
-        h.ring_head < 0 || h.ring_head >= (h.window > 0 ? h.window : 1) || h.peak < h.n_live || h.evicted < 0) {
-        pme_set_error(st, "scorer state has out-of-range counts (n_live %lld, ring %d/%d)", (long long) h.n_live,
-                      h.ring_count, h.ring_head);
+        h.ring_head < 0 || h.ring_head >= (h.window > 0 ? h.window : 1) || h.peak < h.n_live || h.evicted < 0 ||
+        h.grp_left < 0 || h.grp_left > h.ring_count || (h.version < 2 && h.grp_left != 0)) {
+        pme_set_error(st, "scorer state has out-of-range counts (n_live %lld, ring %d/%d, group %d)",
+                      (long long) h.n_live, h.ring_count, h.ring_head, h.grp_left);
         return -1;
     }
-    if (size != (int64_t) sizeof h + h.n_live * per_cell(h.ring_count)) {
+    if (size != (int64_t) sizeof h + h.n_live * per_cell(h.ring_count, h.grp_left)) {
         pme_set_error(st, "scorer state of %lld bytes, expected %lld", (long long) size,
-                      (long long) ((int64_t) sizeof h + h.n_live * per_cell(h.ring_count)));
+                      (long long) ((int64_t) sizeof h + h.n_live * per_cell(h.ring_count, h.grp_left)));
         return -1;
     }
     const char * p = (const char *) buf + sizeof h;
     for (int64_t i = 0; i < h.n_live; ++i) { /* cells hold positions in any order, but none is negative */
         int32_t pos;
-        memcpy(&pos, p + i * per_cell(h.ring_count), sizeof pos);
+        memcpy(&pos, p + i * per_cell(h.ring_count, h.grp_left), sizeof pos);
         if (pos < 0) {
             pme_set_error(st, "scorer state has a negative position (%d) in cell %lld", pos, (long long) i);
             return -1;
         }
     }
     pme_reset(st);
-    const size_t nc = (size_t) st->cfg.n_cells;
+    const size_t  nc   = (size_t) st->cfg.n_cells;
+    const int32_t out0 = st->cfg.window - h.grp_left; /* the group's first suffix sum in use */
+    memset(st->grp_valid, 0, nc);                     /* cells past the loaded ones hold nothing the sums measured */
     for (int64_t i = 0; i < h.n_live; ++i) {
         const int32_t c = (int32_t) i;
         memcpy(&st->cell_pos[c], p, sizeof(int32_t));
@@ -132,6 +148,11 @@ int pme_session_load(pme_state * st, const void * buf, int64_t size) {
             memcpy(&st->ring[(size_t) r * nc + (size_t) c], p, sizeof(float));
             p += sizeof(float);
         }
+        for (int32_t k = out0; k < st->cfg.window; ++k) {
+            memcpy(&st->grp_sfx[(size_t) k * nc + (size_t) c], p, sizeof(float));
+            p += sizeof(float);
+        }
+        st->grp_valid[c] = 1;
     }
     st->n_live      = h.n_live;
     st->peak        = h.peak;
@@ -142,5 +163,11 @@ int pme_session_load(pme_state * st, const void * buf, int64_t size) {
     st->lpos_offset = h.lpos_offset;
     st->ring_head   = h.ring_head;
     st->ring_count  = h.ring_count;
+    if (h.grp_left > 0) { /* the next rows written replace the group's, oldest first, from ring_head */
+        st->grp_on   = PME_GRP_HOST;
+        st->grp_out  = out0;
+        st->grp_head = (h.ring_head - out0 + st->cfg.window) % st->cfg.window;
+        st->grp_n_kv = st->cfg.n_cells;
+    }
     return 0;
 }

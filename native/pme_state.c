@@ -87,6 +87,8 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->tmp          = calloc(nc, sizeof(float));
     st->row_sum      = calloc(nc, sizeof(double));
     st->ring         = calloc(w * nc, sizeof(float));
+    st->grp_sfx      = calloc(w * nc, sizeof(float));
+    st->grp_valid    = calloc(nc, 1);
     st->pscore       = calloc(nc, sizeof(float));
     st->score        = calloc(nc, sizeof(float));
     st->cand         = malloc(nc * sizeof(pme_candidate));
@@ -96,8 +98,8 @@ pme_state * pme_create(const pme_config * cfg, char * err, size_t err_len) {
     st->calib_acc    = calloc((size_t) cfg->n_layer * (size_t) cfg->n_head_kv, sizeof(float));
     if (!st->cell_pos || !st->cell_lpos || !st->layer_group || !st->layer_on || !st->layer_rank || !st->ub_pos ||
         !st->ub_cell || !st->kl_seen || !st->kl_scale || !st->ub_row_acc || !st->ub_chunk_acc || !st->ub_sum_acc ||
-        !st->tmp || !st->row_sum || !st->ring || !st->pscore || !st->score || !st->cand || !st->victim_pos ||
-        !st->calib_target || !st->calib_cell || !st->calib_acc) {
+        !st->tmp || !st->row_sum || !st->ring || !st->grp_sfx || !st->grp_valid || !st->pscore || !st->score ||
+        !st->cand || !st->victim_pos || !st->calib_target || !st->calib_cell || !st->calib_acc) {
         pme_free(st);
         write_err(err, err_len, "pme_create: out of memory");
         return NULL;
@@ -134,6 +136,8 @@ void pme_free(pme_state * st) {
     free(st->score);
     free(st->pscore);
     free(st->ring);
+    free(st->grp_sfx);
+    free(st->grp_valid);
     free(st->row_sum);
     free(st->tmp);
     free(st->ub_sum_acc);

@@ -119,16 +119,18 @@ def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_e
 @pytest.mark.slow
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_rpc_scoring_copies_a_few_bytes_per_cell(flash_attn, rpc_endpoint, smollm2_path):
-    """Scores are reduced where the attention lives: per decoded token the host receives one float per cell (and
-    the cell index), per prompt chunk the window's rows plus the chunk's max and sum, never the attention matrix
-    (n_kv x n_head floats a layer) or the K cache. Recall off: its key log copies each new token's keys."""
+    """Scores are reduced where the attention lives: per decoded token the host receives one float per cell (two in
+    the W steps after a chunk that filled the window: that chunk's rows still in the ring, summed), per prompt
+    chunk its max and the sum of its window's rows (native/pme_devring.c), never the attention matrix (n_kv x
+    n_head floats a layer) or the K cache. Issue 21's bounds: 16 bytes a cell per step, 64 per chunk. Recall off:
+    its key log copies each new token's keys."""
     run = _run(smollm2_path, rpc_endpoint, "morphkv", flash_attn, "f16", SIZES["smollm2"], recall=False)
     s = run["stats"]
     n_cells = s.n_ctx  # the scored cache's cells (budget + n_ubatch, padded)
     window = 32
     assert s.tokens_evicted > 0
-    assert s.d2h_bytes_per_decode_step <= 4 * n_cells + 8
-    assert s.d2h_bytes_per_prompt_chunk <= (window + 2) * 4 * n_cells + 8 * 128
+    assert s.d2h_bytes_per_decode_step <= 2 * 4 * n_cells + 8
+    assert s.d2h_bytes_per_prompt_chunk <= (window + 2) * 4 * n_cells / 2  # was all W rows: 132 bytes a cell
     # one synchronisation per scored layer (the node asked for) plus one read of the scores
     assert s.syncs_per_decode_step == 30 + 1
 
