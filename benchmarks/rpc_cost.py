@@ -2,7 +2,7 @@
 
 usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K [--rotate-layers]]
                                     [--out benchmarks/results/rpc-cost-smollm2]
-SmolLM2, a 1.2K-token prompt then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
+SmolLM2, a 1.2K-token prompt (--prompt-tokens) then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
 off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. On RPC MorphKV runs
 twice: scores reduced on the backend (native/pme_devscore.c, the default) and, as before it existed, the attention
 copied to the host ("copy path"). Reports each run's wall time, MorphKV / full on the same backend, and what
@@ -56,20 +56,35 @@ def one(
     scores: str = "auto",
     layers: int | None = None,
     rotate: bool = False,
+    prompt_tokens: int = 1200,
 ) -> dict:
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {}
     cfg = EngineConfig(
         flash_attn=flash_attn,
-        n_ctx=2048 if budget is None else None,
+        n_ctx=max(2048, prompt_tokens + 256) if budget is None else None,
         score_layers=layers if budget else None,
         rotate_layers=bool(rotate and budget),
     )
     if budget is not None:
         kw["recall"] = recall
     with Llama(path, kv_budget=budget, config=cfg, **kw) as llm:
+        most = [0]  # the most one prompt ubatch (a chunk or a probe) sent
         if llm.engine.scorer is not None:
             llm.engine.scorer.backend_scores(scores)
-        prompt = llm.tokenize((TEXT * 60).encode())[:1200]
+            begin, end = llm.engine.scorer.begin, llm.engine.scorer.end
+            at = [0]
+
+            def begin_counting(*a: object, **kw: object) -> None:
+                at[0] = llm.stats.prompt_d2h_bytes  # the copy path copies during the decode, the backend's at end
+                begin(*a, **kw)
+
+            def end_counting() -> None:
+                end()
+                most[0] = max(most[0], llm.stats.prompt_d2h_bytes - at[0])
+
+            llm.engine.scorer.begin = begin_counting
+            llm.engine.scorer.end = end_counting
+        prompt = llm.tokenize((TEXT * (prompt_tokens // 20 + 10)).encode())[:prompt_tokens]
         t0 = time.perf_counter()
         n = 0
         for _ in llm.generate(prompt, temp=0.0, logit_bias={llm.token_eos(): -1e9}):
@@ -86,6 +101,7 @@ def one(
             "peak_cells": s.peak_cells,
             "d2h_bytes_per_decode_step": s.d2h_bytes_per_decode_step,
             "d2h_bytes_per_prompt_chunk": s.d2h_bytes_per_prompt_chunk,
+            "max_d2h_bytes_prompt_chunk": most[0],
             "syncs_per_decode_step": s.syncs_per_decode_step,
             "syncs_per_prompt_chunk": s.syncs_per_prompt_chunk,
         }
@@ -101,6 +117,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=512)
     ap.add_argument("--score-layers", type=int, default=None, help="EngineConfig(score_layers=...): layers read")
     ap.add_argument("--rotate-layers", action="store_true", help="with --score-layers: in turn (rotate_layers)")
+    ap.add_argument("--prompt-tokens", type=int, default=1200, help="prompt length (default 1200)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     recall = False if args.no_recall else None
@@ -111,10 +128,20 @@ def main() -> None:
         for r in range(args.rounds):
             for backend, rpc in (("cpu", None), ("rpc", endpoint)):
                 for fa in (False, True):
-                    full = one(path, rpc, None, fa)
+                    full = one(path, rpc, None, fa, prompt_tokens=args.prompt_tokens)
                     # on RPC also the copy path, as before scores were reduced on the backend
                     for scores in ("auto", "never") if rpc else ("auto",):
-                        bounded = one(path, rpc, args.budget, fa, recall, scores, args.score_layers, args.rotate_layers)
+                        bounded = one(
+                            path,
+                            rpc,
+                            args.budget,
+                            fa,
+                            recall,
+                            scores,
+                            args.score_layers,
+                            args.rotate_layers,
+                            args.prompt_tokens,
+                        )
                         row = {
                             "round": r + 1,
                             "backend": backend,
@@ -152,15 +179,16 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"`{command}`",
         "",
-        f"1.2K-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
+        f"{args.prompt_tokens}-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
         f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores. Recall "
         f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}. MorphKV read "
         f"{args.score_layers or 'every'} layer(s) (EngineConfig(score_layers)"
         f"{', rotating a decode step at a time' if args.rotate_layers else ''}).",
         "",
         f"| round | backend | scores | flash attention | full cache (s) | MorphKV {args.budget} (s) | MorphKV / full | "
-        "device->host per decode step | per cell | per prompt chunk | per cell | syncs per step; per chunk |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "device->host per decode step | per cell | per prompt chunk | per cell | most in one chunk, per cell | "
+        "syncs per step; per chunk |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         f, m = row["full"], row["morphkv"]
@@ -169,7 +197,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{f['seconds']:.2f} | {m['seconds']:.2f} | {m['seconds'] / f['seconds']:.2f}x | "
             f"{m['d2h_bytes_per_decode_step'] / 1e3:.1f} KB | {m['d2h_bytes_per_decode_step'] / m['n_ctx']:.1f} B | "
             f"{m['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB | {m['d2h_bytes_per_prompt_chunk'] / m['n_ctx']:.0f} B | "
-            f"{m['syncs_per_decode_step']:.0f}; {m['syncs_per_prompt_chunk']:.0f} |"
+            f"{m.get('max_d2h_bytes_prompt_chunk', 0) / m['n_ctx']:.0f} B | {m['syncs_per_decode_step']:.0f}; {m['syncs_per_prompt_chunk']:.0f} |"
         )
     lines += [
         "",
