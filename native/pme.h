@@ -151,6 +151,8 @@ int              pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell
 int              pme_test_observe(pme_state * st, const float * attn, int32_t n_kv, int32_t n_tokens, int32_t n_head);
 int              pme_test_select(pme_state * st, int32_t next_pos, int32_t * out_pos, int32_t cap);
 int              pme_test_scores(const pme_state * st, float * out, int32_t cap);
+/* the token in cell `cell` is gone (as an eviction frees it): its scores are forgotten */
+int              pme_test_free_cell(pme_state * st, int32_t cell);
 /* enable 1: from now on, with flash attention on, every flash attention node also has its output rebuilt from
  * the recomputed rows and V (out[0] = max |difference|, out[1] = max |output|); with it off, every kq_soft_max
  * node's rows are also recomputed the flash attention way from Q, K and the mask (out[0] = max |difference|,

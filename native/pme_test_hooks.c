@@ -56,6 +56,14 @@ int pme_test_scores(const pme_state * st, float * out, int32_t cap) {
     return n;
 }
 
+int pme_test_free_cell(pme_state * st, int32_t cell) {
+    if (!st || cell < 0 || cell >= st->cfg.n_cells) {
+        return -1;
+    }
+    pme_cell_free(st, cell);
+    return 0;
+}
+
 int pme_test_force_copy(pme_state * st, int32_t enable) {
     if (!st) {
         return -1;

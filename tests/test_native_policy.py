@@ -171,3 +171,29 @@ def test_prompt_evictions_pool_even_when_decode_steps_do_not():
     victims = set(st.select(next_pos=10))
     assert victims == {0, 2, 6, 7}  # 3 and 5 ride on cell 4's score
     st.close()
+
+
+def test_a_chunk_that_fills_the_window_scores_as_its_rows_summed():
+    """A prompt chunk of at least W tokens writes the whole ring, and its rows are kept as suffix sums
+    (native/pme_ring_group.c, so that on a device only the sum in use crosses). Each decode step after it must score
+    what the plain ring of the last W rows scores, and a cell freed since the chunk keeps none of the rows it had."""
+    w = 4
+    st = NativeState(n_cells=16, budget=8, window=w)
+    fill(st, 12)
+    rng = np.random.default_rng(1)
+    chunk = rng.random((1, 6, 16)).astype(np.float32)
+    st.step(chunk, list(range(12, 18)), prefill=True)
+    rows = [r.astype(np.float64) for r in chunk[0, -w:]]
+    scores = st.ffi.new("float[]", 16)
+    for k in range(w + 2):  # the chunk's rows roll out one a step, then none is left
+        if k == 1:
+            assert st.lib.pme_test_free_cell(st.st, 3) == 0
+            for r in rows:
+                r[3] = 0.0
+        d = rng.random((1, 1, 16)).astype(np.float32)
+        st.step(d, [18 + k], prefill=False)
+        rows = (rows + [d[0, 0].astype(np.float64)])[-w:]
+        st.select(next_pos=19 + k)
+        assert st.lib.pme_test_scores(st.st, scores, 16) == 16
+        np.testing.assert_allclose(np.frombuffer(st.ffi.buffer(scores), np.float32), np.sum(rows, axis=0), rtol=1e-6)
+    st.close()
