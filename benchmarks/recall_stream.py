@@ -80,6 +80,8 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
     config, *flags = config.split("+")
     # "+sentence": a mention whose sentence lost a token asks too (generation_recall.WHOLE_SENTENCE_HELD)
     generation_recall.WHOLE_SENTENCE_HELD = "sentence" in flags
+    # "+back": the block goes before the last 32 tokens, not before the sentence in progress (BEFORE_WINDOW)
+    generation_recall.BEFORE_WINDOW = "back" in flags
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")

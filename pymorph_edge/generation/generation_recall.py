@@ -47,6 +47,10 @@ WHOLE_SENTENCE_HELD = False
 # sentence decoded again after it), so text full of rare words (code, identifiers, a model writing noise) cannot
 # make it cost more than that; the teacher-forced stream spends about one in twenty (docs/recall.md)
 SPEND = 8
+# True: the block goes before the last BACK tokens (the recent window stays whole after it) instead of before the
+# sentence in progress; an A/B (recall_stream's "+back"), measured in docs/recall.md
+BEFORE_WINDOW = False
+BACK = 32
 # a word mentioned this often is common: its mentions are no longer stored (it never asks again), so the index of a
 # long conversation holds the rare words' mentions only
 COMMON = 16
@@ -225,7 +229,8 @@ class GenerationRecall:
         t0 = time.perf_counter()
         # at least the last token is decoded again, for the next token's logits, and at most one ubatch; none that
         # is evicted (truncate keeps what precedes its live tail)
-        cut = min(max(sentence, engine.live_from(), engine.n_past - engine.n_batch), engine.n_past - 1)
+        at = engine.n_past - BACK if BEFORE_WINDOW else sentence
+        cut = min(max(at, engine.live_from(), engine.n_past - engine.n_batch), engine.n_past - 1)
         tail = engine.history.tail(engine.n_past - cut)
         before = min(sentence, cut)  # what the sentence in progress lost is not earlier text
         query = engine.log.tokens(sentence, engine.n_past)  # the sentence so far, though only its end is decoded again
