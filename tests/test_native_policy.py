@@ -197,3 +197,51 @@ def test_a_chunk_that_fills_the_window_scores_as_its_rows_summed():
         assert st.lib.pme_test_scores(st.st, scores, 16) == 16
         np.testing.assert_allclose(np.frombuffer(st.ffi.buffer(scores), np.float32), np.sum(rows, axis=0), rtol=1e-6)
     st.close()
+
+
+def _saved(st):
+    n = st.lib.pme_session_size(st.st)
+    buf = st.ffi.new("char[]", n)
+    assert st.lib.pme_session_save(st.st, buf, n) == n
+    return bytearray(st.ffi.buffer(buf, n))
+
+
+def _scores_after_a_step(st, d):
+    st.step(d, [30], prefill=False)
+    st.select(next_pos=31)
+    out = st.ffi.new("float[]", 16)
+    st.lib.pme_test_scores(st.st, out, 16)
+    return np.frombuffer(st.ffi.buffer(out), np.float32)[:12].copy()  # the live cells: a state saves only those
+
+
+def test_a_scorer_state_keeps_the_windows_sums_and_version_1_states_still_load():
+    """A state saved while a whole-window chunk's rows are still in the ring (version 2) carries their suffix sums:
+    the loaded state scores the next step as the saved one. A version 1 state (before the sums; its group field was
+    a reserved 0) still loads, and one that claims a group is refused, leaving the running state as it was."""
+    rng = np.random.default_rng(2)
+    a = NativeState(n_cells=16, budget=8, window=4)
+    fill(a, 12)
+    a.step(rng.random((1, 6, 16)).astype(np.float32), list(range(12, 18)), prefill=True)
+    a.step(rng.random((1, 1, 16)).astype(np.float32), [18], prefill=False)  # 3 of the chunk's 4 rows left
+    blob = _saved(a)
+    version, grp_left = int.from_bytes(blob[4:8], "little"), int.from_bytes(blob[28:32], "little", signed=True)
+    assert (version, grp_left) == (2, 3)
+    b = NativeState(n_cells=16, budget=8, window=4)
+    assert b.lib.pme_session_load(b.st, b.ffi.from_buffer(blob), len(blob)) == 0, b.error
+    d = rng.random((1, 1, 16)).astype(np.float32)
+    assert np.array_equal(_scores_after_a_step(a, d), _scores_after_a_step(b, d))
+    # version 1: no group (four more steps roll the chunk's rows out), the version field set back
+    for k in range(4):
+        a.step(rng.random((1, 1, 16)).astype(np.float32), [31 + k], prefill=False)
+    old = _saved(a)
+    assert int.from_bytes(old[28:32], "little") == 0
+    old[4:8] = (1).to_bytes(4, "little")
+    c = NativeState(n_cells=16, budget=8, window=4)
+    assert c.lib.pme_session_load(c.st, c.ffi.from_buffer(old), len(old)) == 0, c.error
+    assert np.array_equal(_scores_after_a_step(a, d), _scores_after_a_step(c, d))
+    bad = bytearray(blob)
+    bad[4:8] = (1).to_bytes(4, "little")  # a version 1 state cannot hold a group
+    assert c.lib.pme_session_load(c.st, c.ffi.from_buffer(bad), len(bad)) != 0
+    assert "group 3" in c.error
+    for s in (a, b, c):
+        s.close()
