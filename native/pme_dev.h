@@ -46,6 +46,9 @@ struct pme_dev {
     int32_t               grp_k;
 };
 
+/* whether the device runs every op of gf (views aside) */
+int pme_dev_graph_supported(struct pme_dev * d, struct ggml_cgraph * gf);
+
 /* pme_devring.c: add to the ubatch's first graph a copy of the suffix sum its rows will bring into use, at acc
  * offset off (floats); the sum's index, or -1 when none is due */
 int32_t pme_devring_copy_in(pme_state *           st,

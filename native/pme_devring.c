@@ -47,7 +47,10 @@ static int grp_alloc(pme_state * st, struct pme_dev * d) {
 
 int pme_devring_make(pme_state * st, struct pme_dev * d) {
     const int32_t w = st->cfg.window;
-    if (d->grp_ok < 0 || d->rows != w || grp_alloc(st, d) != 0) {
+    if (d->rows != w) {
+        return 1;
+    }
+    if (d->grp_ok < 0 || grp_alloc(st, d) != 0) {
         d->grp_ok = -1;
         return 1;
     }
@@ -73,16 +76,11 @@ int pme_devring_make(pme_state * st, struct pme_dev * d) {
         }
     }
     if (d->grp_ok == 0) {
-        for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
-            struct ggml_tensor * n = ggml_graph_node(gf, i);
-            if (n->op != GGML_OP_VIEW && n->op != GGML_OP_RESHAPE && n->op != GGML_OP_TRANSPOSE &&
-                !ggml_backend_supports_op(d->backend, n)) {
-                d->grp_ok = -1;
-                ggml_free(ctx);
-                return 1;
-            }
-        }
-        d->grp_ok = 1;
+        d->grp_ok = pme_dev_graph_supported(d, gf) ? 1 : -1;
+    }
+    if (d->grp_ok < 0) {
+        ggml_free(ctx);
+        return 1;
     }
     if (!ggml_gallocr_alloc_graph(d->galloc, gf) || ggml_backend_graph_compute(d->backend, gf) != GGML_STATUS_SUCCESS) {
         ggml_free(ctx);

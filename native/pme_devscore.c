@@ -192,7 +192,7 @@ static struct ggml_tensor * fold_heads(struct ggml_context * ctx,
     return acc;
 }
 
-static int graph_supported(struct pme_dev * d, struct ggml_cgraph * gf) {
+int pme_dev_graph_supported(struct pme_dev * d, struct ggml_cgraph * gf) {
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         struct ggml_tensor * n = ggml_graph_node(gf, i);
         if (n->op != GGML_OP_VIEW && !ggml_backend_supports_op(d->backend, n)) {
@@ -308,7 +308,7 @@ int pme_dev_fold(pme_state * st, const struct ggml_tensor * node, int32_t layer)
     const int kind = (fa ? 1 : 0) | (T > 1 ? 2 : 0) | (has_max ? 4 : 0) | (has_sum ? 8 : 0) | (staged ? 16 : 0) |
                      (grp_k >= 0 ? 32 : 0);
     if (!(d->checked & ((uint64_t) 1 << kind))) {
-        if (!graph_supported(d, gf)) {
+        if (!pme_dev_graph_supported(d, gf)) {
             ggml_free(ctx);
             return 1;
         }
