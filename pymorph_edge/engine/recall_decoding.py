@@ -108,10 +108,7 @@ class RecallDecoding:
         self.scorer.set_pins(self.n_keep, lo_pos, lo_pos + m)
         for part in (prefix, None, suffix):
             if part is None:
-                for lo, hi in runs:
-                    if not self.restore_run(list(range(lo, hi)), self.log.tokens(lo, hi), self.next_pos):
-                        raise RuntimeError(f"saved KV of tokens [{lo}, {hi}) went missing while restoring")
-                    self.next_pos += hi - lo
+                self._restore_each(runs)
             elif part:
                 self._decode_ubatch(list(part), self.next_pos, False, False)
                 self.next_pos += len(part)
@@ -131,13 +128,18 @@ class RecallDecoding:
         lo_pos = self.next_pos
         self.consistent = False
         self.scorer.set_pins(self.n_keep, lo_pos - pinned_before, lo_pos + m)
+        self._restore_each(runs)
+        self.scorer.mark_recalled(lo_pos, list(lpos))
+        self.scorer.evict(self.mem, SEQ, self.next_pos)
+        self.consistent = True
+
+    def _restore_each(self: KVEngine, runs: list[tuple[int, int]]) -> None:
+        """Restore runs of logical positions one after another at the next positions (restorable() said they are
+        all saved, so one that is not is an error, not a fallback: the block's positions are already pinned)."""
         for lo, hi in runs:
             if not self.restore_run(list(range(lo, hi)), self.log.tokens(lo, hi), self.next_pos):
                 raise RuntimeError(f"saved KV of tokens [{lo}, {hi}) went missing while restoring")
             self.next_pos += hi - lo
-        self.scorer.mark_recalled(lo_pos, list(lpos))
-        self.scorer.evict(self.mem, SEQ, self.next_pos)
-        self.consistent = True
 
     def restore_run(self: KVEngine, lpos: list[int], tokens: Sequence[int], pos_new: int) -> bool:
         """Put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
