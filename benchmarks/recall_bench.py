@@ -19,7 +19,9 @@ decodes a recalled block inside the new text's first ubatch, "+own" puts a chat 
 own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+next" recalls attention's pick with the sentence after it ("+alone", its
 opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (no label) and "+after" (the block
 after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals); "+front" puts a
-completion's block before all of the new text, the way before stop 37. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+completion's block before all of the new text, the way before stop 37. With `--paste N` the dialogue's question
+comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
+(recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.model.default_model import resolve_model
 
 IS_RIVAL, ON_CUE = recall_module.is_rival, recall_module.on_cue
+NEXT_TO_CUE = placement.NEXT_TO_CUE_TOKENS
 SHORT_PREFIX, LONG_PREFIX = placement.RECALLED_PREFIX, "(From earlier in this conversation:) "
 
 
@@ -72,6 +75,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "own" not in flags
     placement.BLOCK_AFTER_WORDS = "after" in flags  # "+after": the block after the user's own words
+    placement.NEXT_TO_CUE_TOKENS = (
+        0 if "start" in flags else NEXT_TO_CUE
+    )  # "+start": a long message's block at its start
     # "+front": a completion's block before all of the new text, as before stop 37 (not just before its last sentence)
     placement.BEFORE_LAST_SENTENCE = "front" not in flags
     # "+bare": the recalled text with no label at all (4 tokens fewer than "(Earlier:) " under SmolLM2's vocabulary)
@@ -167,7 +173,7 @@ def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
     return out
 
 
-def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
+def dialogue(llm: Llama, set_name: str, n: int, paste: int = 0) -> list[dict]:
     s = SETS[set_name]
     rng = random.Random(s["seed"])
     out = []
@@ -184,6 +190,9 @@ def dialogue(llm: Llama, set_name: str, n: int) -> list[dict]:
             r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)
             msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
         distance = llm.engine.n_past
+        if paste:  # the question after a pasted text, in the same message (a long message: NEXT_TO_CUE_TOKENS)
+            prose = " ".join(filler(set_name, paste, s["seed"] + i))
+            question = f"Here is a passage I am reading:\n\n{prose}\n\nAnyway, {question[:1].lower()}{question[1:]}"
         msgs.append({"role": "user", "content": question})
         t0 = time.perf_counter()
         ans = llm.create_chat_completion(msgs, max_tokens=24, temperature=0.0)["choices"][0]["message"]["content"]
@@ -222,6 +231,7 @@ def main() -> None:
     ap.add_argument(
         "--single", action="store_true", help="continuation: each request the whole text so far, in an emptied cache"
     )
+    ap.add_argument("--paste", type=int, default=0, help="dialogue: sentences of prose pasted before the question")
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
     ap.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the model's)"
@@ -238,7 +248,7 @@ def main() -> None:
             trials = (
                 continuation(llm, set_name, args.single)
                 if args.task == "continuation"
-                else dialogue(llm, set_name, args.dialogues)
+                else dialogue(llm, set_name, args.dialogues, args.paste)
             )
             st = llm.stats
             row = {

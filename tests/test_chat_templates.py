@@ -166,3 +166,59 @@ def test_every_builtin_template_places_a_recalled_block():
         assert RECALLED_ACK not in text_of(block), name  # the last resort is never needed here
         inside += place.skip > 0
     assert len(names) > 40 and inside >= len(names) - 3
+
+
+def test_a_long_message_takes_the_block_just_before_its_last_sentence(monkeypatch):
+    """A user message longer than NEXT_TO_CUE_TOKENS (a pasted text, then the question) takes the block between its
+    last two sentences, so the fact sits next to the question; the head then holds the message's own text, so it is
+    the query and is chunked as the request's. The cut must fall on a token boundary: after the blank line or space
+    that ends the sentence before, else (a tokenizer whose words carry their leading space) right after its
+    punctuation, with a blank line on each side. A short message, or NEXT_TO_CUE_TOKENS = 0, keeps the block at its
+    start. The rendered turn is always the message with the block written into it."""
+    import re
+
+    from pymorph_edge.generation import recall_placement
+    from pymorph_edge.generation.recall_placement import INLINE_GAP, chat_placement
+
+    chars = lambda text: [ord(c) for c in text]  # noqa: E731
+    vocab: dict[str, int] = {}
+    spelled: dict[int, str] = {}
+
+    def words(text: str) -> list[int]:  # GPT-2-like: a word's token carries the space before it
+        out = []
+        for piece in re.findall(r" ?[^\s]+|\s", text):
+            out.append(vocab.setdefault(piece, len(vocab) + 1))
+            spelled[out[-1]] = piece
+        return out
+
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    fmt = ChatFormatter(chatml, "<s>", "</s>")
+    turn = ChatTurn(
+        2, "", [{"role": "user", "content": "My PIN is 12345."}, {"role": "assistant", "content": "Ok"}], [], ""
+    )
+    fact = RECALLED_PREFIX + "My PIN is 12345."
+    paste = "Here are my notes. " + "The sky was grey and the sea was calm. " * 3
+    cases = [  # (message, tokenizer, cue tokens, the head's end, the block, the rest's start)
+        (paste + "What was my PIN?", chars, 32, "calm. ", fact + INLINE_GAP, "What was my PIN?"),
+        (paste.rstrip() + "\n\nWhat was my PIN?", chars, 32, "calm.\n\n", fact + INLINE_GAP, "What was my PIN?"),
+        (paste + "What was my PIN?", words, 8, "calm.", INLINE_GAP + fact + INLINE_GAP, " What was my PIN?"),
+        (paste + "What was my PIN?", chars, 0, "user\n", fact + INLINE_GAP, "Here are"),
+        ("Hi again. What was my PIN?", chars, 32, "user\n", fact + INLINE_GAP, "Hi again."),
+    ]
+    for message, tok, cue_tokens, head_end, want, rest_start in cases:
+        monkeypatch.setattr(recall_placement, "NEXT_TO_CUE_TOKENS", cue_tokens)
+        text_of = (
+            (lambda ids: "".join(map(chr, ids))) if tok is chars else (lambda ids: "".join(spelled[i] for i in ids))
+        )
+        new = [{"role": "user", "content": message}]
+        suffix = text_after_answer(turn, new, fmt)
+        place = chat_placement(turn, new, suffix, fmt, tok, text_of)
+        head, rest = text_of(tok(suffix)[: place.skip]), text_of(tok(suffix)[place.skip :])
+        block = text_of(place.wrap(tok(" My PIN is 12345.")))
+        assert head.endswith(head_end) and block == want and rest.startswith(rest_start), (message, cue_tokens)
+        assert place.head_is_text == place.query_in_head == (head_end not in ("user\n",))
+        joined = message.replace(rest_start, want + rest_start, 1) if head_end != "user\n" else want + message
+        assert head + block + rest == text_after_answer(turn, [{"role": "user", "content": joined}], fmt)

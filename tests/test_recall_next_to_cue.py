@@ -111,3 +111,31 @@ def test_a_completion_that_fits_the_cache_or_echoes_logprobs_is_not_cut(gqa_mode
         out = llm.create_completion(FACTS + FILLER + FILLER + CUE, max_tokens=1, echo=True, logprobs=1)
         assert llm.stats.tokens_evicted > 0 and llm.stats.recall_checks == 0  # every prompt row was read in order
         assert len(out["choices"][0]["logprobs"]["tokens"]) > 100
+
+
+@pytest.mark.parametrize("cue_tokens", [32, 0])
+def test_a_long_chat_messages_block_sits_just_before_its_question(smollm2_path, monkeypatch, cue_tokens):
+    """A user message longer than NEXT_TO_CUE_TOKENS (a pasted text, then the question) has the recalled sentence
+    between its text and its question in the cache, as a completion does; with the setting at 0, at the message's
+    start, before the pasted text, as before. (SmolLM2: the synthetic vocabulary's dummy space prefix refuses any
+    cut inside a message, so its chats take a message of their own.)"""
+    monkeypatch.setattr(recall_placement, "NEXT_TO_CUE_TOKENS", cue_tokens)
+    with Llama(smollm2_path, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=256)) as llm:
+        llm.create_chat_completion(
+            [{"role": "user", "content": "My PIN is 48213. " + FILLER}], max_tokens=24, temperature=0.0
+        )
+        llm.continue_chat([{"role": "user", "content": "Tell me more. " + FILLER}], max_tokens=24, temperature=0.0)
+        assert llm.stats.tokens_evicted > 100
+        llm.continue_chat([{"role": "user", "content": FILLER + "What was my PIN?"}], max_tokens=1, temperature=0.0)
+        lo, hi, spans = llm.engine.recall_state.blocks[-1]
+        assert any("48213" in llm.detokenize(llm.engine.log.tokens(a, b)).decode() for a, b, _ in spans)
+        pos = _positions(llm)
+        block = [pos[lp] for lp in range(lo, hi) if lp in pos]
+        at = {p: lp for lp, p in pos.items() if lp < BLOCK_LPOS}
+        assert len(block) == hi - lo  # the whole block is live (pinned until the question was decoded)
+        log = llm.engine.log
+        spell = lambda lp: llm.detokenize(log.tokens(lp, lp + 3)).decode().strip()  # noqa: E731
+        q = next(lp for lp in range(llm.engine.n_past - 1, 0, -1) if spell(lp).startswith("What was"))
+        next_lp = at[min(p for p in at if p > max(block))]  # what the cache holds right after the block
+        assert q in pos and pos[q] > max(block)
+        assert next_lp == q if cue_tokens else next_lp < q  # the question itself, or the pasted text before it

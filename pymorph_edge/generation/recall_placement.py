@@ -4,7 +4,10 @@ Three shapes, the first the template renders as a prefix of the turn:
 1. the start of the new user message: its header is decoded first, then the block ("(Earlier:) ..." and a blank
    line), then the user's own words. Since stop 34 the first choice: it is 5 tokens shorter under ChatML than a
    message of its own, and on 7 dialogue sets each it answered as often on SmolLM2 (35 of 56 against 34) and more
-   often on Gemma 3 (docs/recall.md, "A shorter block");
+   often on Gemma 3 (docs/recall.md, "A shorter block"). A message longer than NEXT_TO_CUE_TOKENS (a pasted text,
+   then the question) takes the block just before its last sentence instead, as a completion does, so the fact
+   sits next to the question that asked for it rather than a whole paste away (docs/recall.md, "Next to the cue
+   in a long message");
 2. a user message of its own just before the new messages, where the first cannot be placed (the new text does not
    open with a user message of plain text, or the message cannot be cut on a token boundary);
 3. a user message followed by a short assistant acknowledgement, when the second shape is refused too (a template
@@ -34,6 +37,10 @@ INLINE_GAP = "\n\n"  # between the recalled text and the user's own words, in th
 PREFER_INLINE = True
 # in shape 1, the block after the user's own words instead of before them (recall_bench's "+after")
 BLOCK_AFTER_WORDS = False
+# a user message longer than this many tokens takes its block just before its last sentence (0: always at its
+# start, as before stop 40; recall_bench's "+start"). MorphKV's window: a shorter message keeps its start among the
+# question's last W tokens, so the block is near the cue already
+NEXT_TO_CUE_TOKENS = 32
 # a completion's block just before the new text's last sentence (the cue it stops on) rather than before all of it:
 # a continuation request of ~500 tokens otherwise leaves the fact 500 tokens from its cue (docs/recall.md, "Next
 # to the cue"; recall_bench's "+front" turns it off)
@@ -49,6 +56,9 @@ class RecallPlacement:
     skip: int = 0
     around: Around | None = None  # the wrap's tokens before and after raw ids, for a restored block (recall.py)
     query_in_head: bool = False  # the user's words are in the skipped head (BLOCK_AFTER_WORDS): choose by all of it
+    # the head holds the message's text up to its last sentence (NEXT_TO_CUE_TOKENS): it is chunked and probed as the
+    # whole request would be (engine/recall.py's `then`)
+    head_is_text: bool = False
 
 
 Tokenize = Callable[[str], list[int]]
@@ -64,6 +74,20 @@ def last_sentence_start(tokens: list[int], piece: Callable[[int], str]) -> int:
             return i + 1
         words_after = words_after or any(ch.isalnum() for ch in text)
     return 0
+
+
+def cue_places(words: str) -> list[int]:
+    """Where in a message's words a block may go just before its last sentence that has words: right after the
+    whitespace that ends the sentence before it (a cut on a token boundary after a newline), then right after its
+    punctuation (before a space, which the next word's token carries). Empty: the words are one sentence."""
+    ends = [m for m in SENTENCE_END.finditer(words) if any(ch.isalnum() for ch in words[m.end() :])]
+    ends = [m for m in ends if any(ch.isalnum() for ch in words[: m.start()])]
+    if not ends:
+        return []
+    m = ends[-1]
+    after = m.end() + len(words[m.end() :]) - len(words[m.end() :].lstrip(" \t"))
+    punct = m.start() + len(m.group()) - len(m.group().lstrip(".!?"))
+    return list(dict.fromkeys(at for at in (after, punct) if 0 < at < len(words)))
 
 
 def chat_placement(
@@ -89,12 +113,21 @@ def chat_placement(
             return None
         return text[: len(text) - len(suffix)]
 
-    def inside_new(content: str) -> tuple[int, str] | None:
-        """Shape 1: (where in suffix the block goes, the block's text)."""
-        if not new or new[0].get("role") != "user" or not isinstance(new[0].get("content"), str):
+    words = new[0]["content"] if new and new[0].get("role") == "user" else None
+    words = words if isinstance(words, str) else None
+
+    def inside_new(content: str, at: int = 0) -> tuple[int, str] | None:
+        """Shape 1, the block at character `at` of the user's words: (where in suffix it goes, its text)."""
+        if words is None:
             return None
-        words = new[0]["content"]
-        joined = words + INLINE_GAP + content if BLOCK_AFTER_WORDS else content + INLINE_GAP + words
+        if BLOCK_AFTER_WORDS:
+            joined = words + INLINE_GAP + content
+        elif at == 0:
+            joined = content + INLINE_GAP + words
+        else:  # between two sentences, a blank line on each side unless the words have whitespace there already
+            before, after = words[:at], words[at:]
+            gap_before = "" if before[-1:].isspace() else INLINE_GAP
+            joined = before + gap_before + content + ("" if after.startswith("\n") else INLINE_GAP) + after
         text = rendered([{**new[0], "content": joined}, *new[1:]])
         if text is None or len(text) <= len(suffix):
             return None
@@ -102,19 +135,25 @@ def chat_placement(
         while cut < len(suffix) and text[cut] == suffix[cut]:
             cut += 1
         block = text[cut : cut + len(text) - len(suffix)]
-        placed = block.endswith(content) if BLOCK_AFTER_WORDS else block.startswith(content)
+        placed = block.endswith(content) if BLOCK_AFTER_WORDS else content in block if at else block.startswith(content)
         return (cut, block) if text[cut + len(block) :] == suffix[cut:] and placed else None
 
     pending = len(turn.pending)
     probe = RECALLED_PREFIX + "x"
     if not PREFER_INLINE and before_new(probe, []) is not None:
         return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
-    inline = inside_new(probe)
-    if inline is not None:
+    long = words is not None and NEXT_TO_CUE_TOKENS > 0 and len(tokenize(words)) > NEXT_TO_CUE_TOKENS
+    for at in [*(cue_places(words) if long and words and not BLOCK_AFTER_WORDS else []), 0]:
+        inline = inside_new(probe, at)
+        if inline is None:
+            continue
         head = tokenize(suffix[: inline[0]])
         if head + tokenize(suffix[inline[0] :]) == tokenize(suffix):  # the cut falls on a token boundary
-            place = _placement(lambda c: (inside_new(c) or (0, None))[1], pending + len(head), tokenize, detokenize)
-            place.query_in_head = BLOCK_AFTER_WORDS
+            place = _placement(
+                lambda c, at=at: (inside_new(c, at) or (0, None))[1], pending + len(head), tokenize, detokenize
+            )
+            place.query_in_head = BLOCK_AFTER_WORDS or at > 0
+            place.head_is_text = at > 0
             return place
     if before_new(probe, []) is not None:
         return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)

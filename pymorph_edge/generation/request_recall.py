@@ -47,7 +47,7 @@ def recall_for_request(
         # a pending block rides in the first chunk of head + rest (recall.FUSED_BLOCK; prompt logprobs never extend,
         # so no logit row of that chunk is read)
         query = new if recall.query_in_head or skip != recall.skip else None
-        then = rest if skip != recall.skip else ()
+        then = rest if skip != recall.skip or recall.head_is_text else ()
         recalled = recall_before(engine, rest, piece, recall.wrap, head, recall.around, query, then)
         return recalled, (rest if recalled.decoded else new)
     scorer, budget = engine.scorer, engine.kv_budget
