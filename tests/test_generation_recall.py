@@ -78,6 +78,71 @@ def test_a_word_that_names_an_evicted_fact_brings_it_back_inside_one_generation(
         assert n_past - 64 <= min(after) and n_past - 1 in after
 
 
+def _evict_then_force(llm, ranges, text):
+    """Generate `text` after FACTS + FILLER (teacher-forced), with the prompt's sequence indices in `ranges` ([lo, hi) each)
+    taken out of the cache once it is decoded (a test hook; the budget is large enough that the policy evicts nothing
+    itself). Recall's words need several evicted sentences: their rarity is measured among those (MIN_IDF)."""
+    sc, n_prompt = llm.engine.scorer, len(llm.tokenize((FACTS + FILLER).encode()))
+    forced = llm.tokenize(text.encode(), add_bos=False)
+    it, evicted = iter(forced), []
+
+    def proc(input_ids, scores):
+        if len(input_ids) == n_prompt:
+            mem = sc._mem(llm.engine.mem)
+            evicted.extend(sc._lib.pme_test_evict_range(sc._state, mem, 0, lo, hi) for lo, hi in ranges)
+        out = np.full_like(scores, -1e30)
+        out[next(it)] = 0.0
+        return out
+
+    out = llm.create_completion(FACTS + FILLER, max_tokens=len(forced), temperature=0.0, logits_processor=proc)
+    assert evicted == [hi - lo for lo, hi in ranges] and out["choices"][0]["text"] == llm.detokenize(forced).decode()
+
+
+def _index_of(llm, text: str) -> int:
+    """The sequence index where the first `text` of FACTS + FILLER starts ("": 48 tokens before its end, the last
+    ones kept so that the next token has a position to follow)."""
+    prompt = FACTS + FILLER
+    if not text:
+        return len(llm.tokenize(prompt.encode())) - 48
+    return len(llm.tokenize(prompt[: prompt.index(text)].encode()))
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_kept_name_whose_value_was_evicted_asks_when_whole_sentences_count(gqa_model, monkeypatch, whole):
+    """WHOLE_SENTENCE_HELD: a mention counts as held only while the rest of its sentence is live too, so "Tom", kept
+    while the rest of the facts went (MorphKV keeps a name and drops its digits on the fact stream), still asks;
+    counting the mention alone, nothing is asked for what the cache seems to hold."""
+    monkeypatch.setattr(generation_recall, "WHOLE_SENTENCE_HELD", whole)
+    cfg = EngineConfig(n_ubatch=64, recall_in_generation=True)
+    with Llama(gqa_model, kv_budget=1024, recall=True, config=cfg) as llm:
+        tom, after_tom, end = _index_of(llm, "Tom"), _index_of(llm, " is 90517"), _index_of(llm, "")
+        _evict_then_force(llm, [(1, tom), (after_tom, end)], PROSE + CUE)
+        assert tom + 1 <= after_tom and llm.engine.scorer.cell_lpos().count(tom) == 1  # "Tom" itself stayed
+        assert llm.stats.generation_recalls == (1 if whole else 0)
+        if whole:
+            assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+
+
+@pytest.mark.parametrize("back", [True, False])
+def test_the_block_goes_before_the_recent_window_or_the_sentence_in_progress(gqa_model, monkeypatch, back):
+    """BEFORE_WINDOW: the block goes before the last BACK tokens, so the recent window stays whole after it;
+    otherwise before the sentence in progress (the cue, ~69 tokens in this byte-level vocabulary), at most one
+    ubatch (64) back. Everything after the facts is live here, so only the setting decides where the block goes."""
+    monkeypatch.setattr(generation_recall, "BEFORE_WINDOW", back)
+    cfg = EngineConfig(n_ubatch=64, recall_in_generation=True)
+    with Llama(gqa_model, kv_budget=1024, recall=True, config=cfg) as llm:
+        _evict_then_force(llm, [(1, _index_of(llm, ""))], PROSE + CUE)
+        assert llm.stats.generation_recalls == 1
+        sc, n_past = llm.engine.scorer, llm.engine.n_past
+        pos = dict(zip(sc.cell_lpos(), sc.cell_positions(), strict=True))
+        block = [p for lp, p in pos.items() if lp >= BLOCK_LPOS]
+        after = [lp for lp, p in pos.items() if lp < BLOCK_LPOS and p > max(block)]
+        assert len(llm.tokenize(CUE.encode(), add_bos=False)) > 64 > generation_recall.BACK + 8
+        # what came after the block: BACK tokens and the few completing "Tom is", or a whole ubatch of the cue
+        assert sorted(after) == list(range(min(after), n_past))
+        assert n_past - min(after) <= generation_recall.BACK + 4 if back else n_past - min(after) >= 64
+
+
 def test_a_word_mentioned_often_or_still_in_the_cache_asks_for_nothing(gqa_model):
     """ "traveller" is in every filler sentence (more than MAX_MENTIONS), and the recent "Tom" is in the cache."""
     with Llama(
