@@ -80,8 +80,11 @@ def cue_places(words: str) -> list[int]:
     """Where in a message's words a block may go just before its last sentence that has words: right after the
     whitespace that ends the sentence before it (a cut on a token boundary after a newline), then right after its
     punctuation (before a space, which the next word's token carries). Empty: the words are one sentence."""
-    ends = [m for m in SENTENCE_END.finditer(words) if any(ch.isalnum() for ch in words[m.end() :])]
-    ends = [m for m in ends if any(ch.isalnum() for ch in words[: m.start()])]
+    alnum = [i for i, ch in enumerate(words) if ch.isalnum()]
+    if not alnum:
+        return []
+    # words before it and after it (one pass: a pasted text has hundreds of sentence ends)
+    ends = [m for m in SENTENCE_END.finditer(words) if alnum[0] < m.start() and m.end() <= alnum[-1]]
     if not ends:
         return []
     m = ends[-1]
