@@ -11,8 +11,10 @@ loop. Each reminder's value is scored from the logits before its tokens: the sum
 were the model's first choice. "morphkv" has recall inside the generation (opt-in since stop 38's ppl run),
 "morphkv-norecall" none;
 "+nogen" keeps request recall on and turns the watcher off (in this stream the two are the same: no request
-boundary falls inside); "+sentence" lets a mention whose sentence lost any token ask too (an A/B, not the
-default). The texts are benchmarks/recall_texts.py's; "last" was only ever reported, never tuned on.
+boundary falls inside); "+sentence" lets a mention whose sentence lost any token ask too (WHOLE_SENTENCE_HELD) and
+"+back" puts the block before the last 32 tokens (BEFORE_WINDOW). Each config sets both settings, so a config
+without them is the trigger before stop 40 and commands of earlier stops run as they did; the library's trigger
+since stop 40 is "morphkv+sentence+back". The texts are benchmarks/recall_texts.py's; "last" was only ever reported, never tuned on.
 Writes results.json, results.md and a plot.
 """
 

@@ -34,23 +34,26 @@ from pymorph_edge.engine.recall_select import SENTENCE_END, STOPWORDS
 
 logger = logging.getLogger(__name__)
 
-# off by default (EngineConfig(recall_in_generation=None)): on SmolLM2 it matched the full cache on the teacher-forced
-# fact stream, but raised perplexity on real text from 11.29 to 11.71 at budget 512 (rare words in code and prose
-# brought back blocks the next tokens did not need; docs/recall.md, "Inside one generation")
+# off by default (EngineConfig(recall_in_generation=None)): it copies facts from far back on the teacher-forced fact
+# stream as well as the full cache or better, but raises perplexity on real text, where rare words recur far apart
+# and the blocks they bring back are not what the next tokens need: SmolLM2 11.39 against 11.29 at budget 512, Gemma 3
+# 8.25 against 8.17 at 1024 (docs/recall.md, "Inside one generation")
 RECALL_IN_GENERATION = False
 MAX_MENTIONS = 2  # earlier mentions a word may have and still ask for what it named (see the module docstring)
-# True: a mention counts as held only while the rest of its sentence is live too, so a half-kept fact ("Maria" kept,
-# her code evicted) asks as well. Off (the default, measured): only a mention that is itself evicted asks; the
-# first reminder of each stream, ~600 tokens in, lost that way (recall_stream's "+sentence" is the A/B)
-WHOLE_SENTENCE_HELD = False
+# True (since stop 40): a mention counts as held only while the rest of its sentence is live too, so a half-kept fact
+# ("Maria" kept, her code evicted, as MorphKV does on the fact stream) asks as well. Counting the mention alone, the
+# first reminder of each stream, ~600 tokens in, was lost (recall_stream's "+sentence" was the A/B)
+WHOLE_SENTENCE_HELD = True
 # recall inside a generation decodes at most one token in SPEND of those the generation decoded (a block and the
 # sentence decoded again after it), so text full of rare words (code, identifiers, a model writing noise) cannot
 # make it cost more than that; the teacher-forced stream spends about one in twenty (docs/recall.md)
 SPEND = 8
-# True: the block goes before the last BACK tokens (the recent window stays whole after it) instead of before the
-# sentence in progress; an A/B (recall_stream's "+back"), measured in docs/recall.md
-BEFORE_WINDOW = False
-BACK = 32
+# True (since stop 40): the block goes before the last BACK tokens, so the recent window the text is being written
+# from stays whole after it, instead of before the sentence in progress, which could cut into that window. Alone it
+# copied less on the stream; with WHOLE_SENTENCE_HELD it keeps most of that gain and cut the perplexity cost on real
+# text by three quarters on SmolLM2 (recall_stream's "+back"; docs/recall.md)
+BEFORE_WINDOW = True
+BACK = 32  # MorphKV's default window
 # a word mentioned this often is common: its mentions are no longer stored (it never asks again), so the index of a
 # long conversation holds the rare words' mentions only
 COMMON = 16
