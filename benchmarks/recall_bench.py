@@ -75,9 +75,8 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_module.FUSED_BLOCK = "fused" in flags
     placement.PREFER_INLINE = "own" not in flags
     placement.BLOCK_AFTER_WORDS = "after" in flags  # "+after": the block after the user's own words
-    placement.NEXT_TO_CUE_TOKENS = (
-        0 if "start" in flags else NEXT_TO_CUE
-    )  # "+start": a long message's block at its start
+    # "+start": a long message's block at its start, as before stop 40
+    placement.NEXT_TO_CUE_TOKENS = 0 if "start" in flags else NEXT_TO_CUE
     # "+front": a completion's block before all of the new text, as before stop 37 (not just before its last sentence)
     placement.BEFORE_LAST_SENTENCE = "front" not in flags
     # "+bare": the recalled text with no label at all (4 tokens fewer than "(Earlier:) " under SmolLM2's vocabulary)
