@@ -146,7 +146,7 @@ def chat_placement(
     if not PREFER_INLINE and before_new(probe, []) is not None:
         return _placement(lambda c: before_new(c, []), pending, tokenize, detokenize)
     long = words is not None and NEXT_TO_CUE_TOKENS > 0 and len(tokenize(words)) > NEXT_TO_CUE_TOKENS
-    for at in [*(cue_places(words) if long and words and not BLOCK_AFTER_WORDS else []), 0]:
+    for at in [*(cue_places(words) if long and not BLOCK_AFTER_WORDS else []), 0]:
         inline = inside_new(probe, at)
         if inline is None:
             continue
