@@ -74,7 +74,7 @@ def test_gemma_budget_below_sliding_window_is_refused(gemma_path):
 
 def test_an_iswa_base_cache_is_never_as_large_as_its_sliding_window_cache():
     # the scorer tells the two caches apart by cell count (native/pme_callback.c refuses a tie)
-    from pymorph_edge.engine.kv_engine import _apart_from_swa_cache
+    from pymorph_edge.engine.engine_config import _apart_from_swa_cache
 
     assert _apart_from_swa_cache(640 + 128, 512, 128) == 1024  # both would be 768 cells
     assert _apart_from_swa_cache(1024 + 512, 512, 512) == 1536  # 1536 vs 1024: already apart

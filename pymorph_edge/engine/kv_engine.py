@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import llama_cpp.llama_cpp as C
 
+from pymorph_edge.engine.context_params import context_params
 from pymorph_edge.engine.context_shifter import ContextShifter
 from pymorph_edge.engine.engine_config import (
     EngineConfig,
-    _apart_from_swa_cache,
     _padded,
     can_compact,
     default_max_span,
-    resolve_flash_attn,
     resolve_score_layers,
-    sequences,
     validate_budget,
 )
 from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.head_calibration import calibrate_head_weights
 from pymorph_edge.engine.key_log import KeyLog
-from pymorph_edge.engine.kv_cache_types import check_head_size, ggml_type, row_bytes
+from pymorph_edge.engine.kv_cache_types import row_bytes
 from pymorph_edge.engine.native_scorer import NativeScorer
 from pymorph_edge.engine.prefix_reuse import reusable_prefix
 from pymorph_edge.engine.recall import PendingBlock, RecallState, default_recall_tokens
@@ -54,38 +51,7 @@ class KVEngine(RecallDecoding):
         self.scorer: NativeScorer | None = None
         self.shifter: ContextShifter | None = None
 
-        cp = C.llama_context_default_params()
-        cp.n_ctx = (config.n_ctx or 4096) if kv_budget is None else policy.cells_needed(kv_budget, config.n_ubatch)
-        # one ubatch per llama_decode, so the callback knows each token's position
-        cp.n_batch = config.n_ubatch if kv_budget is not None else max(config.n_ubatch, 512)
-        cp.n_ubatch = config.n_ubatch
-        cp.n_seq_max, cp.kv_unified = sequences(config, bool(cp.kv_unified))
-        cp.n_threads = threads = config.n_threads or os.cpu_count() or 1
-        cp.n_threads_batch = config.n_threads_batch or threads
-        cp.rope_freq_base, cp.rope_freq_scale = config.rope_freq_base, config.rope_freq_scale
-        native_scored = kv_budget is not None and not policy.shifts
-        if native_scored and model.info.n_swa > 0:
-            span = model.info.n_swa * (cp.n_seq_max if cp.kv_unified else 1)  # sized per sequence when unified
-            cp.n_ctx = _apart_from_swa_cache(cp.n_ctx, span, config.n_ubatch)
-        # scoring reads kq_soft_max with flash attention off, and recomputes the rows from the flash attention
-        # node's sources with it on (native/pme_fattn.c); never "auto", so the scorer knows which it gets
-        self.flash_attn = resolve_flash_attn(config, native_scored)
-        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else C.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        check_head_size("type_k", config.type_k, model.info.n_embd_k_gqa // model.info.n_head_kv)
-        check_head_size("type_v", config.type_v, model.info.n_embd_v_gqa // model.info.n_head_kv)
-        cp.type_k, cp.type_v = ggml_type(config.type_k), ggml_type(config.type_v)
-        if native_scored:
-            if config.swa_full:
-                raise ValueError(
-                    f"swa_full=True would grow the sliding-window cache to all {cp.n_ctx} cells; a scored budget "
-                    "keeps it bounded (swa_full applies to kv_budget=None and context_shift)"
-                )
-            cp.swa_full = False  # otherwise the sliding-window cache grows to n_ctx
-        else:
-            # swa_full as llama_cpp.Llama; context shift needs it too: llama.cpp shifts an iSWA cache only when its
-            # sliding-window cache is as large as the base one (llama_kv_cache_iswa::get_can_shift), which at
-            # n_ctx = kv_budget costs little
-            cp.swa_full = True if config.swa_full is None else config.swa_full
+        cp, native_scored, self.flash_attn = context_params(model, kv_budget, policy, config)
         with KVSizeCapture() as cap:
             if native_scored:
                 # the native state must exist first: its pointer is the callback's user data
