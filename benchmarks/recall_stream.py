@@ -87,7 +87,8 @@ def open_llm(path: Path, config: str, budget: int) -> Llama:
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192)
     policy, off, _ = config.partition("-norecall")
-    cfg = EngineConfig(recall_in_generation="nogen" not in flags)  # on unless "+nogen" (it is off by default)
+    # on unless "+nogen" or recall is off (it is off by default)
+    cfg = EngineConfig(recall_in_generation="nogen" not in flags and not off)
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg)
 
 

@@ -67,6 +67,7 @@ def _open_model(args: argparse.Namespace):
         type_v=args.type_v,
         score_layers=None if args.kv_budget is None else _layers_count(args.score_layers),
         rotate_layers=args.kv_budget is not None and str(args.score_layers).startswith("r"),
+        recall_in_generation=args.recall_in_generation or None,
     )
     return Llama(
         path,
@@ -75,6 +76,8 @@ def _open_model(args: argparse.Namespace):
         window=args.window,
         fusion=args.fusion,
         config=config,
+        recall={"auto": None, "on": True, "off": False}[args.recall],
+        keep=args.keep,
         n_gpu_layers=args.n_gpu_layers or 0,
         rpc_servers=args.rpc,
         embedding=getattr(args, "embedding", False),

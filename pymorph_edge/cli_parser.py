@@ -40,6 +40,18 @@ def _score_layers(v: str) -> int | str:
     return v.lower() if v[:1].lower() == "r" else int(v)
 
 
+def _keep(v: str) -> int | str:
+    if v == "system":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'system', got {v!r}")
+    return n
+
+
 def _gpu_layers(v: str) -> int:
     try:
         n = int(v)
@@ -113,6 +125,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="layers whose attention the policy reads (default all); fewer is faster with flash attention on or "
         "offloaded, and recalls less in chat; rN reads every layer for prompts and N a decode step in turn "
         "(docs/scoring.md, 'Layers read')",
+    )
+    p.add_argument(
+        "--recall",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="bring evicted sentences back when a new request needs them (default auto: on for morphkv, off for "
+        "the other policies; docs/recall.md)",
+    )
+    p.add_argument(
+        "--recall-in-generation",
+        action="store_true",
+        help="also recall inside one long answer, when a word just written names evicted text (opt-in: it raised "
+        "perplexity on real text by about 1%%)",
+    )
+    p.add_argument(
+        "--keep",
+        type=_keep,
+        default=0,
+        metavar="N|system",
+        help="never evict the first N tokens, or each chat's system prompt; counted inside the budget (default 0)",
     )
     add_offload_arg(p)
     p.add_argument(

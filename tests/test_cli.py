@@ -219,3 +219,28 @@ def test_score_layers_from_the_command_line(synthetic_dir):
     assert run(*args, "--score-layers", "r2", "--n-ubatch", "32").returncode == 0
     bad = run(*args, "--score-layers", "0")
     assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
+
+
+def test_recall_and_keep_from_the_command_line(gqa_model):
+    """--recall, --recall-in-generation and --keep reach the engine on every front end's model options, a bad
+    --keep is one clear line, and recall inside a generation asked for with recall off is refused, naming both."""
+    from pymorph_edge.cli import _open_model
+    from pymorph_edge.cli_parser import build_parser
+
+    def opened(*flags):
+        args = build_parser().parse_args(["generate", "-m", gqa_model, "--kv-budget", "64", *flags])
+        return _open_model(args)
+
+    with opened() as llm:  # MorphKV's defaults: recall on, nothing pinned, no watcher inside a generation
+        assert llm.engine.recall_enabled and llm.engine.n_keep == 0 and llm._generation_recall is None
+    with opened("--recall", "off", "--keep", "8") as llm:
+        assert not llm.engine.recall_enabled and llm.engine.n_keep == 8
+    with opened("--policy", "tova", "--recall", "on", "--recall-in-generation") as llm:
+        assert llm.engine.recall_enabled and llm._generation_recall is not None
+    with opened("--keep", "system") as llm:
+        assert llm._keep_system
+    bad = run("generate", "-m", gqa_model, "--keep", "first")
+    assert bad.returncode == 2 and "expected a non-negative integer or 'system', got 'first'" in bad.stderr
+    refused = run("generate", "-m", gqa_model, "--kv-budget", "64", "--recall", "off", "--recall-in-generation")
+    assert refused.returncode == 2 and "recall_in_generation=True needs recall" in refused.stderr
+    assert "recall=False" in refused.stderr

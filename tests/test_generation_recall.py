@@ -191,6 +191,22 @@ def test_recall_in_generation_is_validated_and_follows_recall(gqa_model):
         assert (llm._generation_recall is not None) == generation_recall.RECALL_IN_GENERATION
     with Llama(gqa_model, kv_budget=128, config=EngineConfig(recall_in_generation=True)) as llm:
         assert llm._generation_recall is not None
+    # asked for with recall off, or where the policy cannot recall: refused, not a watcher that never runs
+    with pytest.raises(
+        ValueError, match="recall_in_generation=True needs recall, and policy 'morphkv' has recall=False"
+    ):
+        Llama(gqa_model, kv_budget=128, recall=False, config=EngineConfig(recall_in_generation=True))
+    with pytest.raises(ValueError, match="policy 'tova' has recall=False: pass recall=True"):
+        Llama(gqa_model, kv_budget=128, policy="tova", config=EngineConfig(recall_in_generation=True))
+    with pytest.raises(ValueError, match="policy 'context_shift' keeps no cell map"):
+        Llama(
+            gqa_model,
+            kv_budget=128,
+            policy="context_shift",
+            config=EngineConfig(n_ubatch=64, recall_in_generation=True),
+        )
+    with Llama(gqa_model, kv_budget=None, config=EngineConfig(recall_in_generation=True)) as llm:
+        assert llm._generation_recall is None  # the full cache evicts nothing, so there is nothing to recall
 
 
 def test_a_reloaded_state_recalls_inside_the_next_generation(gqa_model):

@@ -120,6 +120,10 @@ class KVEngine(RecallDecoding):
         self.recall_enabled = (
             bool(policy.recalls if config.recall is None else config.recall) and self.scorer is not None
         )
+        if config.recall_in_generation and kv_budget is not None and not self.recall_enabled:
+            why = "keeps no cell map to recall into" if self.scorer is None else "has recall=False: pass recall=True"
+            self.close()  # asked for explicitly, so an error rather than a watcher that never runs
+            raise ValueError(f"recall_in_generation=True needs recall, and policy {policy.name!r} {why}")
         self.n_keep = 0
         self.recall_tokens = 0
         # recall by attention logs every token's keys at a few layers (key_log.py), chosen at the first ubatch
