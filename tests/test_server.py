@@ -243,7 +243,7 @@ def test_client_disconnect_frees_the_slot(server, client):
         if i == 5:
             break
     stream.close()
-    deadline = time.time() + 20
+    deadline = time.time() + 60  # returns as soon as idle; the cap only bounds a hang
     while time.time() < deadline:
         status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server}/health").read())
         if status["busy"] == 0:
