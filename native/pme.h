@@ -165,6 +165,9 @@ int              pme_test_force_copy(pme_state * st, int32_t enable);
 /* where scores are reduced: 0 (auto) on the attention's own backend for tensors outside host memory, on the host
  * otherwise; 1 on a backend for host tensors too (the CPU backend); 2 never on a backend (the copy path) */
 int              pme_test_backend_scores(pme_state * st, int32_t mode);
+/* the layer a flash attention node is read as when its K source is named k_name, a view of a tensor named view_of
+ * (NULL: not a view); -1 when it is not a cache layer's K (pme_callback.c) */
+int              pme_test_fattn_layer(const char * k_name, const char * view_of);
 /* evict positions [p0, p1) of seq_id as pme_evict does its victims (rows saved, cells freed), whatever the policy
  * would keep: lets a test evict tokens inside a sliding window. Returns the cells freed. */
 int              pme_test_evict_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1);

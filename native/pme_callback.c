@@ -133,18 +133,21 @@ static bool wants_softmax(const pme_state * st, const struct ggml_tensor * t) {
     return layer_wanted(st, pme_parse_layer(t->name, "kq_soft_max-"));
 }
 
-/* the layer of a flash attention node: its K source is a view of the cache tensor "cache_k_l<il>" */
-static int fattn_layer(const struct ggml_tensor * t) {
+/* the layer of a flash attention node: its K source is a view of the cache tensor "cache_k_l<il>", or, where the
+ * scheduler ran the node on another backend than the cache's (a GPU build with the layers on the CPU: llama.cpp
+ * offloads a large batch's attention), its copy of that view, named "<backend>#cache_k_l<il> (view)#<n>" */
+int pme_fattn_layer(const struct ggml_tensor * t) {
     const struct ggml_tensor * k = t->src[1];
     if (!k) {
         return -1;
     }
     const struct ggml_tensor * root = k->view_src ? k->view_src : k;
-    return pme_parse_layer(root->name, "cache_k_l");
+    const char *               hash = strchr(root->name, '#');
+    return pme_parse_layer(hash && !root->view_src ? hash + 1 : root->name, "cache_k_l");
 }
 
 static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {
-    return layer_wanted(st, fattn_layer(t));
+    return layer_wanted(st, pme_fattn_layer(t));
 }
 
 static void on_softmax(pme_state * st, const struct ggml_tensor * t) {
@@ -190,7 +193,7 @@ static bool pme_eval_cb(struct ggml_tensor * t, bool ask, void * user_data) {
         return false; /* nothing else of this graph is needed */
     }
     if (st && !st->failed && st->ub_n > 0) {
-        const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
+        const int il = t->op == GGML_OP_FLASH_ATTN_EXT ? pme_fattn_layer(t) : pme_parse_layer(t->name, "kq_soft_max-");
         /* a key log query probe, a policy that reads no attention, or a layer it does not read: the key log
          * asked for the node */
         if ((st->ub_flags & PME_UB_QUERY) || !st->ops->needs_attention || !pme_layer_read(st, il)) {

@@ -201,6 +201,9 @@ void         pme_set_error(pme_state * st, const char * fmt, ...);
 /* whether the key log keeps layer il's keys (and a probe's queries): it is on, and il is one of its layers */
 int          pme_keylog_wants(const pme_state * st, int32_t il);
 int          pme_parse_layer(const char * name, const char * prefix); /* "<prefix><digits>[ suffix]" -> il or -1 */
+/* the layer of a FLASH_ATTN_EXT node, from its K source: a view of "cache_k_l<il>" or the scheduler's copy of one
+ * ("<backend>#cache_k_l<il> (view)#<n>"); -1 when neither */
+int          pme_fattn_layer(const struct ggml_tensor * t);
 const void * pme_host_or_copy(pme_state * st, const struct ggml_tensor * t, int slot);
 /* the first nbytes of t, copied through the backend API into copy slot `slot` (counted as device->host bytes) */
 const void * pme_copy_prefix(pme_state * st, const struct ggml_tensor * t, int slot, size_t nbytes);

@@ -2,6 +2,7 @@
 #include "llama.h"
 #include "pme_internal.h"
 
+#include <stdio.h>
 #include <string.h>
 
 int pme_test_set_cells(pme_state * st, const int32_t * pos_per_cell, int32_t n) {
@@ -113,4 +114,17 @@ int pme_test_evict_range(pme_state * st, void * llama_memory, int32_t seq_id, in
         }
     }
     return n;
+}
+
+int pme_test_fattn_layer(const char * k_name, const char * view_of) {
+    /* bare tensors: only names and links are read, nothing is allocated or computed */
+    struct ggml_tensor root = { 0 }, k = { 0 }, node = { 0 };
+    snprintf(k.name, sizeof k.name, "%s", k_name);
+    if (view_of) {
+        snprintf(root.name, sizeof root.name, "%s", view_of);
+        k.view_src = &root;
+    }
+    node.op     = GGML_OP_FLASH_ATTN_EXT;
+    node.src[1] = &k;
+    return pme_fattn_layer(&node);
 }

@@ -143,3 +143,24 @@ def test_a_quantized_flash_attention_session_restores_and_continues(wide_gqa):
         chat_turns(q8, 1)
         with pytest.raises(ValueError, match="kv_cache="):
             f16.load_state(q8.save_state())
+
+
+@pytest.mark.parametrize(
+    "k_name,view_of,layer",
+    [
+        ("cache_k_l7 (view)", "cache_k_l7", 7),  # the K view llama.cpp hands the node, on the cache's own backend
+        ("CUDA0#cache_k_l3 (view)#0", None, 3),  # the scheduler's copy: the node ran on a GPU, the cache on the host
+        ("Metal#cache_k_l12 (view)#1", None, 12),
+        ("CUDA0#Kcur-3#0", None, -1),  # a copy of something that is not a cache layer's K
+        ("cache_v_l3 (view)", "cache_v_l3", -1),
+    ],
+)
+def test_a_flash_attention_node_is_read_whichever_backend_runs_it(k_name, view_of, layer):
+    """On the H200 (stop 43, a CUDA build of llama-cpp-python) a flash attention node that the scheduler moved to
+    the GPU while its layer's cache stayed in host memory had a copy of the K view as its source, so its layer was
+    not recognised and every decode failed with 'no attention node ... was read'
+    (benchmarks/results/gpu-h200-fattn-layer-name)."""
+    from pymorph_edge._native import native
+
+    ffi, lib = native()
+    assert lib.pme_test_fattn_layer(k_name.encode(), view_of.encode() if view_of else ffi.NULL) == layer
