@@ -19,7 +19,9 @@ decodes a recalled block inside the new text's first ubatch, "+own" puts a chat 
 own, "+long" labels it "(From earlier in this conversation:)" (both the way before stop 34), and "+next" recalls attention's pick with the sentence after it ("+alone", its
 opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (no label) and "+after" (the block
 after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals); "+front" puts a
-completion's block before all of the new text, the way before stop 37. With `--paste N` the dialogue's question
+completion's block before all of the new text, the way before stop 37; "+echoes" lets BM25 bring back a span that only
+repeats the request's words, the way before stop 43; "+boundary" recalls only at request boundaries, not inside a
+fresh completion longer than the cache (request_recall.RECALL_INSIDE_PROMPT). With `--paste N` the dialogue's question
 comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
 (recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
@@ -42,6 +44,7 @@ from pymorph_edge.engine import recall_select
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.engine.recall import recalled_live
 from pymorph_edge.generation import recall_placement as placement
+from pymorph_edge.generation import request_recall
 from pymorph_edge.model.default_model import resolve_model
 
 IS_RIVAL, ON_CUE = recall_module.is_rival, recall_module.on_cue
@@ -85,6 +88,12 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "+untyped": a word asking for a number does not also match numerals (recall_select.TYPED_NUMBERS), as before
     # stop 35
     recall_select.TYPED_NUMBERS = "untyped" not in flags
+    # "+echoes": BM25 may bring back a span that only repeats the request's words (recall_select.adds_a_word), as
+    # before stop 43
+    recall_select.ECHOES_OUT = "echoes" not in flags
+    # "+boundary": a fresh completion longer than the cache does not recall inside itself, only requests that extend the
+    # cached text do (request_recall.RECALL_INSIDE_PROMPT), as before stop 37's last change
+    request_recall.RECALL_INSIDE_PROMPT = "boundary" not in flags
     if config == "full":
         return Llama(path, kv_budget=None, n_ctx=8192, chat_template=template)
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads

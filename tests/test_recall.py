@@ -9,6 +9,7 @@ from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
 from pymorph_edge.engine.recall_select import (
     NUMERAL,
+    adds_a_word,
     choose,
     is_rival,
     last_sentence,
@@ -118,6 +119,26 @@ def test_a_sentence_that_says_the_cue_about_someone_else_is_a_rival():
         "My city is Riga.",
     ):
         assert not is_rival(said[s], cue)
+
+
+def test_a_fragment_that_only_echoes_the_question_is_passed_over_for_the_fact():
+    """Gemma 3 270M's story echoed the first message and cut it with a newline after "The pickup code for" (stop 42,
+    the held-out set "last"). BM25's length normalisation ranks those four words, which match the question's
+    "pickup" and "code", above the fact's whole sentence; they hold no value, so the fact is chosen instead."""
+    fact = "Hi, I am Ines from Porto and the pickup code at the post office is 48213."
+    pieces = list(fact + "\n" + FILLER + "A courier came to Porto. The pickup code for\nthe parcel was lost. " + FILLER)
+    spans = sentences([(0, len(pieces))], lambda lo, hi: list(range(lo, hi)), lambda i: pieces[i], 96)
+
+    def text(s):
+        return "".join(pieces[s.lo : s.hi]).strip()
+
+    question = "Thanks for the stories. What was my pickup code?"
+    query, cue = query_weights(question), last_sentence(question)
+    ranked = [s for _, s in rank(spans, query)]
+    assert [text(s) for s in ranked[:2]] == ["The pickup code for", fact]  # the words alone prefer the echo
+    assert not adds_a_word(ranked[0], query.keys()) and adds_a_word(ranked[1], query.keys())
+    best = choose(rank(spans, query), 200, lambda s: on_cue(s, cue) and adds_a_word(s, query.keys()))
+    assert [text(s) for s in best] == [fact]
 
 
 def test_rivals_stay_out_of_the_choice_and_the_fact_comes_back():

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pymorph_edge.engine.recall_keys import attention_mass, rank_by_attention
 from pymorph_edge.engine.recall_select import (
     Span,
+    adds_a_word,
     choose,
     is_rival,
     last_sentence,
@@ -198,11 +199,17 @@ def select(
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both") or must is not None:  # a word asked: the words answer, whatever recall_by says
+        query = query_weights(text)
 
         def admit(s: Span) -> bool:
-            return on_cue(s, cue) and not is_rival(s, cue) and (must is None or must in s.words)
+            return (
+                on_cue(s, cue)
+                and adds_a_word(s, query.keys())
+                and not is_rival(s, cue)
+                and (must is None or must in s.words)
+            )
 
-        chosen = choose(rank(spans, query_weights(text)), max_tokens, admit, best_last)
+        chosen = choose(rank(spans, query), max_tokens, admit, best_last)
     if must is not None:
         return chosen
     # both: the words find what the new text names, and then no query probe runs; the model's attention decides

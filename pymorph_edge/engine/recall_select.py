@@ -16,7 +16,7 @@ import math
 import re
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -47,6 +47,9 @@ FLOOR = 0.05  # and of every earlier word: a long request's prose matches much o
 NEXT_GAP = 2  # tokens without words that may lie between a pick and the sentence with_next adds
 RELATIVE_CUTOFF = 0.5  # spans scoring under this fraction of the best one are not worth their cells
 MIN_IDF = 1.0  # the best span must match a word rarer than this in the evicted text, or nothing is recalled
+# a span whose every word the request already says cannot hold what it asks (adds_a_word); False: the way before stop 43
+# (recall_bench's "+echoes")
+ECHOES_OUT = True
 
 
 @dataclass
@@ -204,6 +207,15 @@ def on_cue(span: Span, cue: Sequence[str]) -> bool:
     With a continuation's fact still cached, its cue matched nothing evicted, and SmolLM2 got up to 7 sentences of
     prose back each time (the 'closing' set)."""
     return any(w in span.words for w in cue)
+
+
+def adds_a_word(span: Span, asked: Set[str]) -> bool:
+    """Whether a span says a word the request does not. One that only repeats the request's words holds nothing it
+    asks for, yet BM25's length normalisation ranks such a fragment high: Gemma 3 270M's stories echo the user's
+    first message, once cut by a newline after "The pickup code for", and those four words outranked the fact's
+    whole sentence for "What was the pickup code for my order?" (stop 42). A numeral is a word, so a fact with its
+    value always adds one. No constant: the test is the two word sets."""
+    return not ECHOES_OUT or any(w not in asked and w != NUMERAL for w in span.words)
 
 
 def _aligned(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
