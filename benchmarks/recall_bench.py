@@ -20,7 +20,8 @@ own, "+long" labels it "(From earlier in this conversation:)" (both the way befo
 opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (no label) and "+after" (the block
 after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals); "+front" puts a
 completion's block before all of the new text, the way before stop 37; "+echoes" lets BM25 bring back a span that only
-repeats the request's words, the way before stop 43; "+boundary" recalls only at request boundaries, not inside a
+repeats the request's words and "+covered" one whose matched words a cached sentence matches and more, both the way
+before stop 43; "+boundary" recalls only at request boundaries, not inside a
 fresh completion longer than the cache (request_recall.RECALL_INSIDE_PROMPT). With `--paste N` the dialogue's question
 comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
 (recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
@@ -91,6 +92,8 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "+echoes": BM25 may bring back a span that only repeats the request's words (recall_select.adds_a_word), as
     # before stop 43
     recall_select.ECHOES_OUT = "echoes" not in flags
+    # "+covered": BM25 may bring back a span the cache already covers (recall_select.HeldCover), as before stop 43
+    recall_select.COVERED_OUT = "covered" not in flags
     # "+boundary": a fresh completion longer than the cache does not recall inside itself, only requests that extend the
     # cached text do (request_recall.RECALL_INSIDE_PROMPT), as before stop 37's last change
     request_recall.RECALL_INSIDE_PROMPT = "boundary" not in flags

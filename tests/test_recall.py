@@ -9,8 +9,10 @@ from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
 from pymorph_edge.engine.recall_select import (
     NUMERAL,
+    HeldCover,
     adds_a_word,
     choose,
+    held_runs,
     is_rival,
     last_sentence,
     on_cue,
@@ -139,6 +141,36 @@ def test_a_fragment_that_only_echoes_the_question_is_passed_over_for_the_fact():
     assert not adds_a_word(ranked[0], query.keys()) and adds_a_word(ranked[1], query.keys())
     best = choose(rank(spans, query), 200, lambda s: on_cue(s, cue) and adds_a_word(s, query.keys()))
     assert [text(s) for s in best] == [fact]
+
+
+def test_the_text_still_cached_is_the_complement_of_the_evicted_runs():
+    assert held_runs([(2, 4), (6, 8)], (0, 10)) == [(0, 2), (4, 6), (8, 10)]
+    assert held_runs([(0, 3), (7, 10)], (0, 10)) == [(3, 7)]
+    assert held_runs([], (5, 9)) == [(5, 9)]
+
+
+def test_a_span_the_cache_already_covers_stays_out():
+    """SmolLM2's continuation (stop 43): Sofia's fact was still cached, no evicted sentence had "sofia", and Yuki's
+    fact, which matches only "code", came back next to the cue; SmolLM2 copied Yuki's code. A cached sentence that
+    matches all a span matches and more covers it. A fact with its number is not covered by a sentence without
+    one, nor by a cached reminder about someone else."""
+    said = _spans_of(
+        "The code for Sofia is 21124. As recorded at the start, the code for Fatima is 97782. "
+        "The code for Yuki is 32162. I need the pickup code at the door. The pickup code for my groceries is 95319. "
+    )
+    cue = last_sentence(FILLER + " As recorded at the start, the code for Sofia is")
+    sofia, reminder, yuki = (
+        said["The code for Sofia is 21124."],
+        said["As recorded at the start, the code for Fatima is 97782."],
+        said["The code for Yuki is 32162."],
+    )
+    assert HeldCover([sofia], cue).covers(yuki)  # Sofia's fact is cached: Yuki's only matches "code"
+    assert HeldCover([reminder], cue).covers(yuki)  # so does a cached reminder in the cue's own words
+    assert not HeldCover([reminder], cue).covers(sofia)  # Sofia's evicted fact names her: it comes back
+    assert not HeldCover([sofia], cue).covers(sofia)  # the same words are not more
+    chat = last_sentence("Thanks! What is the code I need for the pickup?")
+    fact, story = said["The pickup code for my groceries is 95319."], said["I need the pickup code at the door."]
+    assert not HeldCover([story], chat).covers(fact)  # the story matches more words, but holds no number
 
 
 def test_rivals_stay_out_of_the_choice_and_the_fact_comes_back():

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from pymorph_edge.engine.recall_keys import attention_mass, rank_by_attention
 from pymorph_edge.engine.recall_select import (
+    HeldCover,
     Span,
     adds_a_word,
     choose,
+    held_runs,
     is_rival,
     last_sentence,
     on_cue,
@@ -192,6 +194,7 @@ def select(
     if not runs:
         return []
     bounds = (engine.log.start, min(engine.log.end, engine.n_past if before is None else min(engine.n_past, before)))
+    held = held_runs(runs, bounds)
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     by = engine.config.recall_by
@@ -200,6 +203,7 @@ def select(
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both") or must is not None:  # a word asked: the words answer, whatever recall_by says
         query = query_weights(text)
+        cover = HeldCover(sentences(held, engine.log.tokens, piece, MAX_SPAN_TOKENS), cue)
 
         def admit(s: Span) -> bool:
             return (
@@ -207,6 +211,7 @@ def select(
                 and adds_a_word(s, query.keys())
                 and not is_rival(s, cue)
                 and (must is None or must in s.words)
+                and not cover.covers(s)
             )
 
         chosen = choose(rank(spans, query), max_tokens, admit, best_last)
