@@ -216,7 +216,7 @@ def adds_a_word(span: Span, asked: Set[str]) -> bool:
     """Whether a span says a word the request does not. One that only repeats the request's words holds nothing it
     asks for, yet BM25's length normalisation ranks such a fragment high: Gemma 3 270M's stories echo the user's
     first message, once cut by a newline after "The pickup code for", and those four words outranked the fact's
-    whole sentence for "What was the pickup code for my order?" (stop 42). A numeral is a word, so a fact with its
+    whole sentence for "What is the code I need for the pickup?" (stop 42). A numeral is a word, so a fact with its
     value always adds one. No constant: the test is the two word sets."""
     return not ECHOES_OUT or any(w not in asked and w != NUMERAL for w in span.words)
 
