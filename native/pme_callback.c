@@ -141,9 +141,10 @@ int pme_fattn_layer(const struct ggml_tensor * t) {
     if (!k) {
         return -1;
     }
+    /* ggml points a view of a view at the first tensor, so root is never a view itself */
     const struct ggml_tensor * root = k->view_src ? k->view_src : k;
     const char *               hash = strchr(root->name, '#');
-    return pme_parse_layer(hash && !root->view_src ? hash + 1 : root->name, "cache_k_l");
+    return pme_parse_layer(hash ? hash + 1 : root->name, "cache_k_l");
 }
 
 static bool wants_fattn(const pme_state * st, const struct ggml_tensor * t) {

@@ -194,7 +194,7 @@ def select(
     if not runs:
         return []
     bounds = (engine.log.start, min(engine.log.end, engine.n_past if before is None else min(engine.n_past, before)))
-    held = held_runs(runs, bounds)
+    evicted = runs
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
     by = engine.config.recall_by
@@ -203,7 +203,8 @@ def select(
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
     if by in ("bm25", "both") or must is not None:  # a word asked: the words answer, whatever recall_by says
         query = query_weights(text)
-        cover = HeldCover(sentences(held, engine.log.tokens, piece, MAX_SPAN_TOKENS), cue)
+        held = sentences(held_runs(evicted, bounds), engine.log.tokens, piece, MAX_SPAN_TOKENS)
+        cover = HeldCover(held, cue)
 
         def admit(s: Span) -> bool:
             return (
