@@ -24,7 +24,8 @@ repeats the request's words and "+covered" one whose matched words a cached sent
 before stop 43; "+boundary" recalls only at request boundaries, not inside a
 fresh completion longer than the cache (request_recall.RECALL_INSIDE_PROMPT). With `--paste N` the dialogue's question
 comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
-(recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+(recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. With `--history N` turns of pasted prose, each
+its own request answered in a few words, follow the stories until the conversation holds N tokens (past n_ctx_train). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -184,7 +185,19 @@ def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
     return out
 
 
-def dialogue(llm: Llama, set_name: str, n: int, paste: int = 0) -> list[dict]:
+def pad_history(llm: Llama, msgs: list[dict], set_name: str, seed: int, tokens: int) -> None:
+    """Chat turns of pasted prose, each its own request answered in a few words, until the conversation holds
+    `tokens` tokens (--history: the question asked past the model's n_ctx_train)."""
+    k = 0
+    while llm.engine.n_past < tokens:
+        prose = " ".join(filler(set_name, 30, seed + 1000 + k))
+        msgs.append({"role": "user", "content": f"Here is part {k + 1} of my notes:\n\n{prose}\n\nJust say noted."})
+        r = llm.create_chat_completion(msgs, max_tokens=8, temperature=0.0)
+        msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        k += 1
+
+
+def dialogue(llm: Llama, set_name: str, n: int, paste: int = 0, history: int = 0) -> list[dict]:
     s = SETS[set_name]
     rng = random.Random(s["seed"])
     out = []
@@ -200,6 +213,8 @@ def dialogue(llm: Llama, set_name: str, n: int, paste: int = 0) -> list[dict]:
                 msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
             r = llm.create_chat_completion(msgs, max_tokens=300, temperature=0.0, repeat_penalty=1.1)
             msgs.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        if history:
+            pad_history(llm, msgs, set_name, s["seed"] + i, history)
         distance = llm.engine.n_past
         if paste:  # the question after a pasted text, in the same message (a long message: NEXT_TO_CUE_TOKENS)
             prose = " ".join(filler(set_name, paste, s["seed"] + i))
@@ -243,6 +258,9 @@ def main() -> None:
         "--single", action="store_true", help="continuation: each request the whole text so far, in an emptied cache"
     )
     ap.add_argument("--paste", type=int, default=0, help="dialogue: sentences of prose pasted before the question")
+    ap.add_argument(
+        "--history", type=int, default=0, help="dialogue: pasted-prose turns until the conversation holds N tokens"
+    )
     ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
     ap.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the model's)"
@@ -259,7 +277,7 @@ def main() -> None:
             trials = (
                 continuation(llm, set_name, args.single)
                 if args.task == "continuation"
-                else dialogue(llm, set_name, args.dialogues, args.paste)
+                else dialogue(llm, set_name, args.dialogues, args.paste, args.history)
             )
             st = llm.stats
             row = {
