@@ -44,7 +44,7 @@ from pymorph_edge.bench.common import last_logprobs
 from pymorph_edge.engine import recall as recall_module
 from pymorph_edge.engine import recall_select
 from pymorph_edge.engine.engine_config import EngineConfig
-from pymorph_edge.engine.recall import recalled_live
+from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
 from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.generation import request_recall
 from pymorph_edge.model.default_model import resolve_model
@@ -143,6 +143,16 @@ def teacher_forced(llm: Llama, text: str, code: str) -> tuple[float, int, int]:
     return nll, top1, len(value)
 
 
+def code_in_cache(llm: Llama, code: str, n_prompt: int) -> bool:
+    """Whether a run of the prompt's tokens that the cache holds (where they first stood, or as a recalled copy)
+    spells the code: what a stronger model than these could copy (the answer's own tokens are left out)."""
+    engine = llm.engine
+    if engine.scorer is None:  # the full cache holds every token
+        return True
+    live = {p for p in engine.scorer.cell_lpos() if 0 <= p < min(n_prompt, BLOCK_LPOS)} | recalled_live(engine)
+    return any(code in llm.detokenize(engine.log.tokens(lo, hi)).decode(errors="replace") for lo, hi in runs_of(live))
+
+
 def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
     """single: each request holds the whole text so far, sent to an emptied cache (--single): recall can only fire
     inside the request (recall_placement.RECALL_INSIDE_PROMPT)."""
@@ -161,6 +171,7 @@ def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
         if single:
             llm.reset()
         got = llm.create_completion(text, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        in_cache = code_in_cache(llm, code, n_prompt)
         digits = "".join(ch for ch in got if ch.isdigit())[:5]
         copied = sum(a == b for a, b in zip(digits, code, strict=False))
         nll, top1, n_value = teacher_forced(llm, text, code)
@@ -174,6 +185,7 @@ def continuation(llm: Llama, set_name: str, single: bool = False) -> list[dict]:
                 "value_nll": nll,  # summed over the value's tokens, teacher-forced after the request
                 "value_top1": top1,  # of its n_value tokens, how many were the model's first choice
                 "value_tokens": n_value,
+                "fact_in_cache": in_cache,  # the code's digits among the prompt's cached tokens: all a model can copy
                 # per request with --single (each began with a reset), else the counters so far
                 "recalls": llm.stats.recalls,
                 "recalled_tokens": llm.stats.recalled_tokens,
@@ -300,6 +312,7 @@ def main() -> None:
                 row["value_nll"] = sum(t["value_nll"] for t in trials) / len(trials)  # per reminder
                 row["value_top1"] = sum(t["value_top1"] for t in trials)
                 row["value_tokens"] = sum(t["value_tokens"] for t in trials)
+                row["fact_in_cache"] = sum(t["fact_in_cache"] for t in trials)
             else:
                 row["score"] = sum(t["correct"] for t in trials)
                 row["fact_recalled"] = sum(t["fact_recalled"] for t in trials)
@@ -308,7 +321,8 @@ def main() -> None:
             write(args, results)  # after every row, so a stopped run keeps what it measured
             print(
                 f"{config:22s} {set_name:9s} {row['score']}/{row['of']}  peak {row['peak_cells']}  recalls {row['recalls']}"
-                + (f"  fact recalled {row['fact_recalled']}" if "fact_recalled" in row else ""),
+                + (f"  fact recalled {row['fact_recalled']}" if "fact_recalled" in row else "")
+                + (f"  code in the cache {row['fact_in_cache']}/{len(trials)}" if "fact_in_cache" in row else ""),
                 flush=True,
             )
             llm.reset()
@@ -325,19 +339,20 @@ def write(args: argparse.Namespace, results: list[dict]) -> None:
         )
     )
     unit = "digits copied" if args.task == "continuation" else "numbers recalled"
+    held = "code in the cache at the cue" if args.task == "continuation" else "fact's sentence recalled"
     forced = "value NLL (teacher-forced) | value tokens first choice |" if args.task == "continuation" else ""
     lines = [
         f"# Recall: {args.task}, {args.model}, budget {args.budget}",
         "",
         f"`{command}`",
         "",
-        f"| config | set | {unit} | {forced} fact's sentence recalled | peak cells | recalls | tokens recalled | recall s |",
+        f"| config | set | {unit} | {forced} {held} | peak cells | recalls | tokens recalled | recall s |",
         "| --- " * (8 + 2 * bool(forced)) + "|",
     ]
     for r in results:
         tf = f"{r['value_nll']:.1f} | {r['value_top1']}/{r['value_tokens']} | " if "value_nll" in r else ""
         lines.append(
-            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {tf}{r.get('fact_recalled', '-')} | "
+            f"| {r['config']} | {r['set']} | {r['score']}/{r['of']} | {tf}{r.get('fact_recalled', r.get('fact_in_cache', '-'))} | "
             f"{r['peak_cells']} | {r['recalls']} | {r['recalled_tokens']} | {r['recall_s']:.2f} |"
         )
     if forced:
