@@ -25,7 +25,9 @@ before stop 43; "+boundary" recalls only at request boundaries, not inside a
 fresh completion longer than the cache (request_recall.RECALL_INSIDE_PROMPT). With `--paste N` the dialogue's question
 comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
 (recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. With `--history N` turns of pasted prose, each
-its own request answered in a few words, follow the stories until the conversation holds N tokens (past n_ctx_train). Distances are tokens from the fact to the question. Writes results.json, results.md and a plot.
+its own request answered in a few words, follow the stories until the conversation holds N tokens (past n_ctx_train).
+Distances are tokens from the fact to the question; the continuation task also reports whether the asked code is in
+the cache at the cue. Writes results.json, results.md and a plot.
 """
 
 from __future__ import annotations
