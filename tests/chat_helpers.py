@@ -13,3 +13,11 @@ def locker_number_then_two_stories(llm) -> list[dict]:
         if topic:
             msgs.append({"role": "user", "content": f"Thanks! Now write another long story, about {topic}."})
     return msgs
+
+
+def recalled_text(llm):
+    """The logged text of every span brought back so far (the synthetic vocabulary spells spaces as U+2581)."""
+    eng = llm.engine
+    spans = [(sp[0], sp[1]) for b in eng.recall_state.blocks for sp in b[2]]
+    # errors="replace": a span of a block recalled inside a request may open on a byte token mid-character
+    return [llm.detokenize(eng.log.tokens(lo, hi)).decode(errors="replace").replace("\u2581", " ") for lo, hi in spans]
