@@ -1,6 +1,8 @@
 """Recall by attention: the key log (native/pme_keylog.c, engine/key_log.py), the query probe, and the ranking
 (engine/recall_keys.py)."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 from test_recall import FACTS, FILLER, NATIVE, in_cache, recalled_text
@@ -43,7 +45,7 @@ def test_the_key_a_query_points_at_draws_the_attention():
     assert set(np.argsort(mass)[-2:]) == {40, 120}
     only_second = attention_mass(q, np.array([1.0], np.float32), keys, np.array([[0.0, 1.0]]))
     assert only_second.sum() == pytest.approx(1.0, rel=1e-5) and np.argmax(only_second) == 40
-    spans = [Span(0, 100, None), Span(100, 150, None), Span(150, 200, None)]
+    spans = [Span(0, 100, Counter()), Span(100, 150, Counter()), Span(150, 200, Counter())]
     assert [s.lo for _, s in rank_by_attention(spans, mass, 0)][0] in (0, 100)
     assert rank_by_attention(spans, np.full(200, 1 / 200), 0) == []  # nothing stands out: nothing recalled
 

@@ -28,16 +28,20 @@ class EvictedLog:
     def clear(self) -> None:
         self._ids = array("i")
         self.start = 0  # sequence index of _ids[0]
-        self.rewound_to: int | None = 0  # lowest index dropped since take_rewind(): what a reader indexed is stale
+        # per reader, the lowest index dropped since its last take_rewind(): what that reader indexed is stale
+        self._rewinds: dict[str, int | None] = {}
 
-    def take_rewind(self) -> int | None:
-        """The lowest index truncated, cleared or reloaded since the last call (None: the log only grew), for a
-        reader that indexes the log as it grows (generation/generation_recall.py)."""
-        at, self.rewound_to = self.rewound_to, None
+    def take_rewind(self, reader: str = "generation") -> int | None:
+        """The lowest index truncated, cleared or reloaded since this reader's last call (None: the log only grew;
+        0 on a reader's first call), for a reader that indexes the log as it grows (generation/generation_recall.py,
+        engine/span_index.py)."""
+        at = self._rewinds.get(reader, 0)
+        self._rewinds[reader] = None
         return at
 
     def _rewound(self, n: int) -> None:
-        self.rewound_to = n if self.rewound_to is None else min(self.rewound_to, n)
+        for reader, at in self._rewinds.items():
+            self._rewinds[reader] = n if at is None else min(at, n)
 
     @property
     def end(self) -> int:

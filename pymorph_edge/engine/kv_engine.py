@@ -25,6 +25,7 @@ from pymorph_edge.engine.native_scorer import NativeScorer
 from pymorph_edge.engine.prefix_reuse import reusable_prefix
 from pymorph_edge.engine.recall import PendingBlock, RecallState, default_recall_tokens
 from pymorph_edge.engine.recall_decoding import SEQ, RecallDecoding
+from pymorph_edge.engine.span_index import SpanIndex
 from pymorph_edge.engine.stats import KVStats
 from pymorph_edge.engine.token_history import TokenHistory
 from pymorph_edge.model.llama_log import KVSizeCapture
@@ -116,6 +117,7 @@ class KVEngine(RecallDecoding):
         self.consistent = True  # False if a decode was interrupted: the cache must be reset
         self.head_weights: list[float] | None = None
         self.log = EvictedLog(config.recall_log_bytes)  # every token id, for recall (engine/recall.py)
+        self.span_index = SpanIndex()  # the log's sentences, cut once (engine/span_index.py)
         self.recall_state = RecallState()
         self.recall_enabled = (
             bool(policy.recalls if config.recall is None else config.recall) and self.scorer is not None

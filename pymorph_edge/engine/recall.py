@@ -159,6 +159,16 @@ def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
     return runs
 
 
+def evicted_spans(engine: KVEngine, runs: Sequence[tuple[int, int]], piece: Callable[[int], str]) -> list[Span]:
+    """recall_select.sentences(runs) from the engine's span index: a long conversation is not cut again per request."""
+    index = engine.span_index
+    at = engine.log.take_rewind("spans")
+    if at is not None:
+        index.forget_from(at)
+    index.forget_before(engine.log.start)
+    return index.spans(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+
+
 def span_places(block: Sequence[int], ids: Sequence[Sequence[int]]) -> list[int]:
     """Where each span's tokens start in the block (-1: not found). A wrap renders the recalled text into the chat
     template and tokenizes it again, so a span's first token may change (a leading space dropped); its other tokens
@@ -196,7 +206,7 @@ def select(
     bounds = (engine.log.start, min(engine.log.end, engine.n_past if before is None else min(engine.n_past, before)))
     evicted = runs
     runs = whole_sentences(runs, bounds, engine.log.tokens, piece, MAX_SPAN_TOKENS)
-    spans = sentences(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+    spans = evicted_spans(engine, runs, piece)
     by = engine.config.recall_by
     chosen: list[Span] = []
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])

@@ -17,7 +17,7 @@ import re
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -55,12 +55,16 @@ ECHOES_OUT = True
 COVERED_OUT = True
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     lo: int  # sequence index of the first token
     hi: int  # one past the last
     words: Counter[str]
     sequence: tuple[str, ...] = ()  # the words in order (is_rival aligns them with the request's)
+    length: int = field(init=False, compare=False)  # BM25's document length: the counted words
+
+    def __post_init__(self) -> None:
+        self.length = sum(self.words.values())
 
     @property
     def n_tokens(self) -> int:
@@ -153,19 +157,22 @@ def query_weights(new_text: str) -> dict[str, float]:
     return weights
 
 
-def _evidence(spans: list[Span], query: dict[str, float]) -> tuple[dict[str, float], list[list[str]]]:
-    """IDF of each query word over the spans, and the query words grouped by the spans they occur in: words that
-    occur in exactly the same spans are one piece of evidence, usually a phrase the request repeats."""
+def _evidence(spans: list[Span], query: dict[str, float]) -> tuple[dict[str, float], list[list[str]], list[int]]:
+    """IDF of each query word over the spans, the query words grouped by the spans they occur in (words that
+    occur in exactly the same spans are one piece of evidence, usually a phrase the request repeats), and the
+    spans with any query word: only those can score, and a long conversation has 10^5 spans."""
     n = len(spans)
     where: dict[str, set[int]] = {w: set() for w in query}
+    keys = where.keys()
     for i, s in enumerate(spans):
-        for w in s.words.keys() & where.keys():
-            where[w].add(i)
+        if not keys.isdisjoint(s.words):
+            for w in s.words.keys() & keys:
+                where[w].add(i)
     idf = {w: math.log(1 + (n - len(ix) + 0.5) / (len(ix) + 0.5)) for w, ix in where.items() if ix}
     groups: dict[frozenset[int], list[str]] = {}
     for w in idf:
         groups.setdefault(frozenset(where[w]), []).append(w)
-    return idf, list(groups.values())
+    return idf, list(groups.values()), sorted(set().union(*where.values()))
 
 
 def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]:
@@ -178,12 +185,11 @@ def rank(spans: list[Span], query: dict[str, float]) -> list[tuple[float, Span]]
     twice for "earlier noted", above the fact "Camille's ticket number is 81333." that the name alone points at."""
     if not spans or not query:
         return []
-    idf, groups = _evidence(spans, query)
-    avg_len = sum(sum(s.words.values()) for s in spans) / len(spans)
+    idf, groups, hits = _evidence(spans, query)
+    avg_len = sum(s.length for s in spans) / len(spans)
     scored = []
-    for s in spans:
-        length = sum(s.words.values())
-        norm = K1 * (1 - B + B * length / avg_len)
+    for s in (spans[i] for i in hits):
+        norm = K1 * (1 - B + B * s.length / avg_len)
         score = 0.0
         for ws in groups:
             score += max(
