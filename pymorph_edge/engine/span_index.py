@@ -39,6 +39,7 @@ class SpanIndex:
         it read text that may not come back."""
         if n <= 0:
             self._cuts.clear()
+            self._swept_at = 0
         else:
             self._cuts = {lo: cut for lo, cut in self._cuts.items() if cut[0] <= n}
 
