@@ -23,10 +23,13 @@ from pymorph_edge.engine.recall_select import (
     HeldCover,
     Span,
     adds_a_word,
+    asked_digits,
     choose,
+    has_digits,
     held_runs,
     is_rival,
     last_sentence,
+    last_sentence_text,
     on_cue,
     query_weights,
     rank,
@@ -211,6 +214,7 @@ def select(
     chosen: list[Span] = []
     text = "".join(piece(t) for t in new_tokens[-QUERY_TOKENS:])
     cue = last_sentence(text)  # what the request asks (the question of a chat turn, the cue a completion ends on)
+    lengths = asked_digits(last_sentence_text(text))  # "which 5-digit number ...": only spans with one
     if by in ("bm25", "both") or must is not None:  # a word asked: the words answer, whatever recall_by says
         query = query_weights(text)
         held = sentences(held_runs(evicted, bounds), engine.log.tokens, piece, MAX_SPAN_TOKENS)
@@ -223,6 +227,7 @@ def select(
                 and not is_rival(s, cue)
                 and (must is None or must in s.words)
                 and not cover.covers(s)
+                and has_digits(s, lengths)
             )
 
         chosen = choose(rank(spans, query), max_tokens, admit, best_last)

@@ -75,9 +75,30 @@ def words(text: str) -> list[str]:
     return [w for w in WORD.findall(text.lower()) if w not in STOPWORDS]
 
 
+# "a 5-digit number", "four digits": a count of digits says what the number looks like, not which one it is. As a word
+# it matched any sentence with that numeral: past n_ctx_train, "which 5-digit number did I give you earlier?" brought
+# back "Here is part 5 of my notes:" instead of "My customer ID is 22004." (SmolLM2, 9K tokens of chat, stop 45)
+DIGIT_COUNT = re.compile(
+    r"\b([0-9]+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)[- ]digits?\b", re.IGNORECASE
+)
+_COUNTS = {w: i + 1 for i, w in enumerate("one two three four five six seven eight nine ten eleven twelve".split())}
+
+
+def asked_digits(sentence: str) -> set[int]:
+    """The numbers of digits a sentence asks for ("a 5-digit code", "the four digits"): empty when it names none."""
+    return {int(n) if n.isdigit() else _COUNTS[n.lower()] for n in DIGIT_COUNT.findall(sentence)}
+
+
+def has_digits(span: Span, lengths: Set[int]) -> bool:
+    """Whether a span holds a numeral of at least the fewest digits asked: where the request asks for a 5-digit
+    number, a sentence whose numbers are all shorter does not hold it ("part 5"). Longer ones may: "the last 4
+    digits of my card" asks for part of a longer number."""
+    return not lengths or any(w.isdigit() and len(w) >= min(lengths) for w in span.sequence)
+
+
 def query_words(text: str) -> list[str]:
-    """A request's words, and NUMERAL when one of them asks for a number."""
-    ws = words(text)
+    """A request's words, and NUMERAL when one of them asks for a number. A count of digits is not a word of it."""
+    ws = words(DIGIT_COUNT.sub(" digits ", text))
     return ws + [NUMERAL] if TYPED_NUMBERS and any(w in NUMBER_WORDS for w in ws) else ws
 
 
@@ -208,6 +229,12 @@ def last_sentence(new_text: str) -> list[str]:
     """The words of the new text's last sentence that has any (query_weights gives them the full weight)."""
     parts = [p for p in (query_words(x) for x in SENTENCE_END.split(new_text)) if p]
     return parts[-1] if parts else []
+
+
+def last_sentence_text(new_text: str) -> str:
+    """The text of the new text's last sentence that has any words."""
+    parts = [x for x in SENTENCE_END.split(new_text) if query_words(x)]
+    return parts[-1] if parts else ""
 
 
 def on_cue(span: Span, cue: Sequence[str]) -> bool:
