@@ -97,6 +97,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     recall_select.ECHOES_OUT = "echoes" not in flags
     # "+covered": BM25 may bring back a span the cache already covers (recall_select.HeldCover), as before stop 43
     recall_select.COVERED_OUT = "covered" not in flags
+    # "+uncounted": a count of digits in the request is a word like any other, and no span needs a numeral that long
+    # (recall_select.COUNTED_DIGITS), as before stop 45
+    recall_select.COUNTED_DIGITS = "uncounted" not in flags
     # "+boundary": a fresh completion longer than the cache does not recall inside itself, only requests that extend the
     # cached text do (request_recall.RECALL_INSIDE_PROMPT), as before stop 37's last change
     request_recall.RECALL_INSIDE_PROMPT = "boundary" not in flags

@@ -81,11 +81,16 @@ def words(text: str) -> list[str]:
 DIGIT_COUNT = re.compile(
     r"\b([0-9]+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)[- ]digits?\b", re.IGNORECASE
 )
+COUNTED_DIGITS = (
+    True  # False: a count of digits is a word like any other, as before stop 45 (recall_bench's "+uncounted")
+)
 _COUNTS = {w: i + 1 for i, w in enumerate("one two three four five six seven eight nine ten eleven twelve".split())}
 
 
 def asked_digits(sentence: str) -> set[int]:
     """The numbers of digits a sentence asks for ("a 5-digit code", "the four digits"): empty when it names none."""
+    if not COUNTED_DIGITS:
+        return set()
     return {int(n) if n.isdigit() else _COUNTS[n.lower()] for n in DIGIT_COUNT.findall(sentence)}
 
 
@@ -98,7 +103,7 @@ def has_digits(span: Span, lengths: Set[int]) -> bool:
 
 def query_words(text: str) -> list[str]:
     """A request's words, and NUMERAL when one of them asks for a number. A count of digits is not a word of it."""
-    ws = words(DIGIT_COUNT.sub(" digits ", text))
+    ws = words(DIGIT_COUNT.sub(" digits ", text) if COUNTED_DIGITS else text)
     return ws + [NUMERAL] if TYPED_NUMBERS and any(w in NUMBER_WORDS for w in ws) else ws
 
 
