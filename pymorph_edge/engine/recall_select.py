@@ -81,9 +81,8 @@ def words(text: str) -> list[str]:
 DIGIT_COUNT = re.compile(
     r"\b([0-9]+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve)[- ]digits?\b", re.IGNORECASE
 )
-COUNTED_DIGITS = (
-    True  # False: a count of digits is a word like any other, as before stop 45 (recall_bench's "+uncounted")
-)
+# False: a count of digits is a word like any other, as before stop 45 (recall_bench's "+uncounted")
+COUNTED_DIGITS = True
 _COUNTS = {w: i + 1 for i, w in enumerate("one two three four five six seven eight nine ten eleven twelve".split())}
 
 
