@@ -31,7 +31,7 @@ from recall_texts import filler  # noqa: E402
 
 from pymorph_edge.engine.evicted_log import EvictedLog  # noqa: E402
 from pymorph_edge.engine.recall import MAX_SPAN_TOKENS, evicted_spans  # noqa: E402
-from pymorph_edge.engine.recall_select import query_weights, rank, sentences, whole_sentences  # noqa: E402
+from pymorph_edge.engine.recall_select import gaps, query_weights, rank, sentences, whole_sentences  # noqa: E402
 from pymorph_edge.engine.span_index import SpanIndex  # noqa: E402
 from pymorph_edge.model.default_model import resolve_model  # noqa: E402
 
@@ -43,17 +43,6 @@ def held_cells(rng: random.Random, end: int) -> list[int]:
     """A MorphKV-shaped keep set at sequence length `end`: the window, and older cells spread over the log."""
     older = rng.sample(range(end - WINDOW), min(HELD_OLDER, end - WINDOW))
     return sorted(older + list(range(end - WINDOW, end)))
-
-
-def evicted_runs(held: list[int], lo: int, end: int) -> list[tuple[int, int]]:
-    runs, at = [], lo
-    for i in held:
-        if i > at:
-            runs.append((at, i))
-        at = i + 1
-    if at < end:
-        runs.append((at, end))
-    return runs
 
 
 def one_length(tokens: list[int], piece, n: int, turns: int, memory: bool) -> dict:
@@ -69,7 +58,7 @@ def one_length(tokens: list[int], piece, n: int, turns: int, memory: bool) -> di
         if turn:
             log.extend(stream[end - TURN : end])
         bounds = (log.start, end)
-        runs = whole_sentences(evicted_runs(held_cells(rng, end), log.start, end), bounds, log.tokens, piece, 48)
+        runs = whole_sentences(gaps(held_cells(rng, end), log.start, end), bounds, log.tokens, piece, 48)
         t0 = time.perf_counter()
         expected = sentences(runs, log.tokens, piece, MAX_SPAN_TOKENS)
         t1 = time.perf_counter()

@@ -6,7 +6,7 @@ import random
 
 from pymorph_edge.engine.evicted_log import EvictedLog
 from pymorph_edge.engine.recall import MAX_SPAN_TOKENS
-from pymorph_edge.engine.recall_select import K1, MIN_IDF, B, query_weights, rank, sentences, whole_sentences
+from pymorph_edge.engine.recall_select import K1, MIN_IDF, B, gaps, query_weights, rank, sentences, whole_sentences
 from pymorph_edge.engine.span_index import SpanIndex
 
 # a toy vocabulary: words, numbers, sentence ends inside and at the end of a piece, newlines, pieces with no words
@@ -122,3 +122,9 @@ def test_ranking_only_the_spans_with_a_query_word_ranks_as_scoring_them_all():
         assert rank(spans, query) == expected
         nonempty += bool(expected)
     assert nonempty > 50  # the comparison covered real rankings, not only empty ones
+
+
+def test_the_evicted_runs_are_the_gaps_between_held_indices():
+    assert gaps([0, 3, 4, 9], 0, 10) == [(1, 3), (5, 9)]
+    assert gaps([], 5, 8) == [(5, 8)]
+    assert gaps([2, 6, 12], 4, 10) == [(4, 6), (7, 10)]  # held indices outside [lo, end) cut nothing

@@ -25,6 +25,7 @@ from pymorph_edge.engine.recall_select import (
     adds_a_word,
     asked_digits,
     choose,
+    gaps,
     has_digits,
     held_runs,
     is_rival,
@@ -150,16 +151,8 @@ def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
     """Runs [lo, hi) of logged sequence indices that no live cell holds, a live recalled copy included."""
     lpos = engine.scorer.cell_lpos() if engine.scorer is not None else []
     live = {p for p in lpos if 0 <= p < BLOCK_LPOS} | recalled_live(engine, lpos)
-    # the gaps between consecutive held indices, from the sorted held set rather than a walk over the whole log
     lo, end = engine.log.start, min(engine.log.end, engine.n_past)
-    runs = []
-    for i in sorted(p for p in live if lo <= p < end):
-        if i > lo:
-            runs.append((lo, i))
-        lo = i + 1
-    if lo < end:
-        runs.append((lo, end))
-    return runs
+    return gaps(sorted(p for p in live if lo <= p < end), lo, end)
 
 
 def evicted_spans(engine: KVEngine, runs: Sequence[tuple[int, int]], piece: Callable[[int], str]) -> list[Span]:

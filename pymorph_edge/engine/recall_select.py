@@ -16,7 +16,7 @@ import math
 import re
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -256,6 +256,21 @@ def adds_a_word(span: Span, asked: Set[str]) -> bool:
     whole sentence for "What is the code I need for the pickup?" (stop 42). A numeral is a word, so a fact with its
     value always adds one. No constant: the test is the two word sets."""
     return not ECHOES_OUT or any(w not in asked and w != NUMERAL for w in span.words)
+
+
+def gaps(held: Iterable[int], lo: int, end: int) -> list[tuple[int, int]]:
+    """The runs [a, b) within [lo, end) that no index of `held` (ascending) falls in: the evicted text, read off the
+    sorted held indices rather than by a walk over the whole log."""
+    runs, at = [], lo
+    for i in held:
+        if i >= end:
+            break
+        if i > at:
+            runs.append((at, i))
+        at = max(at, i + 1)
+    if at < end:
+        runs.append((at, end))
+    return runs
 
 
 def held_runs(evicted: Sequence[tuple[int, int]], bounds: tuple[int, int]) -> list[tuple[int, int]]:
