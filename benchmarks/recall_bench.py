@@ -21,7 +21,8 @@ opposite, is the default and a no-op). Tried at stop 35 and left off: "+bare" (n
 after the user's words); "+untyped" is the way before stop 35 (a word asking for a number does not match numerals); "+front" puts a
 completion's block before all of the new text, the way before stop 37; "+echoes" lets BM25 bring back a span that only
 repeats the request's words and "+covered" one whose matched words a cached sentence matches and more, both the way
-before stop 43; "+boundary" recalls only at request boundaries, not inside a
+before stop 43; "+drop" removes a recalled sentence's kept fragments where it first stood (tried at stop 46, left
+off); "+boundary" recalls only at request boundaries, not inside a
 fresh completion longer than the cache (request_recall.RECALL_INSIDE_PROMPT). With `--paste N` the dialogue's question
 comes after N sentences of pasted prose in the same message, and "+start" puts the block at that message's start
 (recall_placement.NEXT_TO_CUE_TOKENS = 0), the way before stop 40. With `--history N` turns of pasted prose, each
@@ -100,6 +101,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "+uncounted": a count of digits in the request is a word like any other, and no span needs a numeral that long
     # (recall_select.COUNTED_DIGITS), as before stop 45
     recall_select.COUNTED_DIGITS = "uncounted" not in flags
+    # "+drop": a recalled sentence's kept fragments leave the place it first stood (recall.DROP_KEPT_FRAGMENTS; tried
+    # at stop 46 and left off)
+    recall_module.DROP_KEPT_FRAGMENTS = "drop" in flags
     # "+boundary": a fresh completion longer than the cache does not recall inside itself, only requests that extend the
     # cached text do (request_recall.RECALL_INSIDE_PROMPT), as before stop 37's last change
     request_recall.RECALL_INSIDE_PROMPT = "boundary" not in flags

@@ -99,6 +99,10 @@ int     pme_truncate(pme_state * st,
                      void *      llama_memory,
                      int32_t     seq_id,
                      int32_t     from_pos); /* drop positions >= from_pos */
+/* remove the cells at positions [p0, p1) of seq_id as pme_evict removes its victims (rows saved, cells freed),
+ * whatever the policy would keep: recall drops the kept fragments of a sentence whose whole copy it brought back.
+ * Returns the cells freed, or -1 */
+int     pme_drop_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1);
 /* renumber live positions to 0..n_live-1 in order (llama_memory_seq_add); returns next_pos - n_live, the
  * amount every position moved down by at the newest end, or -1 */
 int32_t pme_compact(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_pos);

@@ -47,6 +47,29 @@ int pme_evict(pme_state * st, void * llama_memory, int32_t seq_id, int32_t next_
     return n;
 }
 
+int pme_drop_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1) {
+    if (!st || st->failed) {
+        return -1;
+    }
+    if (!llama_memory || p0 < 0 || p1 < p0) {
+        pme_set_error(st, "pme_drop_range: llama_memory %p, [%d, %d)", llama_memory, p0, p1);
+        return -1;
+    }
+    if (!llama_memory_seq_rm((llama_memory_t) llama_memory, seq_id, p0, p1)) {
+        pme_set_error(st, "llama_memory_seq_rm(seq %d, [%d, %d)) failed", seq_id, p0, p1);
+        return -1;
+    }
+    int32_t n = 0;
+    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
+        if (st->cell_pos[c] >= p0 && st->cell_pos[c] < p1) {
+            pme_kvstore_save(st, c); /* as pme_evict: the rows stay in the freed cell until it is reused */
+            pme_cell_free(st, c);
+            ++n;
+        }
+    }
+    return n;
+}
+
 /* Roll the sequence back to from_pos (a chat turn that diverged from the cached history). */
 int pme_truncate(pme_state * st, void * llama_memory, int32_t seq_id, int32_t from_pos) {
     if (!st || st->failed) {

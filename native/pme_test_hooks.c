@@ -98,22 +98,7 @@ int pme_test_fattn_check(pme_state * st, int32_t enable, float * out) {
 }
 
 int pme_test_evict_range(pme_state * st, void * llama_memory, int32_t seq_id, int32_t p0, int32_t p1) {
-    if (!st || st->failed || !llama_memory || p0 < 0 || p1 < p0) {
-        return -1;
-    }
-    if (!llama_memory_seq_rm((llama_memory_t) llama_memory, seq_id, p0, p1)) {
-        pme_set_error(st, "llama_memory_seq_rm(seq %d, [%d, %d)) failed", seq_id, p0, p1);
-        return -1;
-    }
-    int n = 0;
-    for (int32_t c = 0; c < st->cfg.n_cells; ++c) {
-        if (st->cell_pos[c] >= p0 && st->cell_pos[c] < p1) {
-            pme_kvstore_save(st, c); /* as pme_evict: the rows stay in the freed cell until it is reused */
-            pme_cell_free(st, c);
-            ++n;
-        }
-    }
-    return n;
+    return pme_drop_range(st, llama_memory, seq_id, p0, p1);
 }
 
 int pme_test_fattn_layer(const char * k_name, const char * view_of) {

@@ -116,6 +116,10 @@ class NativeScorer:
     def truncate(self, mem: Any, seq: int, from_pos: int) -> None:
         self._check(self._lib.pme_truncate(self._state, self._mem(mem), seq, from_pos), "truncate")
 
+    def drop_range(self, mem: Any, seq: int, p0: int, p1: int) -> int:
+        """Remove the cells at positions [p0, p1) whatever the policy would keep; returns the cells freed."""
+        return self._check(self._lib.pme_drop_range(self._state, self._mem(mem), seq, p0, p1), "drop")
+
     def compact(self, mem: Any, seq: int, next_pos: int) -> int:
         """Renumber live positions 0..n_live-1; returns how far the newest position moved down."""
         return self._check(self._lib.pme_compact(self._state, self._mem(mem), seq, next_pos), "compaction")

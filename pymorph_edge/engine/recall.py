@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pymorph_edge.engine.recall_fragments import drop_kept_fragments
 from pymorph_edge.engine.recall_keys import attention_mass, rank_by_attention
 from pymorph_edge.engine.recall_select import (
     HeldCover,
@@ -63,6 +64,12 @@ ATTENTION_NEXT = False
 # True: a restored block's wrap rides in the head's and the new text's first ubatches (_restore_riding), so the
 # restore adds no ubatch of its own. Off: the label and the text after the runs are decoded in ubatches of their own
 RIDE_RESTORED_WRAP = True
+# True: once a recalled sentence's whole copy is in the cache, the cells its kept fragments hold where it first stood
+# are removed (recall_fragments.py): a half-evicted sentence can read as another fact, and its cells count twice.
+# Off: on the held-out sets, one run each, it answered SmolLM2's dialogues as often (13 of 16 both ways), Gemma 3's
+# "last" one fewer (3 of 8 against 4) and copied 4 fewer of SmolLM2's continuation digits on "last" (26 of 40
+# against 30); docs/recall.md, "Kept fragments of a recalled sentence" (recall_bench "+drop")
+DROP_KEPT_FRAGMENTS = False
 QUERY_TOKENS = 512  # only the end of a long new text is read as the query (see recall_select.query_weights)
 
 # turns recalled text into the block to decode: the chat front end wraps it as a message of the model's
@@ -83,6 +90,7 @@ class RecallCounters:
     recall_probe_s: float = 0.0  # of recall_s: the query probes ("attention", or "both" when no word is on the cue)
     recall_block_s: float = 0.0  # of recall_s: decoding the recalled blocks; the rest is choosing
     restored_tokens: int = 0  # recalled tokens whose saved KV was restored rather than recomputed
+    recall_dropped_tokens: int = 0  # kept fragments of recalled sentences removed where they first stood
     generation_recalls: int = 0  # of recalls: those fired inside a generation (generation/generation_recall.py)
     generation_recall_s: float = 0.0  # their time: looks that found nothing, blocks, and the sentence decoded again
     generation_recall_tokens: int = 0  # tokens they decoded: the blocks, and the sentences decoded again after them
@@ -109,6 +117,7 @@ class RecallState:
                 "recall_probe_s",
                 "recall_block_s",
                 "restored_tokens",
+                "recall_dropped_tokens",
                 "generation_recalls",
                 "generation_recall_s",
                 "generation_recall_tokens",
@@ -430,6 +439,8 @@ def _record(
     )
     state.next_lpos = lpos[-1] + 1
     state.barrier = barrier
+    if DROP_KEPT_FRAGMENTS:
+        c.recall_dropped_tokens += drop_kept_fragments(engine, chosen, piece)
     c.recalls += 1
     c.recalled_spans += len(chosen)
     c.recalled_tokens += len(block)

@@ -30,6 +30,7 @@ class KVStats:
     recall_probe_s: float = 0.0  # of recall_s: the query probes' decodes
     recall_block_s: float = 0.0  # of recall_s: the recalled blocks' decodes (the rest is choosing)
     restored_tokens: int = 0  # of recalled_tokens: restored from saved KV (EngineConfig(recall_kv_bytes))
+    recall_dropped_tokens: int = 0  # kept fragments of recalled sentences removed where they first stood
     generation_recalls: int = 0  # of recalls: fired inside a generation (generation/generation_recall.py)
     generation_recall_s: float = 0.0  # their time, looks that found nothing and the sentence decoded again included
     generation_recall_tokens: int = (
