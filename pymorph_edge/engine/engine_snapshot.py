@@ -17,6 +17,7 @@ import llama_cpp.llama_cpp as C
 from pymorph_edge.engine.key_log import KeyLog
 from pymorph_edge.engine.kv_engine import SEQ, KVEngine
 from pymorph_edge.engine.recall import RecallState
+from pymorph_edge.engine.span_index import SpanIndex
 from pymorph_edge.engine.token_history import TokenHistory
 
 
@@ -30,6 +31,10 @@ class EngineSnapshot:
     # the key log (engine/key_log.py) for the server's kept conversations: held in memory, never written to a
     # session file (it grows with the conversation, 1.5 KB a token on SmolLM2, where the rest is set by the budget)
     keys: KeyLog | None = None
+    # the log's sentence cuts (engine/span_index.py), in memory only like the keys: a conversation put back (the
+    # server's switch, a benchmark's repeat) chooses from them instead of cutting its whole log again; a session
+    # file carries none, and its first request cuts the log
+    spans: SpanIndex | None = None
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +68,7 @@ def capture(engine: KVEngine) -> EngineSnapshot:
         scorer_state=engine.scorer.save_state() if engine.scorer is not None else None,
         recall={"log": engine.log.state(), "state": engine.recall_state.to_json(), "n_keep": engine.n_keep},
         keys=engine.keys.copy() if engine.keys is not None else None,
+        spans=engine.span_index.sync(engine.log).copy(),
     )
 
 
@@ -110,6 +116,9 @@ def _apply(engine: KVEngine, snap: EngineSnapshot, history: TokenHistory) -> Non
         engine.log.clear()
         engine.log.start = engine.n_past
         engine.recall_state = RecallState()
+    if snap.spans is not None and snap.recall is not None:
+        engine.span_index = snap.spans.copy()  # true to the log just loaded: its reload is no rewind for it
+        engine.log.take_rewind("spans")
     if snap.keys is not None and engine._logs_keys and (engine.keys is None or snap.keys.layers == engine.keys.layers):
         engine.keys = snap.keys.copy()
     elif engine.keys is not None:

@@ -166,12 +166,7 @@ def evicted_runs(engine: KVEngine) -> list[tuple[int, int]]:
 
 def evicted_spans(engine: KVEngine, runs: Sequence[tuple[int, int]], piece: Callable[[int], str]) -> list[Span]:
     """recall_select.sentences(runs) from the engine's span index: a long conversation is not cut again per request."""
-    index = engine.span_index
-    at = engine.log.take_rewind("spans")
-    if at is not None:
-        index.forget_from(at)
-    index.forget_before(engine.log.start)
-    return index.spans(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
+    return engine.span_index.sync(engine.log).spans(runs, engine.log.tokens, piece, MAX_SPAN_TOKENS)
 
 
 def span_places(block: Sequence[int], ids: Sequence[Sequence[int]]) -> list[int]:

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pymorph_edge.engine.recall_select import SENTENCE_END, Span, span_words, words
+
+if TYPE_CHECKING:
+    from pymorph_edge.engine.evicted_log import EvictedLog
 
 # how often a start below the log's first index is looked for: the log drops its oldest tokens in steps of 1/16
 # of its bound, so a sweep per drop is cheap against the cuts it frees
@@ -33,6 +37,22 @@ class SpanIndex:
 
     def __len__(self) -> int:
         return len(self._cuts)
+
+    def copy(self) -> SpanIndex:
+        """An index of the same cuts that changes apart from this one (a snapshot's: engine/engine_snapshot.py). The
+        spans themselves are shared; nothing changes them."""
+        twin = SpanIndex()
+        twin._cuts, twin._swept_at = dict(self._cuts), self._swept_at
+        return twin
+
+    def sync(self, log: EvictedLog) -> SpanIndex:
+        """Drop the cuts that the log's truncations, clears and reloads since the last sync made stale, and those
+        below its first index; returns self, now true to the log."""
+        at = log.take_rewind("spans")
+        if at is not None:
+            self.forget_from(at)
+        self.forget_before(log.start)
+        return self
 
     def forget_from(self, n: int) -> None:
         """The log was rolled back to index n (truncated, cleared or reloaded): cuts that read a token at n or past
