@@ -40,8 +40,14 @@ class EngineSnapshot:
     def nbytes(self) -> int:
         log = len((self.recall or {}).get("log", {}).get("ids", "")) * 3 // 4  # base64
         keys = self.keys.nbytes if self.keys is not None else 0
+        spans = self.spans.table_bytes if self.spans is not None else 0
         return (
-            len(self.llama_state) + len(self.scorer_state or b"") + 8 * len(self.history.get("tail", ())) + log + keys
+            len(self.llama_state)
+            + len(self.scorer_state or b"")
+            + 8 * len(self.history.get("tail", ()))
+            + log
+            + keys
+            + spans
         )
 
 

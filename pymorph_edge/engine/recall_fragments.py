@@ -5,7 +5,9 @@ Eviction is token by token, so a sentence can be half kept: pooling keeps a name
 sentence back (engine/recall.py), the fragment is a second, wrong copy, and its cells count against the budget
 twice. So the fragment's cells are removed once the block is in the cache, before the new text reads it; the
 sentence is then held by the block alone, and when the policy evicts the block, the sentence is evicted whole and
-can be recalled again.
+can be recalled again. Off by default (recall.DROP_KEPT_FRAGMENTS): on the held-out sets it answered no more, and a
+model that answers by repeating the first message lost an answer without the message's kept text (docs/recall.md,
+"Kept fragments of a recalled sentence").
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def drop_kept_fragments(engine: KVEngine, chosen: Sequence[Span], piece: Callabl
     lo_index, hi_index = engine.n_keep, engine.n_past - engine.policy.protected_recent
     text: set[int] = set()
     for s in chosen:
-        lo, hi = max(s.lo, lo_index), min(s.hi, hi_index)
+        lo, hi = max(s.lo, lo_index, engine.log.start), min(s.hi, hi_index, engine.log.end)
         if lo < hi:
-            text.update(i for i, t in zip(range(lo, hi), engine.log.tokens(lo, hi), strict=True) if piece(t).strip())
+            text.update(i for i, t in enumerate(engine.log.tokens(lo, hi), lo) if piece(t).strip())
     doomed = sorted(
         p for lp, p in zip(scorer.cell_lpos(), scorer.cell_positions(), strict=True) if p >= 0 and lp in text
     )

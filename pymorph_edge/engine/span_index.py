@@ -38,6 +38,11 @@ class SpanIndex:
     def __len__(self) -> int:
         return len(self._cuts)
 
+    @property
+    def table_bytes(self) -> int:
+        """The bytes of the index's own table: what a copy costs, as the spans are shared."""
+        return sys.getsizeof(self._cuts)
+
     def copy(self) -> SpanIndex:
         """An index of the same cuts that changes apart from this one (a snapshot's: engine/engine_snapshot.py). The
         spans themselves are shared; nothing changes them."""
