@@ -48,6 +48,7 @@ from pymorph_edge.engine import recall as recall_module
 from pymorph_edge.engine import recall_select
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.engine.recall import BLOCK_LPOS, recalled_live
+from pymorph_edge.engine.recall_fragments import consecutive_runs
 from pymorph_edge.generation import recall_placement as placement
 from pymorph_edge.generation import request_recall
 from pymorph_edge.model.default_model import resolve_model
@@ -59,13 +60,7 @@ SHORT_PREFIX, LONG_PREFIX = placement.RECALLED_PREFIX, "(From earlier in this co
 
 def runs_of(indices: set[int]) -> list[tuple[int, int]]:
     """Consecutive runs [lo, hi) of a set of sequence indices."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(indices):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    return consecutive_runs(sorted(indices))
 
 
 def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
