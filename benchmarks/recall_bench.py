@@ -107,8 +107,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "@all" / "@4": EngineConfig(score_layers=...), the layers the policy reads
     config, _, layers = config.partition("@")
     policy, off, _ = config.partition("-norecall")
-    # "-attention" / "-bm25": recall judged one way only; otherwise the default ("both")
-    policy, by = (policy.split("-", 1) + ["both"])[:2]
+    # "-attention" / "-both" / "-bm25": how recall judges relevance; otherwise EngineConfig's default ("bm25" since
+    # stop 47; runs before it named the words alone "morphkv-bm25" and "both" plain "morphkv")
+    policy, by = (policy.split("-", 1) + [EngineConfig.recall_by])[:2]
     rotate = layers.startswith("r")  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers)
     layers = layers.removeprefix("r")
     cfg = EngineConfig(

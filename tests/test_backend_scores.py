@@ -157,7 +157,8 @@ def _sent_per_ubatch(path: str, n_ubatch: int) -> tuple[list[tuple[bool, int, in
 
 
 def _key_log(path: str, mode: str) -> tuple[np.ndarray, object]:
-    with Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=32), recall=True) as llm:
+    # the key log is kept only where recall asks the model's attention ("both" or "attention"; the default is "bm25")
+    with Llama(path, kv_budget=48, config=EngineConfig(n_ubatch=32, recall_by="both"), recall=True) as llm:
         llm.engine.scorer.backend_scores(mode)
         list(itertools.islice(llm.generate(PROMPT, temp=0.0), 10))
         assert llm.engine.keys is not None

@@ -314,9 +314,9 @@ def test_morphkv_recalls_an_evicted_fact(gqa_model):
 
 
 def test_the_model_is_asked_only_when_no_evicted_word_is_on_the_cue(gqa_model):
-    """recall_by="both" (the default): a query probe costs a decode, so attention is asked only when the words of
-    what the request asks find no evicted sentence."""
-    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+    """recall_by="both": a query probe costs a decode, so attention is asked only when the words of what the request
+    asks find no evicted sentence."""
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64, recall_by="both")) as llm:
         text = FACTS + FILLER
         llm.create_completion(text, max_tokens=1, temperature=0.0)
         s0 = llm.stats  # longer than the cache: it may recall inside itself
@@ -330,6 +330,25 @@ def test_the_model_is_asked_only_when_no_evicted_word_is_on_the_cue(gqa_model):
         )
         assert llm.stats.recall_checks == s0.recall_checks + 2
         assert llm.stats.recall_probe_s == before  # the words found it: no probe
+        assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
+
+
+def test_by_default_only_the_words_choose_and_no_key_is_logged(gqa_model):
+    """recall_by="bm25" (the default since stop 47): a request whose words find no evicted sentence gets nothing
+    back and costs no query probe, and no key log is kept (docs/recall.md, "The words alone")."""
+    with Llama(gqa_model, kv_budget=128, recall=True, config=EngineConfig(n_ubatch=64)) as llm:
+        assert llm.engine.config.recall_by == "bm25" and llm.engine.keys is None
+        text = FACTS + FILLER
+        llm.create_completion(text, max_tokens=1, temperature=0.0)
+        s0 = llm.stats
+        llm.create_completion(text + FILLER + " Zzqx qqv wwvx", max_tokens=1, temperature=0.0)
+        s = llm.stats
+        assert s.tokens_evicted > 0 and s.recall_checks == s0.recall_checks + 1
+        assert s.recalls == s0.recalls and s.recall_probe_s == 0.0 and s.recall_key_bytes == 0
+        llm.create_completion(
+            text + FILLER + " Zzqx qqv wwvx. As recorded, the code for Tom is", max_tokens=1, temperature=0.0
+        )
+        assert llm.stats.recalls == s0.recalls + 1  # the words still find what the request names
         assert any("The code for Tom is 90517." in t for t in recalled_text(llm))
 
 

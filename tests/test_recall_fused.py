@@ -13,8 +13,9 @@ HEAD, BLOCK, REST = "\n\n", " (Earlier:) The code for Tom is 90517.", " As recor
 
 
 def decode_both_ways(path, fused: bool) -> dict:
-    """FACTS, then head, block and rest at a budget that evicts nothing, so the two ways see the same tokens."""
-    with Llama(path, kv_budget=512, recall=True, config=EngineConfig(n_ubatch=128)) as llm:
+    """FACTS, then head, block and rest at a budget that evicts nothing, so the two ways see the same tokens
+    (recall_by="both", so the key log is kept and compared too)."""
+    with Llama(path, kv_budget=512, recall=True, config=EngineConfig(n_ubatch=128, recall_by="both")) as llm:
         eng = llm.engine
         eng.decode(llm.tokenize(FACTS.encode()))
         head, block, rest = (llm.tokenize(t.encode(), add_bos=False) for t in (HEAD, BLOCK, REST))

@@ -23,8 +23,15 @@ def deep(synthetic_dir):
     return str(write_synthetic_llama(synthetic_dir / "deep.gguf", n_layer=N_LAYER, n_head=4, n_head_kv=2))
 
 
-def _run(path: str, score_layers: int | str | None, flash_attn: bool = False, policy: str = "morphkv", recall=None):
-    cfg = EngineConfig(n_ubatch=32, flash_attn=flash_attn, score_layers=score_layers)
+def _run(
+    path: str,
+    score_layers: int | str | None,
+    flash_attn: bool = False,
+    policy: str = "morphkv",
+    recall=None,
+    recall_by: str = "bm25",
+):
+    cfg = EngineConfig(n_ubatch=32, flash_attn=flash_attn, score_layers=score_layers, recall_by=recall_by)
     with Llama(path, kv_budget=48, policy=policy, recall=recall, config=cfg) as llm:
         out = list(itertools.islice(llm.generate(PROMPT, temp=0.0), 20))
         return {
@@ -62,7 +69,7 @@ def test_fewer_layers_change_the_scores(deep):
 
 
 def test_the_key_log_takes_its_layers_among_those_read(deep):
-    r = _run(deep, 3, recall=True)
+    r = _run(deep, 3, recall=True, recall_by="both")  # the key log is kept for the attention probe only
     assert r["key_layers"] and set(r["key_layers"]) <= set(r["layers"])
 
 
@@ -100,7 +107,8 @@ def test_a_bad_score_layers_is_a_value_error_naming_it(bad):
 
 @pytest.mark.slow
 def test_smollm2_asked_for_8_layers_reads_8_with_its_copying_heads_and_recall_logs_keys_among_them(smollm2_path):
-    with Llama(smollm2_path, kv_budget=256, config=EngineConfig(n_ubatch=128, score_layers=8)) as llm:
+    cfg = EngineConfig(n_ubatch=128, score_layers=8, recall_by="both")  # "both" keeps the key log
+    with Llama(smollm2_path, kv_budget=256, config=cfg) as llm:
         read = llm.engine.scorer.scored_layers()
         w = llm.engine.head_weights
         assert w is not None and len(read) == 8
@@ -115,8 +123,13 @@ def test_smollm2_asked_for_8_layers_reads_8_with_its_copying_heads_and_recall_lo
 
 def test_the_key_log_stages_its_own_layers_only(deep):
     """StreamingLLM reads no attention, so every node asked for is the key log's: 4 of the 6 layers (the upper two
-    thirds), and the other layers' keys are not staged."""
+    thirds), and the other layers' keys are not staged. With recall by the words alone (the default) nothing is
+    asked for at all."""
     with Llama(deep, kv_budget=48, policy="streaming", recall=True, config=EngineConfig(n_ubatch=32)) as llm:
+        list(itertools.islice(llm.generate(PROMPT, temp=0.0), 20))
+        assert llm.engine.keys is None and llm.stats.syncs_per_decode_step == 0
+    cfg = EngineConfig(n_ubatch=32, recall_by="both")
+    with Llama(deep, kv_budget=48, policy="streaming", recall=True, config=cfg) as llm:
         list(itertools.islice(llm.generate(PROMPT, temp=0.0), 20))
         layers = llm.engine.keys.layers
         assert layers == [2, 3, 4, 5]

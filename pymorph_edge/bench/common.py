@@ -66,7 +66,7 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
         config=EngineConfig(
             n_ubatch=n_ubatch,
             max_span=spec.get("max_span"),
-            recall_by=spec.get("recall_by", "both"),
+            recall_by=spec.get("recall_by", EngineConfig.recall_by),
             recall_in_generation=spec.get("recall_in_generation"),
             **kv,
             **layers,

@@ -36,8 +36,11 @@ class EngineConfig:
     recall_tokens: int | None = None  # most tokens one request recalls (None: recall.default_recall_tokens)
     recall_log_bytes: int = DEFAULT_LOG_BYTES  # token ids kept for recall, oldest dropped beyond this
     # how recall judges relevance (docs/recall.md): "bm25" (the words), "attention" (the model's attention over
-    # logged keys), "both" (BM25's picks; attention's when no evicted sentence shares a word with what is asked)
-    recall_by: str = "both"
+    # logged keys), "both" (BM25's picks; attention's when no evicted sentence shares a word with what is asked).
+    # The words alone by default since stop 47: "both" asked attention at every turn whose words found nothing (each
+    # pasted-notes turn of a long chat), and the prose it brought back cost answers past n_ctx_train (SmolLM2 4 of 8
+    # against 8 of 8 with the words alone) and matched them at ~1K tokens (docs/recall.md, "The words alone")
+    recall_by: str = "bm25"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
     # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; on iSWA
     # models every token's sliding-window rows too; the context then has a second sequence and a unified cache;
