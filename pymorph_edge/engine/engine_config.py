@@ -39,7 +39,8 @@ class EngineConfig:
     # logged keys), "both" (BM25's picks; attention's when no evicted sentence shares a word with what is asked).
     # The words alone by default since stop 47: "both" asked attention at every turn whose words found nothing (each
     # pasted-notes turn of a long chat), and the prose it brought back cost answers past n_ctx_train (SmolLM2 4 of 8
-    # against 8 of 8 with the words alone) and matched them at ~1K tokens (docs/recall.md, "The words alone")
+    # against 8 of 8 with the words alone, Gemma 3 1 of 4 against 4 of 4); at ~1K tokens the words alone answered as
+    # often on SmolLM2 and more on Gemma 3 (docs/recall.md, "The words alone")
     recall_by: str = "bm25"
     recall_key_bytes: int = DEFAULT_KEY_BYTES  # keys kept for "attention" and "both", oldest dropped beyond this
     # evicted tokens' K/V rows kept on the host, so recall restores text instead of recomputing it (0: off; on iSWA
