@@ -1,6 +1,6 @@
 """What bounded scoring costs on a non-host backend: llama.cpp's RPC on loopback against the CPU backend.
 
-usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K [--rotate-layers]]
+usage: python benchmarks/rpc_cost.py [--rounds 1] [--server-threads 2] [--budget 512] [--no-recall] [--score-layers K|all [--rotate-layers]]
                                     [--out benchmarks/results/rpc-cost-smollm2]
 SmolLM2, a 1.2K-token prompt (--prompt-tokens) then 120 greedy tokens, the full cache against MorphKV at the budget, flash attention
 off and on; every layer on an `rpc-server` child process (loopback), or on the CPU backend. On RPC MorphKV runs
@@ -54,7 +54,7 @@ def one(
     flash_attn: bool,
     recall: bool | None = None,
     scores: str = "auto",
-    layers: int | None = None,
+    layers: int | str | None = None,
     rotate: bool = False,
     prompt_tokens: int = 1200,
 ) -> dict:
@@ -92,8 +92,15 @@ def one(
             if n >= 120:
                 break
         s = llm.stats
+        sc = llm.engine.scorer
         return {
             "seconds": time.perf_counter() - t0,
+            # what the policy read: every layer, or a cap (in turn); None off the host is the default's choice
+            "layers_read": None
+            if sc is None
+            else "all"
+            if sc.read_cap is None
+            else f"{sc.read_cap}{' in turn' * sc.rotates}",
             "prompt_tokens": len(prompt),
             "tokens": n,
             "tokens_evicted": s.tokens_evicted,
@@ -115,7 +122,12 @@ def main() -> None:
         "--no-recall", action="store_true", help="MorphKV without recall, so no key log (its keys cross too)"
     )
     ap.add_argument("--budget", type=int, default=512)
-    ap.add_argument("--score-layers", type=int, default=None, help="EngineConfig(score_layers=...): layers read")
+    ap.add_argument(
+        "--score-layers",
+        type=lambda v: v if v == "all" else int(v),
+        default=None,
+        help="EngineConfig(score_layers=...): layers read, or all (default: the engine's own choice)",
+    )
     ap.add_argument("--rotate-layers", action="store_true", help="with --score-layers: in turn (rotate_layers)")
     ap.add_argument("--prompt-tokens", type=int, default=1200, help="prompt length (default 1200)")
     ap.add_argument("--out", type=Path, default=None)
@@ -155,7 +167,8 @@ def main() -> None:
                             f"{backend} ({row['scores']}) fa={'on' if fa else 'off'}: full {full['seconds']:.2f} s, "
                             f"morphkv {bounded['seconds']:.2f} s ({bounded['seconds'] / full['seconds']:.2f}x), "
                             f"{bounded['d2h_bytes_per_decode_step'] / 1e3:.1f} KB/step, "
-                            f"{bounded['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB/chunk",
+                            f"{bounded['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB/chunk, "
+                            f"{bounded['syncs_per_decode_step']:.1f} syncs/step, layers read: {bounded['layers_read']}",
                             flush=True,
                         )
     finally:
@@ -181,14 +194,13 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"{args.prompt_tokens}-token prompt, then 120 greedy tokens; every layer on the backend named. The rpc-server ran with "
         f"{args.server_threads} thread(s) on this machine's {os.cpu_count()} cores. Recall "
-        f"{'off' if args.no_recall else 'on (its key log copies each new token keys)'}. MorphKV read "
-        f"{args.score_layers or 'every'} layer(s) (EngineConfig(score_layers)"
-        f"{', rotating a decode step at a time' if args.rotate_layers else ''}).",
+        f"{'off' if args.no_recall else 'on'}. MorphKV's layers read (EngineConfig(score_layers)="
+        f"{args.score_layers}{', rotate_layers' if args.rotate_layers else ''}) are in the table.",
         "",
         f"| round | backend | scores | flash attention | full cache (s) | MorphKV {args.budget} (s) | MorphKV / full | "
         "device->host per decode step | per cell | per prompt chunk | per cell | most in one chunk, per cell | "
-        "syncs per step; per chunk |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "syncs per step; per chunk | layers read |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         f, m = row["full"], row["morphkv"]
@@ -197,7 +209,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{f['seconds']:.2f} | {m['seconds']:.2f} | {m['seconds'] / f['seconds']:.2f}x | "
             f"{m['d2h_bytes_per_decode_step'] / 1e3:.1f} KB | {m['d2h_bytes_per_decode_step'] / m['n_ctx']:.1f} B | "
             f"{m['d2h_bytes_per_prompt_chunk'] / 1e6:.2f} MB | {m['d2h_bytes_per_prompt_chunk'] / m['n_ctx']:.0f} B | "
-            f"{m.get('max_d2h_bytes_prompt_chunk', 0) / m['n_ctx']:.0f} B | {m['syncs_per_decode_step']:.0f}; {m['syncs_per_prompt_chunk']:.0f} |"
+            f"{m.get('max_d2h_bytes_prompt_chunk', 0) / m['n_ctx']:.0f} B | {m['syncs_per_decode_step']:.1f}; {m['syncs_per_prompt_chunk']:.0f} | {m.get('layers_read', 'all')} |"
         )
     lines += [
         "",

@@ -32,8 +32,11 @@ def _budget(v: str) -> int | None:
     return None if v.lower() in ("none", "full") else _positive(v)
 
 
-def _score_layers(v: str) -> int | str:
-    """all, N, or rN (N layers a decode step, in turn: EngineConfig(rotate_layers=True)), kept as given"""
+def _score_layers(v: str) -> int | str | None:
+    """auto (None: the engine's choice), all, N, or rN (N layers a decode step, in turn: EngineConfig(rotate_layers=True)),
+    kept as given"""
+    if v.lower() == "auto":
+        return None
     if v.lower() == "all":
         return "all"
     _positive(v[1:] if v[:1].lower() == "r" else v)
@@ -120,11 +123,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score-layers",
         type=_score_layers,
-        default="all",
-        metavar="N|rN|all",
-        help="layers whose attention the policy reads (default all); fewer is faster with flash attention on or "
-        "offloaded, and recalls less in chat; rN reads every layer for prompts and N a decode step in turn "
-        "(docs/scoring.md, 'Layers read')",
+        default=None,
+        metavar="N|rN|all|auto",
+        help="layers whose attention the policy reads (default auto: all on the CPU; with layers on a GPU or an RPC "
+        "server, where each read waits for the device, a quarter of them a decode step in turn); fewer is faster "
+        "with flash attention on or offloaded, and recalls less in chat; rN reads every layer for prompts and N a "
+        "decode step in turn (docs/scoring.md, 'Layers read')",
     )
     p.add_argument(
         "--recall",

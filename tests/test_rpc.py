@@ -76,11 +76,19 @@ def _run(
     kv_type: str,
     size: tuple[int, int],
     recall: bool | None = None,
+    layers: tuple[int | str | None, bool] = (None, False),
 ) -> dict:
     # the CPU run without llama.cpp's weight repacking: an rpc-server does not repack, and repacked kernels round
     # differently (on an AVX-512 machine Gemma 3's Q4_K weights are repacked and its attention moves by ~1%)
     kw = {"n_gpu_layers": -1, "rpc_servers": rpc} if rpc else {"use_extra_bufts": False}
-    cfg = EngineConfig(n_ubatch=128, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type)
+    cfg = EngineConfig(
+        n_ubatch=128,
+        flash_attn=flash_attn,
+        type_k=kv_type,
+        type_v=kv_type,
+        score_layers=layers[0],
+        rotate_layers=layers[1],
+    )
     budget, repeats = size
     with Llama(path, kv_budget=budget, policy=policy, config=cfg, recall=recall, **kw) as llm:
         if not rpc and flash_attn:
@@ -91,7 +99,14 @@ def _run(
         prompt = llm.tokenize((PROMPT_WORDS * repeats).encode())
         tokens = list(itertools.islice(llm.generate(prompt, temp=0.0), 24))
         cells = llm.engine.scorer.cell_positions()
-        return {"tokens": tokens, "cells": cells, "kept": sorted(p for p in cells if p >= 0), "stats": llm.stats}
+        sc = llm.engine.scorer
+        return {
+            "tokens": tokens,
+            "cells": cells,
+            "kept": sorted(p for p in cells if p >= 0),
+            "stats": llm.stats,
+            "layers": (sc.read_cap, sc.rotates),
+        }
 
 
 CASES = [
@@ -104,8 +119,11 @@ CASES = [
 @pytest.mark.parametrize("policy,flash_attn,kv_type", CASES)
 def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_endpoint, smollm2_path, gemma_path):
     path = smollm2_path if model == "smollm2" else gemma_path
-    cpu = _run(path, None, policy, flash_attn, kv_type, SIZES[model])
     rpc = _run(path, rpc_endpoint, policy, flash_attn, kv_type, SIZES[model])
+    # off the host the default reads a quarter of the layers a decode step, in turn (engine_config.py); the CPU
+    # run is told the same, so the two must decide alike
+    assert rpc["layers"] == (8, True)
+    cpu = _run(path, None, policy, flash_attn, kv_type, SIZES[model], layers=rpc["layers"])
     assert cpu["stats"].tokens_evicted > 0  # the prompt overflowed the budget
     assert rpc["tokens"] == cpu["tokens"]
     assert rpc["cells"] == cpu["cells"]
@@ -118,21 +136,26 @@ def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_e
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_rpc_scoring_copies_a_few_bytes_per_cell(flash_attn, rpc_endpoint, smollm2_path):
+@pytest.mark.parametrize("layers", [(None, False), ("all", False)])
+def test_rpc_scoring_copies_a_few_bytes_per_cell(flash_attn, layers, rpc_endpoint, smollm2_path):
     """Scores are reduced where the attention lives: per decoded token the host receives one float per cell (two in
     the W steps after a chunk that filled the window: that chunk's rows still in the ring, summed), per prompt
     chunk its max and the sum of its window's rows (native/pme_devring.c), never the attention matrix (n_kv x
     n_head floats a layer) or the K cache. Issue 21's bounds: 16 bytes a cell per step, 64 per chunk. Recall off:
     its key log copies each new token's keys."""
-    run = _run(smollm2_path, rpc_endpoint, "morphkv", flash_attn, "f16", SIZES["smollm2"], recall=False)
+    run = _run(smollm2_path, rpc_endpoint, "morphkv", flash_attn, "f16", SIZES["smollm2"], recall=False, layers=layers)
     s = run["stats"]
     n_cells = s.n_ctx  # the scored cache's cells (budget + n_ubatch, padded)
     window = 32
     assert s.tokens_evicted > 0
     assert s.d2h_bytes_per_decode_step <= 2 * 4 * n_cells + 8
     assert s.d2h_bytes_per_prompt_chunk <= (window + 2) * 4 * n_cells / 2  # was all W rows: 132 bytes a cell
-    # one synchronisation per scored layer (the node asked for) plus one read of the scores
-    assert s.syncs_per_decode_step == 30 + 1
+    # one synchronisation per layer read (the node asked for) plus one read of the scores: every layer when told,
+    # by default a quarter of SmolLM2's 30 a step (7 or 8, in turn), so every 4th step reads each
+    if layers[0] == "all":
+        assert s.syncs_per_decode_step == 30 + 1
+    else:
+        assert 7 + 1 <= s.syncs_per_decode_step <= 8 + 1
 
 
 def test_an_unreachable_server_is_a_clear_error(gqa_model):

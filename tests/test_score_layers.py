@@ -157,3 +157,34 @@ def test_rotating_layers_read_every_layer_in_turn(synthetic_dir):
 def test_rotate_layers_must_be_a_bool():
     with pytest.raises(ValueError, match="rotate_layers"):
         EngineConfig(rotate_layers=1)
+
+
+@pytest.mark.parametrize(
+    "n_layer, off_host, score_layers, want",
+    [
+        (30, False, None, (None, False)),  # on the host a read costs no wait: every layer
+        (30, True, None, (8, True)),  # SmolLM2 off the host: a quarter of its layers a step, in turn
+        (64, True, None, (16, True)),  # a deeper model: still every layer once in 4 steps
+        (18, True, None, (8, True)),  # Gemma 3: 8 >= its 3 global layers, so every scored layer every step
+        (6, True, None, (None, False)),  # too few layers to share out
+        (30, True, "all", (None, False)),  # an explicit setting wins
+        (30, True, 4, (4, False)),
+    ],
+)
+def test_off_the_host_the_default_reads_a_quarter_of_the_layers_in_turn(n_layer, off_host, score_layers, want):
+    from pymorph_edge.engine.engine_config import resolve_score_layers
+    from pymorph_edge.policies import make_policy
+
+    cfg = EngineConfig(score_layers=score_layers)
+    assert resolve_score_layers(cfg, make_policy("morphkv"), n_layer, off_host) == want
+
+
+def test_layers_are_off_the_host_only_on_a_device_that_holds_them(deep):
+    """n_gpu_layers on a llama.cpp with no GPU leaves every layer on the CPU (RPC: tests/test_rpc.py)."""
+    from pymorph_edge.model.rpc_backend import has_gpu_device
+
+    with Llama(deep, kv_budget=48, n_gpu_layers=-1, config=EngineConfig(n_ubatch=32)) as llm:
+        assert llm.engine.model.offloaded == has_gpu_device()
+    with Llama(deep, kv_budget=48, config=EngineConfig(n_ubatch=32)) as llm:
+        assert not llm.engine.model.offloaded
+        assert llm.engine.scorer.read_cap is None and not llm.engine.scorer.rotates

@@ -51,8 +51,9 @@ class EngineConfig:
     # (generation/generation_recall.py); None: RECALL_IN_GENERATION
     recall_in_generation: bool | None = None
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
-    # (KVPolicy.read_layers: every layer), "all", or a count; each one read costs a graph split and a fold, so a
-    # count is a speed setting for flash attention and GPU / RPC backends, at a measured cost in recall
+    # (KVPolicy.read_layers: every layer; with layers off the host, a quarter of them a decode step in turn:
+    # resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
+    # setting for flash attention and GPU / RPC backends, at a measured cost in recall
     score_layers: int | str | None = None
     # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn
     rotate_layers: bool = False
@@ -127,11 +128,28 @@ def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
     return FLASH_ATTN_WHEN_BOUNDED if bounded_scoring else False
 
 
-def resolve_score_layers(config: EngineConfig, policy: KVPolicy) -> int | None:
-    """Layers a native policy reads: config.score_layers, else the policy's default; None means all."""
-    if config.score_layers is None:
-        return policy.read_layers
-    return None if config.score_layers == "all" else int(config.score_layers)
+# Off the host (layers on a GPU or an RPC server) each layer read is a synchronisation: llama.cpp's scheduler waits
+# for the device before every node an eval callback reads, 33-51 us each on an H200, where a SmolLM2 decode step
+# takes 1.2-2.1 ms. Reading every layer there ran decode at 0.43-0.62x the full cache (docs/offload.md). So where
+# the policy would read every layer, a decode step off the host reads a quarter of them, in turn (prompt chunks
+# still read all): every layer's attention still enters MorphKV's window, every 4th step. At least 8 layers a step,
+# the count measured on SmolLM2 (30 layers): passkey, ppl and KL as every layer's, and the chat sets within a few
+# answers (docs/scoring.md, "Layers read"). On the host a read costs no wait, so every layer stays the default.
+OFF_HOST_TURNS = 4
+OFF_HOST_MIN_LAYERS = 8
+
+
+def resolve_score_layers(
+    config: EngineConfig, policy: KVPolicy, n_layer: int = 0, off_host: bool = False
+) -> tuple[int | None, bool]:
+    """Layers a native policy reads and whether it takes them in turn (rotate_layers): config.score_layers, else
+    the policy's default, which off the host is a quarter of the layers a decode step in turn (OFF_HOST_TURNS);
+    None means all."""
+    if config.score_layers is not None:
+        return (None if config.score_layers == "all" else int(config.score_layers)), config.rotate_layers
+    if off_host and policy.read_layers is None and n_layer > OFF_HOST_MIN_LAYERS:
+        return max(OFF_HOST_MIN_LAYERS, -(-n_layer // OFF_HOST_TURNS)), True
+    return policy.read_layers, config.rotate_layers
 
 
 def can_compact(mem: C.llama_memory_t, model: LoadedModel) -> bool:

@@ -57,9 +57,9 @@ class KVEngine(RecallDecoding):
             if native_scored:
                 # the native state must exist first: its pointer is the callback's user data
                 assert kv_budget is not None  # native_scored implies it
-                layers = resolve_score_layers(config, policy)
+                layers, rotate = resolve_score_layers(config, policy, model.info.n_layer, model.offloaded)
                 self.scorer = NativeScorer(
-                    policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, config.rotate_layers
+                    policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, rotate
                 )
                 self.scorer.attach(cp)
                 if config.recall_kv_bytes:

@@ -43,6 +43,7 @@ class NativeScorer:
         cfg.n_head, cfg.n_head_kv, cfg.n_layer = info.n_head, info.n_head_kv, info.n_layer
         cfg.max_ubatch = max_ubatch
         self.read_cap = score_layers  # layers read at most (None: all), see engine/layer_choice.py
+        self.rotates = rotate_layers  # with read_cap: a decode step reads the next share of the layers in turn
         cfg.score_layers = score_layers or 0  # 0: every layer
         cfg.rotate_layers = int(rotate_layers)
         err = ffi.new("char[256]")

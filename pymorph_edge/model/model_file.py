@@ -108,6 +108,18 @@ class LoadedModel:
             n_embd=C.llama_model_n_embd(self.ptr),
         )
 
+    @property
+    def offloaded(self) -> bool:
+        """Whether layers were put on a device off the host (a GPU, or an RPC server), where every read of a
+        tensor waits for that device."""
+        if self.options.n_gpu_layers == 0:
+            return False
+        if self.options.rpc_servers:
+            return True
+        from pymorph_edge.model.rpc_backend import has_gpu_device
+
+        return has_gpu_device()
+
     def attach_lora(self, ctx: C.llama_context_p) -> None:
         """Apply the model's LoRA adapter (if any) to a context, at lora_scale."""
         if self.lora is None:

@@ -82,6 +82,16 @@ def _ggml() -> ctypes.CDLL:
     return lib
 
 
+GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU = 1, 2
+
+
+def has_gpu_device() -> bool:
+    """Whether this llama.cpp registered a GPU (CUDA, Metal, Vulkan, an integrated one): where n_gpu_layers puts
+    layers off the host. A CPU-only build keeps every layer on the CPU whatever n_gpu_layers says."""
+    ggml = _ggml()
+    return any(ggml.ggml_backend_dev_by_type(t) for t in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU))
+
+
 def parse_endpoints(servers: str) -> list[str]:
     """ "host:port,host:port" -> the endpoints; ValueError naming the first malformed one."""
     if not isinstance(servers, str) or not servers.strip():
