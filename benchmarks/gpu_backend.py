@@ -285,12 +285,12 @@ def gpu_name() -> str:
     """The first GPU ggml registered (GGML_BACKEND_DEVICE_TYPE_GPU), or "none"."""
     import ctypes
 
-    from pymorph_edge.model.rpc_backend import _ggml
+    from pymorph_edge.model.rpc_backend import GGML_BACKEND_DEVICE_TYPE_GPU, _ggml
 
     ggml = _ggml()
     ggml.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_dev_description.restype = ctypes.c_char_p
-    dev = ggml.ggml_backend_dev_by_type(1)
+    dev = ggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
     return ggml.ggml_backend_dev_description(dev).decode() if dev else "none"
 
 
