@@ -124,7 +124,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"{args.prompt}-token prompt in {N_UBATCH}-token ubatches, {os.cpu_count()} threads, rounds interleaved.",
         "",
-        "MorphKV reads every layer (the default); the last columns read 8 (EngineConfig(score_layers=8)).",
+        "MorphKV reads every layer (the default for prompt chunks); the last columns read 8 (EngineConfig(score_layers=8)).",
         "",
         "| round | flash attention | KV type | raw loop (tok/s) | MorphKV (tok/s) | MorphKV / raw | evicted "
         "| 8 layers (tok/s) | 8 layers / raw |",

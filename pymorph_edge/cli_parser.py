@@ -126,7 +126,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N|rN|all|auto",
         help="layers whose attention the policy reads (default auto: all on the CPU; with layers on a GPU or an RPC "
-        "server, where each read waits for the device, a quarter of them a decode step in turn); fewer is faster "
+        "server, where each read waits for the device, or with flash attention on, a quarter of them a decode step in "
+        "turn); fewer is faster "
         "with flash attention on or offloaded, and recalls less in chat; rN reads every layer for prompts and N a "
         "decode step in turn (docs/scoring.md, 'Layers read')",
     )

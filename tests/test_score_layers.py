@@ -160,23 +160,26 @@ def test_rotate_layers_must_be_a_bool():
 
 
 @pytest.mark.parametrize(
-    "n_layer, off_host, score_layers, want",
+    "n_layer, off_host, flash_attn, score_layers, want",
     [
-        (30, False, None, (None, False)),  # on the host a read costs no wait: every layer
-        (30, True, None, (8, True)),  # SmolLM2 off the host: a quarter of its layers a step, in turn
-        (64, True, None, (16, True)),  # a deeper model: still every layer once in 4 steps
-        (18, True, None, (8, True)),  # Gemma 3: 8 >= its 3 global layers, so every scored layer every step
-        (6, True, None, (None, False)),  # too few layers to share out
-        (30, True, "all", (None, False)),  # an explicit setting wins
-        (30, True, 4, (4, False)),
+        (30, False, False, None, (None, False)),  # on the host the row is written out; a read is a fold: every layer
+        (30, True, False, None, (8, True)),  # SmolLM2 off the host: a quarter of its layers a step, in turn
+        (30, False, True, None, (8, True)),  # flash attention on the host: each read recomputes q.K, so the same
+        (64, True, False, None, (16, True)),  # a deeper model: still every layer once in 4 steps
+        (18, True, True, None, (8, True)),  # Gemma 3: 8 >= its 3 global layers, so every scored layer every step
+        (6, True, True, None, (None, False)),  # too few layers to share out
+        (30, True, True, "all", (None, False)),  # an explicit setting wins
+        (30, False, True, 4, (4, False)),
     ],
 )
-def test_off_the_host_the_default_reads_a_quarter_of_the_layers_in_turn(n_layer, off_host, score_layers, want):
+def test_where_reads_cost_the_default_reads_a_quarter_of_the_layers_in_turn(
+    n_layer, off_host, flash_attn, score_layers, want
+):
     from pymorph_edge.engine.engine_config import resolve_score_layers
     from pymorph_edge.policies import make_policy
 
     cfg = EngineConfig(score_layers=score_layers)
-    assert resolve_score_layers(cfg, make_policy("morphkv"), n_layer, off_host) == want
+    assert resolve_score_layers(cfg, make_policy("morphkv"), n_layer, off_host, flash_attn) == want
 
 
 def test_layers_are_off_the_host_only_on_a_device_that_holds_them(deep):
@@ -188,3 +191,16 @@ def test_layers_are_off_the_host_only_on_a_device_that_holds_them(deep):
     with Llama(deep, kv_budget=48, config=EngineConfig(n_ubatch=32)) as llm:
         assert not llm.engine.model.offloaded
         assert llm.engine.scorer.read_cap is None and not llm.engine.scorer.rotates
+
+
+def test_flash_attention_on_the_host_reads_a_quarter_of_the_layers_in_turn(synthetic_dir):
+    """Each read recomputes q.K with flash attention on, so the host takes the off-host rule (12 layers: 8 a step)."""
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "deeper.gguf", n_layer=12, n_head=4, n_head_kv=2))
+    for flash_attn, want in ((True, (8, True)), (False, (None, False))):
+        with Llama(path, kv_budget=48, flash_attn=flash_attn, config=EngineConfig(n_ubatch=32)) as llm:
+            assert not llm.engine.model.offloaded
+            assert (llm.engine.scorer.read_cap, llm.engine.scorer.rotates) == want
+            llm.engine.decode(PROMPT)  # and it runs: the cache stays bounded
+            assert llm.stats.tokens_evicted > 0 and llm.stats.peak_cells <= 48 + 32

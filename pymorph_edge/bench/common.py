@@ -42,7 +42,8 @@ def open_llm(model: str, spec: dict[str, Any], budget: int, n_ubatch: int, n_ctx
     )
     params = {k: v for k, v in spec.items() if k not in engine_keys}
     kv = {k: spec[k] for k in ("flash_attn", "type_k", "type_v") if k in spec}
-    # score_layers null (or absent): the engine's default, every layer on the CPU
+    # score_layers null (or absent): the engine's default (every layer on the CPU with flash attention off;
+    # engine_config.resolve_score_layers)
     layers = {k: spec[k] for k in ("score_layers", "rotate_layers") if k in spec}
     budget = spec.get("budget", budget)
     name = spec["name"]

@@ -51,8 +51,8 @@ class EngineConfig:
     # (generation/generation_recall.py); None: RECALL_IN_GENERATION
     recall_in_generation: bool | None = None
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
-    # (KVPolicy.read_layers: every layer; with layers off the host, a quarter of them a decode step in turn:
-    # resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
+    # (KVPolicy.read_layers: every layer; with layers off the host or flash attention on, a quarter of them a decode
+    # step in turn: resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
     # setting for flash attention and GPU / RPC backends, at a measured cost in recall
     score_layers: int | str | None = None
     # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn
@@ -135,20 +135,25 @@ def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
 # still read all): every layer's attention still enters MorphKV's window, every 4th step. At least 8 layers a step,
 # the count measured on SmolLM2 (30 layers): passkey, ppl and KL as every layer's; its seven chat sets answered 45 of
 # 56 against every layer's 44, its continuation copied 225 digits of 280 against 235 (docs/scoring.md, "Off the
-# host"); RPC syncs per step 8.5 instead of 31. On the host a read costs no wait, so every layer stays the default.
+# host"); RPC syncs per step 8.5 instead of 31. With flash attention on, a read on the host is not free either: the
+# attention row was never written out, so the scorer recomputes q.K and exp over every cell of the layer (about 1 ms
+# a step for SmolLM2's 30 layers on two cores, the floor of that work), and decode ran at 0.85-0.88x the unbounded
+# cache against 0.94x reading a quarter in turn (docs/offload.md); so the same rule applies there. On the host with
+# the attention row written out, a read is a fold of a row already in cache, and every layer stays the default.
 OFF_HOST_TURNS = 4
 OFF_HOST_MIN_LAYERS = 8
 
 
 def resolve_score_layers(
-    config: EngineConfig, policy: KVPolicy, n_layer: int = 0, off_host: bool = False
+    config: EngineConfig, policy: KVPolicy, n_layer: int = 0, off_host: bool = False, flash_attn: bool = False
 ) -> tuple[int | None, bool]:
     """Layers a native policy reads and whether it takes them in turn (rotate_layers): config.score_layers, else
-    the policy's default, which off the host is a quarter of the layers a decode step in turn (OFF_HOST_TURNS);
-    None means all."""
+    the policy's default, which off the host or with flash attention on is a quarter of the layers a decode step
+    in turn (OFF_HOST_TURNS); None means all."""
     if config.score_layers is not None:
         return (None if config.score_layers == "all" else int(config.score_layers)), config.rotate_layers
-    if off_host and policy.read_layers is None and n_layer > OFF_HOST_MIN_LAYERS:
+    reads_cost = off_host or flash_attn
+    if reads_cost and policy.read_layers is None and n_layer > OFF_HOST_MIN_LAYERS:
         return max(OFF_HOST_MIN_LAYERS, -(-n_layer // OFF_HOST_TURNS)), True
     return policy.read_layers, config.rotate_layers
 

@@ -57,7 +57,9 @@ class KVEngine(RecallDecoding):
             if native_scored:
                 # the native state must exist first: its pointer is the callback's user data
                 assert kv_budget is not None  # native_scored implies it
-                layers, rotate = resolve_score_layers(config, policy, model.info.n_layer, model.offloaded)
+                layers, rotate = resolve_score_layers(
+                    config, policy, model.info.n_layer, model.offloaded, self.flash_attn
+                )
                 self.scorer = NativeScorer(
                     policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, rotate
                 )
