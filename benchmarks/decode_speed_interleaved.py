@@ -29,7 +29,7 @@ def measure(model: str, policy: str, budget: int, tokens: int, flash_attn: bool 
     name, _, layers = policy.partition("@")
     kw = {"kv_budget": None, "n_ctx": budget + tokens + 64} if name == "full" else {"kv_budget": budget, "policy": name}
     if layers:  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers)
-        rotate, layers = layers.startswith("r"), layers.removeprefix("r")
+        rotate, layers = {"r": True, "c": "chunks"}.get(layers[:1], False), layers.lstrip("rc")
         kw["config"] = EngineConfig(score_layers=layers if layers == "all" else int(layers), rotate_layers=rotate)
     with Llama(model, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type, **kw) as llm:
         prompt = [llm.token_bos()] + [(1000 + (i * 37) % 5000) % llm.n_vocab() for i in range(budget - 1)]

@@ -1,10 +1,12 @@
 """Prompt processing under a budget against a raw llama.cpp C-API loop, interleaved over rounds.
 
-usage: python benchmarks/prefill_vs_raw.py [--rounds 2] [--prompt 1536] [--budget 1024] [--out DIR]
+usage: python benchmarks/prefill_vs_raw.py [--rounds 2] [--prompt 1536] [--budget 1024] [--fewer 8|c8] [--out DIR]
 SmolLM2, a `prompt`-token prompt in 512-token ubatches. The raw loop is llama-cpp-python's low-level API only:
 one context of `prompt` cells with no eval callback, llama_decode over the chunks. pymorph_edge decodes the same
 tokens into a `budget`-cell cache with MorphKV (scoring every chunk, evicting before the next; recall off, so the
-comparison is of the scorer alone). Flash attention off with an f16 cache, and on with q8_0. Reports tok/s per
+comparison is of the scorer alone), and again reading fewer layers (--fewer: "8", EngineConfig(score_layers=8);
+"c8", 8 a decode step in turn and 8 chosen ones for long prompt chunks, rotate_layers="chunks"). Flash attention
+off with an f16 cache, and on with q8_0. Reports tok/s per
 round and pymorph_edge / raw; writes results.json, results.md and a plot.
 """
 
@@ -26,6 +28,10 @@ from pymorph_edge.model.default_model import resolve_model
 
 TEXT = "The lighthouse keeper wrote in his log every night about the ships, the weather and the sea. "
 N_UBATCH = 512
+FEWER = {
+    "8": "8 (EngineConfig(score_layers=8))",
+    "c8": '8 a decode step in turn, and the 8 chosen ones for prompt chunks (score_layers=8, rotate_layers="chunks")',
+}
 CASES = [("off", False, "f16"), ("on", True, "q8_0")]
 TYPES = {"f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0}
 
@@ -64,9 +70,18 @@ def raw(path: str, tokens: list[int], flash_attn: bool, kv_type: str, n_threads:
 
 
 def bounded(
-    path: str, tokens: list[int], flash_attn: bool, kv_type: str, budget: int, n_threads: int, layers: int | None
+    path: str, tokens: list[int], flash_attn: bool, kv_type: str, budget: int, n_threads: int, layers: int | str | None
 ) -> dict:
-    cfg = EngineConfig(n_ubatch=N_UBATCH, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type, score_layers=layers)
+    rotate = "chunks" if isinstance(layers, str) and layers.startswith("c") else False
+    layers = int(layers.lstrip("c")) if isinstance(layers, str) else layers
+    cfg = EngineConfig(
+        n_ubatch=N_UBATCH,
+        flash_attn=flash_attn,
+        type_k=kv_type,
+        type_v=kv_type,
+        score_layers=layers,
+        rotate_layers=rotate,
+    )
     with Llama(path, kv_budget=budget, config=cfg, recall=False, n_threads=n_threads) as llm:
         t0 = time.perf_counter()
         llm.engine.decode(tokens)
@@ -79,6 +94,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=1536)
     ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument(
+        "--fewer", default="8", help='the last columns: "8" (score_layers=8) or "c8" (rotate_layers="chunks")'
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     path = str(resolve_model("smollm2-135m"))
@@ -90,13 +108,13 @@ def main() -> None:
         for label, fa, kv in CASES:
             a = raw(path, tokens, fa, kv, n_threads)
             b = bounded(path, tokens, fa, kv, args.budget, n_threads, None)
-            c = bounded(path, tokens, fa, kv, args.budget, n_threads, 8)
+            c = bounded(path, tokens, fa, kv, args.budget, n_threads, args.fewer)
             rows.append(
                 {"round": r + 1, "flash_attn": label, "kv_type": kv, "raw_tok_s": a, "morphkv": b, "eight_layers": c}
             )
             print(
                 f"round {r + 1} FA {label} {kv}: raw {a:.1f} tok/s, MorphKV {args.budget} {b['tok_s']:.1f} tok/s "
-                f"({b['tok_s'] / a:.2f}x), evicted {b['evicted']}; reading 8 layers {c['tok_s']:.1f} tok/s "
+                f"({b['tok_s'] / a:.2f}x), evicted {b['evicted']}; reading {args.fewer} {c['tok_s']:.1f} tok/s "
                 f"({c['tok_s'] / a:.2f}x)",
                 flush=True,
             )
@@ -124,10 +142,12 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "",
         f"{args.prompt}-token prompt in {N_UBATCH}-token ubatches, {os.cpu_count()} threads, rounds interleaved.",
         "",
-        "MorphKV reads every layer (the default for prompt chunks); the last columns read 8 (EngineConfig(score_layers=8)).",
+        "MorphKV reads every layer (the default for prompt chunks); the last columns read fewer: "
+        + FEWER.get(args.fewer, args.fewer)
+        + ".",
         "",
         "| round | flash attention | KV type | raw loop (tok/s) | MorphKV (tok/s) | MorphKV / raw | evicted "
-        "| 8 layers (tok/s) | 8 layers / raw |",
+        f"| {args.fewer} (tok/s) | {args.fewer} / raw |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for x in rows:
@@ -141,7 +161,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     labels = [f"r{x['round']} FA {x['flash_attn']}\n{x['kv_type']}" for x in rows]
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [x["morphkv"]["tok_s"] / x["raw_tok_s"] for x in rows], 0.4, label="MorphKV")
-    ax.bar([i + 0.2 for i in xs], [x["eight_layers"]["tok_s"] / x["raw_tok_s"] for x in rows], 0.4, label="8 layers")
+    ax.bar([i + 0.2 for i in xs], [x["eight_layers"]["tok_s"] / x["raw_tok_s"] for x in rows], 0.4, label=args.fewer)
     ax.axhline(0.9, color="tab:red", linestyle="--", label="0.9x")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("MorphKV prefill / raw llama.cpp")

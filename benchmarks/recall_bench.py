@@ -110,8 +110,9 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
     # "-attention" / "-both" / "-bm25": how recall judges relevance; otherwise EngineConfig's default ("bm25" since
     # stop 47; runs before it named the words alone "morphkv-bm25" and "both" plain "morphkv")
     policy, by = (policy.split("-", 1) + [EngineConfig.recall_by])[:2]
-    rotate = layers.startswith("r")  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers)
-    layers = layers.removeprefix("r")
+    # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers); "@c8": long prompt chunks read 8 too
+    rotate = {"r": True, "c": "chunks"}.get(layers[:1], False)
+    layers = layers.lstrip("rc")
     cfg = EngineConfig(
         recall_by=by,
         score_layers=None if not layers else layers if layers == "all" else int(layers),

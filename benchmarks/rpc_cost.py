@@ -27,6 +27,8 @@ from pymorph_edge import Llama
 from pymorph_edge.engine.engine_config import EngineConfig
 from pymorph_edge.model.default_model import resolve_model
 
+# how a capped policy takes its layers (EngineConfig.rotate_layers)
+ROTATION = {False: "", True: " in turn", "chunks": " in turn, chunks the chosen"}
 TEXT = "The lighthouse keeper wrote in his log every night about the ships, the weather and the sea. "
 
 
@@ -100,7 +102,7 @@ def one(
             if sc is None
             else "all"
             if sc.read_cap is None
-            else f"{sc.read_cap}{' in turn' * sc.rotates}",
+            else f"{sc.read_cap}{ROTATION[sc.rotates]}",
             "prompt_tokens": len(prompt),
             "tokens": n,
             "tokens_evicted": s.tokens_evicted,

@@ -55,7 +55,8 @@ typedef struct pme_config {
     int32_t score_layers;     /* read at most this many layers of the scored cache, evenly spaced over its depth,
                                  once the first ubatch has shown which layers it has (0: every layer) */
     int32_t rotate_layers;    /* 1 (with score_layers k): prompt chunks read every layer, and each decode step a
-                                 different 1/ceil(n/k) of them in turn, so the window's rows cover every layer */
+                                 different 1/ceil(n/k) of them in turn, so the window's rows cover every layer;
+                                 2: prompt chunks longer than two windows read the k chosen layers */
 } pme_config;
 
 typedef struct pme_stats {

@@ -293,6 +293,14 @@ static inline int pme_ub_kind(const pme_state * st) {
     return st->ub_n > 1 ? 1 : 0;
 }
 
+/* rotate_layers 2: a prompt chunk longer than two windows reads the k chosen layers (evenly spaced, with the
+ * copying heads' layers among them: engine/layer_choice.py) rather than every layer. A probe, a query and a short
+ * ubatch (a chat turn's text) still read every layer: their rows decide what a prompt keeps, and they are cheap */
+static inline int pme_chunk_chosen(const pme_state * st) {
+    return st->cfg.rotate_layers >= 2 && st->layers_chosen && (st->ub_flags & PME_UB_PREFILL) &&
+           !(st->ub_flags & (PME_UB_PROBE | PME_UB_QUERY)) && st->ub_n > 2 * st->cfg.window;
+}
+
 /* whether this ubatch reads layer il's attention for the policy (not only for the key log's keys) */
 static inline int pme_layer_read(const pme_state * st, int32_t il) {
     if (!st->layers_chosen) {
@@ -300,7 +308,10 @@ static inline int pme_layer_read(const pme_state * st, int32_t il) {
     }
     if (st->cfg.rotate_layers && st->cfg.score_layers > 0 && st->n_main > st->cfg.score_layers) {
         if (st->ub_n > 1) {
-            return st->layer_rank[il] >= 0; /* a prompt chunk: every layer */
+            if (pme_chunk_chosen(st)) {
+                return (st->layer_on[il] & PME_LAYER_READ) != 0; /* a long prompt chunk, rotate_layers 2 */
+            }
+            return st->layer_rank[il] >= 0;                      /* a prompt chunk: every layer */
         }
         const int32_t stride = (st->n_main + st->cfg.score_layers - 1) / st->cfg.score_layers;
         return st->layer_rank[il] >= 0 && st->layer_rank[il] % stride == st->ub_kind_count[0] % stride;

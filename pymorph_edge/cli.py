@@ -47,7 +47,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _layers_count(v: int | str) -> int | str:
-    return int(v[1:]) if isinstance(v, str) and v.startswith("r") else v
+    return int(v[1:]) if isinstance(v, str) and v[:1] in ("r", "c") else v
+
+
+def _rotation(v: int | str | None) -> bool | str:
+    """--score-layers rN: decode steps in turn (EngineConfig.rotate_layers=True); cN: long prompt chunks read N too"""
+    return {"r": True, "c": "chunks"}.get(str(v)[:1], False)
 
 
 def _open_model(args: argparse.Namespace):
@@ -66,7 +71,7 @@ def _open_model(args: argparse.Namespace):
         type_k=args.type_k,
         type_v=args.type_v,
         score_layers=None if args.kv_budget is None else _layers_count(args.score_layers),
-        rotate_layers=args.kv_budget is not None and str(args.score_layers).startswith("r"),
+        rotate_layers=_rotation(args.score_layers) if args.kv_budget is not None else False,
         recall_in_generation=args.recall_in_generation or None,
     )
     return Llama(

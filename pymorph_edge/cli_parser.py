@@ -33,14 +33,15 @@ def _budget(v: str) -> int | None:
 
 
 def _score_layers(v: str) -> int | str | None:
-    """auto (None: the engine's choice), all, N, or rN (N layers a decode step, in turn: EngineConfig(rotate_layers=True)),
-    kept as given"""
+    """auto (None: the engine's choice), all, N, rN (N layers a decode step, in turn: EngineConfig(rotate_layers=True))
+    or cN (rN, and long prompt chunks read N chosen layers: rotate_layers="chunks"), kept as given"""
     if v.lower() == "auto":
         return None
     if v.lower() == "all":
         return "all"
-    _positive(v[1:] if v[:1].lower() == "r" else v)
-    return v.lower() if v[:1].lower() == "r" else int(v)
+    turns = v[:1].lower() in ("r", "c")
+    _positive(v[1:] if turns else v)
+    return v.lower() if turns else int(v)
 
 
 def _keep(v: str) -> int | str:
@@ -124,12 +125,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--score-layers",
         type=_score_layers,
         default=None,
-        metavar="N|rN|all|auto",
+        metavar="N|rN|cN|all|auto",
         help="layers whose attention the policy reads (default auto: all on the CPU; with layers on a GPU or an RPC "
         "server, where each read waits for the device, or with flash attention on, a quarter of them a decode step in "
         "turn); fewer is faster "
         "with flash attention on or offloaded, and recalls less in chat; rN reads every layer for prompts and N a "
-        "decode step in turn (docs/scoring.md, 'Layers read')",
+        "decode step in turn; cN also reads only N chosen layers for long prompt chunks (faster prompts with flash "
+        "attention on, fewer passkeys kept) (docs/scoring.md, 'Layers read')",
     )
     p.add_argument(
         "--recall",

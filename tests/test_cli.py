@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, timeout=120):
     return subprocess.run(
@@ -219,6 +221,21 @@ def test_score_layers_from_the_command_line(synthetic_dir):
     assert run(*args, "--score-layers", "r2", "--n-ubatch", "32").returncode == 0
     bad = run(*args, "--score-layers", "0")
     assert bad.returncode == 2 and "expected a positive integer, got '0'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, want", [("2", (2, False)), ("r2", (2, True)), ("c2", (2, "chunks")), ("all", (None, False))]
+)
+def test_score_layers_forms_reach_the_scorer(synthetic_dir, flag, want):
+    """N, rN (decode steps in turn) and cN (long prompt chunks read the N chosen layers too) reach the native scorer."""
+    from pymorph_edge.cli import _open_model
+    from pymorph_edge.cli_parser import build_parser
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "cli-six-layers.gguf", n_layer=6))
+    args = build_parser().parse_args(["generate", "-m", path, "--kv-budget", "48", "--score-layers", flag])
+    with _open_model(args) as llm:
+        assert (llm.engine.scorer.read_cap, llm.engine.scorer.rotates) == want
 
 
 def test_recall_and_keep_from_the_command_line(gqa_model):

@@ -76,7 +76,7 @@ def _run(
     kv_type: str,
     size: tuple[int, int],
     recall: bool | None = None,
-    layers: tuple[int | str | None, bool] = (None, False),
+    layers: tuple[int | str | None, bool | str] = (None, False),
 ) -> dict:
     # the CPU run without llama.cpp's weight repacking: an rpc-server does not repack, and repacked kernels round
     # differently (on an AVX-512 machine Gemma 3's Q4_K weights are repacked and its attention moves by ~1%)
@@ -120,9 +120,9 @@ CASES = [
 def test_rpc_scores_as_the_cpu_backend(model, policy, flash_attn, kv_type, rpc_endpoint, smollm2_path, gemma_path):
     path = smollm2_path if model == "smollm2" else gemma_path
     rpc = _run(path, rpc_endpoint, policy, flash_attn, kv_type, SIZES[model])
-    # off the host the default reads a quarter of the layers a decode step, in turn (engine_config.py); the CPU
-    # run is told the same, so the two must decide alike
-    assert rpc["layers"] == (8, True)
+    # off the host the default reads a quarter of the layers a decode step, in turn, and 8 chosen ones for long
+    # prompt chunks (engine_config.py); the CPU run is told the same, so the two must decide alike
+    assert rpc["layers"] == (8, "chunks")
     cpu = _run(path, None, policy, flash_attn, kv_type, SIZES[model], layers=rpc["layers"])
     assert cpu["stats"].tokens_evicted > 0  # the prompt overflowed the budget
     assert rpc["tokens"] == cpu["tokens"]

@@ -154,19 +154,52 @@ def test_rotating_layers_read_every_layer_in_turn(synthetic_dir):
         assert llm.stats.tokens_evicted > 0
 
 
-def test_rotate_layers_must_be_a_bool():
-    with pytest.raises(ValueError, match="rotate_layers"):
-        EngineConfig(rotate_layers=1)
+def test_long_chunks_read_the_chosen_layers_and_probes_and_short_chunks_every_layer(synthetic_dir):
+    """rotate_layers="chunks": a prompt chunk longer than two windows reads the k chosen layers; the probes after it
+    (they decide what the prompt keeps) and a short last chunk still read every layer; decode steps read theirs in
+    turn."""
+    from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
+
+    path = str(write_synthetic_llama(synthetic_dir / "ten-layers.gguf", n_layer=10, n_head=4, n_head_kv=2))
+    prompt = [(i * 7919) % 200 + 10 for i in range(400)]
+    cfg = EngineConfig(n_ubatch=128, score_layers=4, rotate_layers="chunks")
+    with Llama(path, kv_budget=160, recall=False, config=cfg) as llm:
+        scorer, seen = llm.engine.scorer, []
+        begin, end = scorer.begin, scorer.end
+
+        def seen_begin(first_pos, m, last_chunk, probe=False, *rest):
+            seen.append([m, probe])
+            begin(first_pos, m, last_chunk, probe, *rest)
+
+        scorer.begin = seen_begin
+        scorer.end = lambda: (end(), seen[-1].append(llm.stats.layers_scored))
+        steps = []
+        for _ in itertools.islice(llm.generate(prompt, temp=0.0), 4):
+            steps.append(llm.stats.layers_scored)
+        assert llm.stats.tokens_evicted > 0 and llm.stats.peak_cells <= 160 + 128
+        window = llm.engine.policy.protected_recent
+    long_chunks = [n for m, probe, n in seen if m > 2 * window and not probe]
+    assert len(long_chunks) >= 3 and set(long_chunks) == {4}
+    assert all(n == 10 for m, probe, n in seen if probe or 1 < m <= 2 * window)
+    assert any(probe for _, probe, _ in seen) and seen[-1][0] == 1  # probes ran; then decode steps
+    assert sorted(set(steps[1:])) == [3, 4]  # decode steps: a third of the layers in turn, as with True
+
+
+def test_rotate_layers_must_be_a_bool_or_chunks():
+    for bad in (1, "yes"):
+        with pytest.raises(ValueError, match="rotate_layers"):
+            EngineConfig(rotate_layers=bad)
 
 
 @pytest.mark.parametrize(
     "n_layer, off_host, flash_attn, score_layers, want",
     [
         (30, False, False, None, (None, False)),  # on the host the row is written out; a read is a fold: every layer
-        (30, True, False, None, (8, True)),  # SmolLM2 off the host: a quarter of its layers a step, in turn
-        (30, False, True, None, (8, True)),  # flash attention on the host: each read recomputes q.K, so the same
-        (64, True, False, None, (16, True)),  # a deeper model: still every layer once in 4 steps
-        (18, True, True, None, (8, True)),  # Gemma 3: 8 >= its 3 global layers, so every scored layer every step
+        # SmolLM2 off the host: a quarter of its layers a step, in turn, and 8 chosen ones for long prompt chunks
+        (30, True, False, None, (8, "chunks")),
+        (30, False, True, None, (8, "chunks")),  # flash attention on the host: each read recomputes q.K, so the same
+        (64, True, False, None, (16, "chunks")),  # a deeper model: still every layer once in 4 steps
+        (18, True, True, None, (8, "chunks")),  # Gemma 3: 8 >= its 3 global layers, so every scored layer every step
         (6, True, True, None, (None, False)),  # too few layers to share out
         (30, True, True, "all", (None, False)),  # an explicit setting wins
         (30, False, True, 4, (4, False)),
@@ -198,7 +231,7 @@ def test_flash_attention_on_the_host_reads_a_quarter_of_the_layers_in_turn(synth
     from pymorph_edge.model.synthetic_gguf import write_synthetic_llama
 
     path = str(write_synthetic_llama(synthetic_dir / "deeper.gguf", n_layer=12, n_head=4, n_head_kv=2))
-    for flash_attn, want in ((True, (8, True)), (False, (None, False))):
+    for flash_attn, want in ((True, (8, "chunks")), (False, (None, False))):
         with Llama(path, kv_budget=48, flash_attn=flash_attn, config=EngineConfig(n_ubatch=32)) as llm:
             assert not llm.engine.model.offloaded
             assert (llm.engine.scorer.read_cap, llm.engine.scorer.rotates) == want

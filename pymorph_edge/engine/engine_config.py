@@ -52,11 +52,12 @@ class EngineConfig:
     recall_in_generation: bool | None = None
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer; with layers off the host or flash attention on, a quarter of them a decode
-    # step in turn: resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
+    # step in turn and as many chosen ones for long prompt chunks: resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
     # setting for flash attention and GPU / RPC backends, at a measured cost in recall
     score_layers: int | str | None = None
-    # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn
-    rotate_layers: bool = False
+    # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn;
+    # "chunks": also a prompt chunk longer than two windows reads only the k chosen layers (probes still read all)
+    rotate_layers: bool | str = False
     max_span: int | None = (
         None  # bounded policies: renumber positions when a token's would reach this (None: default_max_span)
     )
@@ -106,8 +107,8 @@ class EngineConfig:
             raise ValueError(
                 f"score_layers must be a positive int, 'all' or None (the policy's default), got {self.score_layers!r}"
             )
-        if not isinstance(self.rotate_layers, bool):
-            raise ValueError(f"rotate_layers must be True or False, got {self.rotate_layers!r}")
+        if not isinstance(self.rotate_layers, bool) and self.rotate_layers != "chunks":
+            raise ValueError(f"rotate_layers must be True, False or 'chunks', got {self.rotate_layers!r}")
         if self.max_span is not None and (
             isinstance(self.max_span, bool) or not isinstance(self.max_span, int) or self.max_span < 1
         ):
@@ -130,31 +131,32 @@ def resolve_flash_attn(config: EngineConfig, bounded_scoring: bool) -> bool:
 
 # Off the host (layers on a GPU or an RPC server) each layer read is a synchronisation: llama.cpp's scheduler waits
 # for the device before every node an eval callback reads, 33-51 us each on an H200, where a SmolLM2 decode step
-# takes 1.2-2.1 ms. Reading every layer there ran decode at 0.43-0.62x the full cache (docs/offload.md). So where
-# the policy would read every layer, a decode step off the host reads a quarter of them, in turn (prompt chunks
-# still read all): every layer's attention still enters MorphKV's window, every 4th step. At least 8 layers a step,
-# the count measured on SmolLM2 (30 layers): passkey, ppl and KL as every layer's; its seven chat sets answered 45 of
-# 56 against every layer's 44, its continuation copied 225 digits of 280 against 235 (docs/scoring.md, "Off the
-# host"); RPC syncs per step 8.5 instead of 31. With flash attention on, a read on the host is not free either: the
-# attention row was never written out, so the scorer recomputes q.K and exp over every cell of the layer (about 1 ms
-# a step for SmolLM2's 30 layers on two cores, the floor of that work), and decode ran at 0.85-0.88x the unbounded
-# cache against 0.94x reading a quarter in turn (docs/offload.md); so the same rule applies there. On the host with
-# the attention row written out, a read is a fold of a row already in cache, and every layer stays the default.
+# takes 1.2-2.1 ms. Reading every layer there ran decode at 0.43-0.62x the full cache (docs/offload.md). With flash
+# attention on, a read on the host is not free either: the row was never written out, so the scorer recomputes q.K
+# and exp over every cell of the layer, and decode ran at 0.85-0.88x the unbounded cache. So where reads cost, a
+# policy that would read every layer reads a quarter of them a decode step, in turn (every layer's attention still
+# enters MorphKV's window, every 4th step), at least 8, the count measured on SmolLM2's 30 layers; and a long prompt
+# chunk reads as many, always the chosen ones ("chunks": evenly spaced, with the copying heads' layers), while the
+# probes that decide what a prompt keeps read every layer. SmolLM2, flash attention on: decode 0.94x the unbounded
+# cache (f16), prompt 0.97x a raw llama.cpp loop (q8_0), passkey 90% against every layer's 95% (one 8x key of 21);
+# the continuation recall copied 243 digits of 280 against every layer's 235 (docs/scoring.md, "Flash attention on
+# the host" and "Long prompt chunks read the chosen layers"). Chunks read in turn too lost the passkeys (48%).
+# On the host with flash attention off a read folds a row llama.cpp just wrote, and every layer stays the default.
 OFF_HOST_TURNS = 4
 OFF_HOST_MIN_LAYERS = 8
 
 
 def resolve_score_layers(
     config: EngineConfig, policy: KVPolicy, n_layer: int = 0, off_host: bool = False, flash_attn: bool = False
-) -> tuple[int | None, bool]:
+) -> tuple[int | None, bool | str]:
     """Layers a native policy reads and whether it takes them in turn (rotate_layers): config.score_layers, else
     the policy's default, which off the host or with flash attention on is a quarter of the layers a decode step
-    in turn (OFF_HOST_TURNS); None means all."""
+    in turn (OFF_HOST_TURNS), and as many chosen ones for long prompt chunks ("chunks"); None means all."""
     if config.score_layers is not None:
         return (None if config.score_layers == "all" else int(config.score_layers)), config.rotate_layers
     reads_cost = off_host or flash_attn
     if reads_cost and policy.read_layers is None and n_layer > OFF_HOST_MIN_LAYERS:
-        return max(OFF_HOST_MIN_LAYERS, -(-n_layer // OFF_HOST_TURNS)), True
+        return max(OFF_HOST_MIN_LAYERS, -(-n_layer // OFF_HOST_TURNS)), "chunks"
     return policy.read_layers, config.rotate_layers
 
 

@@ -29,7 +29,7 @@ class NativeScorer:
         n_cells: int,
         max_ubatch: int,
         score_layers: int | None = None,
-        rotate_layers: bool = False,
+        rotate_layers: bool | str = False,
     ) -> None:
         ffi, lib = native()
         self._ffi, self._lib = ffi, lib
@@ -43,9 +43,11 @@ class NativeScorer:
         cfg.n_head, cfg.n_head_kv, cfg.n_layer = info.n_head, info.n_head_kv, info.n_layer
         cfg.max_ubatch = max_ubatch
         self.read_cap = score_layers  # layers read at most (None: all), see engine/layer_choice.py
-        self.rotates = rotate_layers  # with read_cap: a decode step reads the next share of the layers in turn
+        # with read_cap: a decode step reads the next share of the layers in turn ("chunks": long prompt chunks read
+        # the chosen read_cap layers)
+        self.rotates: bool | str = rotate_layers
         cfg.score_layers = score_layers or 0  # 0: every layer
-        cfg.rotate_layers = int(rotate_layers)
+        cfg.rotate_layers = 2 if rotate_layers == "chunks" else int(bool(rotate_layers))
         err = ffi.new("char[256]")
         st = lib.pme_create(cfg, err, 256)
         if st == ffi.NULL:
