@@ -3,7 +3,7 @@
 usage: python benchmarks/decode_speed_interleaved.py [--rounds 3] [--tokens 256] [--budget 1024] [--model NAME]
            [--flash-attn] [--kv-type f16|q8_0|q4_0] [--out DIR] POLICY [POLICY ...]
 POLICY is a policy name, "full", or NAME@LAYERS for EngineConfig(score_layers=LAYERS) ("morphkv@all"), NAME@rK for
-K layers a decode step in turn (rotate_layers).
+K layers a decode step in turn (rotate_layers), NAME@cK for that and K chosen layers for long prompt chunks.
 Each round, for each policy: prefill a budget-sized prompt, then time `tokens` decode steps ("full": the
 unbounded cache, which then decodes at about the same cached-token count). Prints one line per measurement and
 the median tok/s per policy, and its ratio to the first policy; with --out, writes results.json, results.md and a
@@ -28,7 +28,7 @@ def measure(model: str, policy: str, budget: int, tokens: int, flash_attn: bool 
     # "morphkv@all" / "morphkv@4": the policy with EngineConfig(score_layers=...) set
     name, _, layers = policy.partition("@")
     kw = {"kv_budget": None, "n_ctx": budget + tokens + 64} if name == "full" else {"kv_budget": budget, "policy": name}
-    if layers:  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers)
+    if layers:  # "@r8": 8 layers a decode step, in turn (EngineConfig.rotate_layers); "@c8": long chunks read 8 too
         rotate, layers = {"r": True, "c": "chunks"}.get(layers[:1], False), layers.lstrip("rc")
         kw["config"] = EngineConfig(score_layers=layers if layers == "all" else int(layers), rotate_layers=rotate)
     with Llama(model, flash_attn=flash_attn, type_k=kv_type, type_v=kv_type, **kw) as llm:

@@ -52,8 +52,9 @@ class EngineConfig:
     recall_in_generation: bool | None = None
     # how many layers' attention a native policy reads (engine/layer_choice.py): None: the policy's default
     # (KVPolicy.read_layers: every layer; with layers off the host or flash attention on, a quarter of them a decode
-    # step in turn and as many chosen ones for long prompt chunks: resolve_score_layers), "all", or a count; each one read costs a graph split and a fold, so a count is a speed
-    # setting for flash attention and GPU / RPC backends, at a measured cost in recall
+    # step in turn and as many chosen ones for long prompt chunks: resolve_score_layers), "all", or a count; each
+    # one read costs a graph split and a fold, so a count is a speed setting for flash attention and GPU / RPC
+    # backends, at a measured cost in recall
     score_layers: int | str | None = None
     # with score_layers k: prompt chunks read every layer, and each decode step the next 1/ceil(n/k) of them in turn;
     # "chunks": also a prompt chunk longer than two windows reads only the k chosen layers (probes still read all)
