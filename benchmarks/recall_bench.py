@@ -63,7 +63,7 @@ def runs_of(indices: set[int]) -> list[tuple[int, int]]:
     return consecutive_runs(sorted(indices))
 
 
-def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: str | None = None) -> Llama:
+def open_llm(path: Path, config: str, budget: int, kv_bytes: int | None = None, template: str | None = None) -> Llama:
     # "+rivals": recall without its rival test (recall_select.is_rival); "+anyword": BM25 may bring back a span
     # that shares no word with the request's last sentence (recall_select.on_cue); "+eager": a query probe every
     # request, and attention's best span beside BM25's picks (recall.ATTENTION_BESIDE_WORDS); the A/Bs for those
@@ -117,7 +117,11 @@ def open_llm(path: Path, config: str, budget: int, kv_bytes: int = 0, template: 
         recall_by=by,
         score_layers=None if not layers else layers if layers == "all" else int(layers),
         rotate_layers=rotate,
-        recall_kv_bytes=kv_bytes,  # --kv-bytes: recalled text restored from saved KV where it can be
+        # --kv-bytes N: every recalled block restored from N bytes of saved KV where it can be, a completion's too
+        # (recall_restore="all"), as this flag ran before stop 50; 0: every block recomputed, the default before it.
+        # Unset: the engine's default (chat blocks restored where a restore is cheap: SmolLM2, not Gemma 3)
+        recall_kv_bytes=kv_bytes,
+        recall_restore="all" if kv_bytes else "chat",
     )
     return Llama(path, kv_budget=budget, policy=policy, recall=not off, config=cfg, chat_template=template)
 
@@ -279,7 +283,13 @@ def main() -> None:
     ap.add_argument(
         "--history", type=int, default=0, help="dialogue: pasted-prose turns until the conversation holds N tokens"
     )
-    ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) for every config (0: off)")
+    ap.add_argument(
+        "--kv-bytes",
+        type=int,
+        default=None,
+        help="EngineConfig(recall_kv_bytes) for every config, completions' blocks restored too (0: every block "
+        "recomputed; default: the engine's)",
+    )
     ap.add_argument(
         "--chat-template", type=Path, default=None, help="a Jinja chat template file (default: the model's)"
     )

@@ -119,12 +119,14 @@ def run(
     question: str,
     story_len: int,
     answer: int,
-    kv_bytes: int = 0,
+    kv_bytes: int | None = None,
     model: str = "smollm2-135m",
     budget: int = 512,
     repeats: int = 1,
 ) -> dict:
-    cfg = EngineConfig(recall_kv_bytes=kv_bytes)  # --kv-bytes: recalled text restored from saved KV where it can be
+    # --kv-bytes: the bytes of saved KV a chat block is restored from (0: recomputed, the default before stop 50);
+    # unset: the engine's default (restored where a restore is cheap: SmolLM2, not Gemma 3)
+    cfg = EngineConfig(recall_kv_bytes=kv_bytes)
     llm = Llama(resolve_model(model), kv_budget=budget, recall=recall, config=cfg)
     no_end = end_of_turn_ban(llm)
     msgs = conversation(llm)
@@ -140,6 +142,8 @@ def run(
         "question_turn": question_turn,
         "recall_key_bytes": s.recall_key_bytes,
         "recall_log_bytes": s.recall_log_bytes,
+        "recall_kv_bytes": s.recall_kv_bytes,
+        "restored_tokens": s.restored_tokens,
     }
 
 
@@ -148,7 +152,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--story", type=int, default=256, help="tokens answered in the story turn (default 256)")
     ap.add_argument("--answer", type=int, default=32, help="tokens answered in the question turn (default 32)")
-    ap.add_argument("--kv-bytes", type=int, default=0, help="EngineConfig(recall_kv_bytes) with recall on (0: off)")
+    ap.add_argument(
+        "--kv-bytes",
+        type=int,
+        default=None,
+        help="EngineConfig(recall_kv_bytes) with recall on (0: recomputed; default: the engine's)",
+    )
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budget", type=int, default=512, help="kv_budget (Gemma 3 needs at least 544)")
     ap.add_argument("--fused", action="store_true", help="the block inside the new text's first ubatch")
@@ -165,7 +174,7 @@ def main() -> None:
     for r in range(args.rounds):
         for wording, question in QUESTIONS.items():
             on = run(True, question, args.story, args.answer, args.kv_bytes, args.model, args.budget, args.repeats)
-            off = run(False, question, args.story, args.answer, 0, args.model, args.budget, args.repeats)
+            off = run(False, question, args.story, args.answer, None, args.model, args.budget, args.repeats)
             rows.append({"round": r + 1, "wording": wording, "on": on, "off": off})
             for turn in ("story_turn", "question_turn"):
                 a, b = on[turn], off[turn]
@@ -227,7 +236,9 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
     lines += [
         "",
         f"History before the timed turns: {first['history']} tokens. Host memory for recall at the end: "
-        f"{first['recall_log_bytes']} bytes of token ids, {first['recall_key_bytes']} bytes of keys.",
+        f"{first['recall_log_bytes']} bytes of token ids, {first['recall_key_bytes']} bytes of keys, "
+        f"{first.get('recall_kv_bytes', 0)} bytes of saved K/V rows ({first.get('restored_tokens', 0)} tokens "
+        "restored over the run).",
         "",
         "on / off compares two runs of the turn, so it carries the machine's noise (a few % per turn here); "
         "recall / off is the time recall_before itself took against the turn without recall. "

@@ -52,7 +52,7 @@ class KVEngine(RecallDecoding):
         self.scorer: NativeScorer | None = None
         self.shifter: ContextShifter | None = None
 
-        cp, native_scored, self.flash_attn = context_params(model, kv_budget, policy, config)
+        cp, native_scored, self.flash_attn, self.kv_store_bytes = context_params(model, kv_budget, policy, config)
         with KVSizeCapture() as cap:
             if native_scored:
                 # the native state must exist first: its pointer is the callback's user data
@@ -64,8 +64,8 @@ class KVEngine(RecallDecoding):
                     policy, model.info, kv_budget, _padded(cp.n_ctx), config.n_ubatch, layers, rotate
                 )
                 self.scorer.attach(cp)
-                if config.recall_kv_bytes:
-                    self.scorer.kvstore_enable(config.recall_kv_bytes)
+                if self.kv_store_bytes:
+                    self.scorer.kvstore_enable(self.kv_store_bytes)
             self.ctx = C.llama_init_from_model(model.ptr, cp)
         if not self.ctx:
             self._free_scorer()
@@ -425,6 +425,7 @@ class KVEngine(RecallDecoding):
             full_cache_bytes=self.n_past * self.bytes_per_token,
             recall_log_bytes=self.log.nbytes,
             recall_key_bytes=self.keys.nbytes if self.keys is not None else 0,
+            recall_kv_bytes=self.scorer.kvstore_bytes() if self.scorer is not None else 0,
             **self.recall_state.counters.__dict__,
             **extra,
         )

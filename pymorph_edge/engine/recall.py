@@ -250,11 +250,13 @@ def select(
 
 def _around(engine: KVEngine, wrap: Wrap | None, around: Around | None) -> tuple[list[int], list[int]] | None:
     """The wrap's tokens before and after the recalled text (none for a completion's raw block) when the engine
-    keeps saved KV and the wrap can say them; None: the block is recomputed whole."""
-    if not engine.config.recall_kv_bytes:
+    keeps saved KV and the wrap can say them; None: the block is recomputed whole. A completion's raw block is
+    restored only with recall_restore="all": there restored rows copied fewer digits than recomputed ones
+    (docs/recall.md, "Why it is not the default"), while a chat turn's answered as often."""
+    if not engine.kv_store_bytes:
         return None
     if wrap is None:
-        return [], []
+        return ([], []) if engine.config.recall_restore == "all" else None
     return around() if around is not None else None
 
 

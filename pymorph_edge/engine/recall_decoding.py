@@ -85,7 +85,7 @@ class RecallDecoding:
 
     def restorable(self: KVEngine, runs: list[tuple[int, int]]) -> bool:
         """Whether every token of these runs of logical positions has saved KV at consecutive positions."""
-        if self.scorer is None or not self.config.recall_kv_bytes:
+        if self.scorer is None or not self.kv_store_bytes:
             return False
         for lo, hi in runs:
             self.scorer.kvstore_save_live(list(range(lo, hi)))  # the kept part of a half-kept sentence
@@ -143,10 +143,10 @@ class RecallDecoding:
 
     def restore_run(self: KVEngine, lpos: list[int], tokens: Sequence[int], pos_new: int) -> bool:
         """Put evicted tokens (one run of logical positions, with their ids) back at positions pos_new.. from
-        their saved K/V rows (EngineConfig(recall_kv_bytes)), without recomputing them. False (nothing done) when
-        not all are saved, or their saved positions are not one run. The caller keeps `consistent` (restore_block
-        clears it for the whole block). See native/pme_kvstore.c."""
-        if self.scorer is None or not self.config.recall_kv_bytes or not 0 < len(lpos) <= self.n_batch:
+        their saved K/V rows (EngineConfig(recall_kv_bytes), resolved as kv_store_bytes), without recomputing
+        them. False (nothing done) when not all are saved, or their saved positions are not one run. The caller
+        keeps `consistent` (restore_block clears it for the whole block). See native/pme_kvstore.c."""
+        if self.scorer is None or not self.kv_store_bytes or not 0 < len(lpos) <= self.n_batch:
             return False
         pos = self.scorer.kvstore_arm(list(lpos))
         m = len(lpos)

@@ -22,6 +22,7 @@ class KVStats:
     full_cache_bytes: int = 0  # KV bytes an unbounded cache would hold for every token decoded since the reset
     recall_log_bytes: int = 0  # bytes of token ids kept off the cache for recall (engine/evicted_log.py)
     recall_key_bytes: int = 0  # keys kept on the host for recall_by="both" or "attention" (engine/key_log.py)
+    recall_kv_bytes: int = 0  # evicted tokens' K/V rows kept on the host for restoring (native/pme_kvstore.c)
     recalls: int = 0  # requests that brought evicted text back (engine/recall.py)
     recalled_spans: int = 0  # evicted sentences brought back
     recalled_tokens: int = 0  # tokens decoded again for them
